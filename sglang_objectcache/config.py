@@ -1,0 +1,279 @@
+"""Typed, validated configuration.
+
+The config arrives as a dict (SGLang parses `--hicache-storage-backend-extra-config`, inline JSON
+or `@file.yaml`), or from a YAML/JSON file. Every error names the offending key and the fix, at
+startup, before any page is touched. SGLang's own keys pass through untouched; any other unknown
+key is an error, because a typo silently ignored is a production incident later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+# Keys SGLang reads from the same extra-config dict (some are popped before we see them, some
+# are not, depending on the release). They are accepted and ignored here.
+SGLANG_KEYS = frozenset(
+    {
+        "prefetch_threshold",
+        "prefetch_timeout_base",
+        "prefetch_timeout_per_ki_token",
+        "hicache_storage_pass_prefix_keys",
+        "backend_name",
+        "module_path",
+        "class_name",
+        "interface_v1",
+        "tp_lcm_size",
+        "allocator",
+    }
+)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}
+_DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found at startup. The message names the key and the fix."""
+
+
+def parse_size(value: Any, key: str) -> int:
+    """'100GiB', '512 MiB', '1.5GB' or a plain integer of bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like '100GiB' or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").lower()])
+    else:
+        raise ConfigError(
+            f"{key}: cannot read {value!r} as a size; write it like '100GiB', '512MiB' or a "
+            "number of bytes"
+        )
+    if n <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+    return n
+
+
+def parse_duration(value: Any, key: str, *, allow_zero: bool = False) -> float:
+    """Seconds as a number, or '250ms', '5s', '2m'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected seconds (a number) or a string like '500ms', got {value!r}")
+    if isinstance(value, (int, float)):
+        s = float(value)
+    elif isinstance(value, str) and (m := _DUR_RE.match(value)):
+        s = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2) or "s"]
+    else:
+        raise ConfigError(f"{key}: cannot read {value!r} as a duration; write seconds or '500ms'")
+    if s < 0 or (s == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+    return s
+
+
+def _expect(value: Any, typ: type | tuple[type, ...], key: str, hint: str) -> Any:
+    if isinstance(value, bool) and typ is not bool and (typ == int or typ == (int, float)):
+        raise ConfigError(f"{key}: expected {hint}, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _int(value: Any, key: str, lo: int, hi: int) -> int:
+    _expect(value, int, key, f"an integer in [{lo}, {hi}]")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value} is out of range; use an integer in [{lo}, {hi}]")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _reject_unknown(section: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key; known keys here are: {', '.join(sorted(known))}"
+        )
+
+
+@dataclass(frozen=True)
+class DiskTierConfig:
+    path: str
+    capacity: int
+    kind: str = "disk"
+
+    @property
+    def name(self) -> str:
+        return f"disk:{self.path}"
+
+
+@dataclass(frozen=True)
+class S3TierConfig:
+    endpoint: str | None
+    bucket: str
+    prefix: str = ""
+    region: str = "us-east-1"
+    transport: str = "auto"  # auto | obstore | aioboto3
+    profile: str | None = None
+    max_connections: int = 32
+    max_write_connections: int = 8
+    request_timeout: float = 10.0
+    connect_timeout: float = 2.0
+    max_retries: int = 2
+    index_refresh_interval: float = 2.0
+    manifest_flush_interval: float = 0.5
+    create_bucket: bool = False
+    kind: str = "s3"
+
+    @property
+    def name(self) -> str:
+        return f"s3:{self.bucket}/{self.prefix}".rstrip("/")
+
+
+TierConfig = DiskTierConfig | S3TierConfig
+
+
+@dataclass(frozen=True)
+class ObjectCacheConfig:
+    tiers: tuple[TierConfig, ...]
+    write_policy: str = "write_through"  # write_through | write_back
+    pages_per_object: int = 8
+    timeout: float = 15.0  # deadline of one backend call (batch get / set)
+    verify_checksums: bool = True
+    namespace: str | None = None  # overrides SGLang's model name in object names
+    sglang: dict = field(default_factory=dict)  # SGLang's own keys, passed through untouched
+
+
+_S3_KEYS = {f.name for f in fields(S3TierConfig)}
+_DISK_KEYS = {f.name for f in fields(DiskTierConfig)}
+_TOP_KEYS = {f.name for f in fields(ObjectCacheConfig)} - {"sglang"}
+
+
+def _parse_disk(d: Mapping[str, Any], where: str) -> DiskTierConfig:
+    _reject_unknown(d, _DISK_KEYS, where)
+    if "path" not in d:
+        raise ConfigError(f"{where}path: required for a disk tier; give a local directory")
+    path = _expect(d["path"], str, f"{where}path", "a directory path")
+    if "capacity" not in d:
+        raise ConfigError(f"{where}capacity: required for a disk tier; give a size like '100GiB'")
+    return DiskTierConfig(path=path, capacity=parse_size(d["capacity"], f"{where}capacity"))
+
+
+def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
+    _reject_unknown(d, _S3_KEYS, where)
+    if "bucket" not in d:
+        raise ConfigError(f"{where}bucket: required for an s3 tier; name an existing bucket")
+    kw: dict[str, Any] = {"bucket": _expect(d["bucket"], str, f"{where}bucket", "a bucket name")}
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", kw["bucket"]):
+        raise ConfigError(f"{where}bucket: {kw['bucket']!r} is not a valid S3 bucket name")
+    endpoint = d.get("endpoint")
+    if endpoint is not None:
+        _expect(endpoint, str, f"{where}endpoint", "a URL like http://127.0.0.1:7480")
+        if not re.match(r"^https?://[^/\s]+", endpoint):
+            raise ConfigError(f"{where}endpoint: {endpoint!r} must start with http:// or https://")
+    kw["endpoint"] = endpoint
+    if "prefix" in d:
+        kw["prefix"] = _expect(d["prefix"], str, f"{where}prefix", "a string").strip("/")
+    for k in ("region", "profile"):
+        if k in d:
+            kw[k] = _expect(d[k], str, f"{where}{k}", "a string")
+    if "transport" in d:
+        kw["transport"] = _choice(d["transport"], f"{where}transport", ("auto", "obstore", "aioboto3"))
+    if "max_connections" in d:
+        kw["max_connections"] = _int(d["max_connections"], f"{where}max_connections", 1, 1024)
+    if "max_write_connections" in d:
+        kw["max_write_connections"] = _int(
+            d["max_write_connections"], f"{where}max_write_connections", 1, 1024
+        )
+    if "max_retries" in d:
+        kw["max_retries"] = _int(d["max_retries"], f"{where}max_retries", 0, 10)
+    for k in ("request_timeout", "connect_timeout", "index_refresh_interval", "manifest_flush_interval"):
+        if k in d:
+            kw[k] = parse_duration(d[k], f"{where}{k}")
+    if "create_bucket" in d:
+        kw["create_bucket"] = _expect(d["create_bucket"], bool, f"{where}create_bucket", "true or false")
+    cfg = S3TierConfig(**kw)
+    if cfg.max_write_connections > cfg.max_connections:
+        raise ConfigError(
+            f"{where}max_write_connections: {cfg.max_write_connections} exceeds max_connections "
+            f"({cfg.max_connections}); lower it or raise max_connections"
+        )
+    return cfg
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
+    """Validate a raw dict. Raises ConfigError naming the key and the fix."""
+    if raw is None:
+        raise ConfigError(
+            "tiers: no configuration given; pass --hicache-storage-backend-extra-config "
+            "@objectcache.yaml with at least one tier"
+        )
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping of keys, got {type(raw).__name__}")
+    passthrough = {k: v for k, v in raw.items() if k in SGLANG_KEYS}
+    ours = {k: v for k, v in raw.items() if k not in SGLANG_KEYS}
+    _reject_unknown(ours, _TOP_KEYS, "")
+    tiers_raw = ours.get("tiers")
+    if not tiers_raw:
+        raise ConfigError("tiers: at least one tier is required (kind: disk or kind: s3)")
+    _expect(tiers_raw, list, "tiers", "a list of tiers")
+    tiers: list[TierConfig] = []
+    for i, t in enumerate(tiers_raw):
+        where = f"tiers[{i}]."
+        _expect(t, Mapping, f"tiers[{i}]", "a mapping with a 'kind' key")
+        kind = t.get("kind")
+        if kind == "disk":
+            tiers.append(_parse_disk(t, where))
+        elif kind == "s3":
+            tiers.append(_parse_s3(t, where))
+        else:
+            raise ConfigError(f"{where}kind: {kind!r} is not a tier kind; use 'disk' or 's3'")
+    kinds = [t.kind for t in tiers]
+    if kinds.count("s3") > 1 or kinds.count("disk") > 1:
+        raise ConfigError("tiers: give at most one disk tier and one s3 tier")
+    if kinds == ["s3", "disk"]:
+        raise ConfigError("tiers: list the disk tier before the s3 tier (tiers are read top-down)")
+    kw: dict[str, Any] = {"tiers": tuple(tiers), "sglang": passthrough}
+    if "write_policy" in ours:
+        kw["write_policy"] = _choice(ours["write_policy"], "write_policy", ("write_through", "write_back"))
+    if "pages_per_object" in ours:
+        kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
+    if "timeout" in ours:
+        kw["timeout"] = parse_duration(ours["timeout"], "timeout")
+    if "verify_checksums" in ours:
+        kw["verify_checksums"] = _expect(ours["verify_checksums"], bool, "verify_checksums", "true or false")
+    if "namespace" in ours and ours["namespace"] is not None:
+        ns = _expect(ours["namespace"], str, "namespace", "a string")
+        if not re.fullmatch(r"[A-Za-z0-9._\-]{1,128}", ns):
+            raise ConfigError("namespace: use 1-128 characters from A-Z a-z 0-9 . _ -")
+        kw["namespace"] = ns
+    return ObjectCacheConfig(**kw)
+
+
+def load_config_file(path: str | Path) -> ObjectCacheConfig:
+    """Read YAML (.yaml/.yml) or JSON (anything else) and validate it."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {p}: cannot read it ({e.strerror})") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parser error becomes one clear message
+        raise ConfigError(f"config file {p}: not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    return parse_config(raw)

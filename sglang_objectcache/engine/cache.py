@@ -1,0 +1,384 @@
+"""The engine's synchronous face: exists / get / put of pages, over the tiers.
+
+Called from SGLang's prefetch, IO and backup threads (never its scheduler thread for I/O). CPU
+work (copying pages in and out, checksums) runs on the calling thread, overlapped with the
+network requests that run on the runtime loop; every call has a deadline, after which what has
+not arrived is a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..config import DiskTierConfig, ObjectCacheConfig, S3TierConfig
+from ..format import CorruptObject, SegmentFn, decode_header, encode, readonly_address, scatter, verify_piece
+from ..keys import Fingerprint, Namespace
+from ..stores.base import StoreError
+from .index import ObjectInfo
+from .runtime import Runtime
+from .tiers import DiskTier, S3Tier, Tier
+
+log = logging.getLogger("sglang_objectcache")
+
+# Bytes of encoded objects a put keeps in flight before it waits for PUTs to finish.
+PUT_INFLIGHT_BYTES = 512 << 20
+# Bytes of write-back data held in memory for lower tiers; past it, lower tiers re-read the
+# object from the first tier instead.
+WRITE_BACK_BUFFER_BYTES = 1 << 30
+
+
+class StartupError(RuntimeError):
+    """A tier cannot be used: unreachable server, missing bucket, rejected credentials."""
+
+
+@dataclass
+class _Group:
+    tier: Tier
+    info: ObjectInfo
+    first: int  # index of the first key of the group in the call
+    slots: list[int]  # object slots, consecutive, in call order
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.c: collections.Counter[str] = collections.Counter()
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            self.c.update(kw)
+
+
+class _RateLimitedLog:
+    """First occurrence of each kind at WARNING, then a count every `every` seconds."""
+
+    def __init__(self, every: float = 10.0):
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def warn(self, kind: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.every:
+                self._suppressed[kind] += 1
+                return
+            self._last[kind] = now
+            n = self._suppressed.pop(kind, 0)
+        log.warning(msg + (f" (+{n} similar)" if n else ""), *args)
+
+
+def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
+    from ..stores.factory import build_store
+
+    tiers: list[Tier] = []
+    for i, t in enumerate(cfg.tiers):
+        store = build_store(t, f"tiers[{i}]")
+        if isinstance(t, DiskTierConfig):
+            tiers.append(DiskTier(t.name, store, ns, t.capacity))
+        else:
+            assert isinstance(t, S3TierConfig)
+            tiers.append(S3Tier(t.name, store, ns, max_connections=t.max_connections,
+                                max_write_connections=t.max_write_connections,
+                                refresh_interval=t.index_refresh_interval,
+                                flush_interval=t.manifest_flush_interval,
+                                startup_timeout=max(cfg.timeout, 3 * t.request_timeout)))
+    return tiers
+
+
+class ObjectCache:
+    def __init__(self, cfg: ObjectCacheConfig, fp: Fingerprint, prefix: str = ""):
+        self.cfg = cfg
+        self.fp = fp
+        self.digest = fp.digest
+        s3 = next((t for t in cfg.tiers if isinstance(t, S3TierConfig)), None)
+        self.ns = Namespace(prefix or (s3.prefix if s3 else ""), cfg.namespace or fp.model, self.digest)
+        self.runtime = Runtime()
+        self.stats = _Stats()
+        self._warn = _RateLimitedLog()
+        self._wb_bytes = 0
+        self._wb_lock = threading.Lock()
+        self._background: set[cf.Future] = set()
+        self._closed = False
+        try:
+            self.tiers = build_tiers(cfg, self.ns)
+            for i, tier in enumerate(self.tiers):
+                self.runtime.run(self._start_tier(i, tier), timeout=None)
+        except BaseException:
+            for tier in getattr(self, "tiers", []):
+                try:
+                    self.runtime.run(tier.stop(), timeout=5.0)
+                except Exception:  # noqa: BLE001 - already failing; report the first error
+                    pass
+            self.runtime.close()
+            raise
+        log.info("objectcache ready: %s; namespace %s; tiers %s", fp.describe(), self.ns.root,
+                 ", ".join(t.name for t in self.tiers))
+
+    async def _start_tier(self, i: int, tier: Tier) -> None:
+        from ..stores.factory import probe
+
+        await probe(tier.store, self.cfg.tiers[i], f"tiers[{i}]", self.ns.root)
+        try:
+            await tier.start()
+        except (StoreError, asyncio.TimeoutError) as e:
+            raise StartupError(f"tiers[{i}] ({tier.name}): cannot build the index: {e}") from None
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def exists(self, keys: Sequence[str]) -> int:
+        """Length of the leading run of keys present in some tier. No request is made."""
+        n = 0
+        for key in keys:
+            if not any(key in t.index for t in self.tiers):
+                break
+            n += 1
+        self.stats.add(exists_calls=1, exists_pages=len(keys), exists_hits=n)
+        if n < len(keys):
+            for t in self.tiers:
+                if isinstance(t, S3Tier):
+                    t.nudge()
+        return n
+
+    def _locate(self, key: str) -> tuple[Tier, ObjectInfo, int] | None:
+        for t in self.tiers:
+            hit = t.index.lookup(key)
+            if hit is not None:
+                return t, hit[0], hit[1]
+        return None
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
+        """Fill pages from storage; one bool per key. Stops at the first page not stored."""
+        deadline = time.monotonic() + self.cfg.timeout
+        ok = [False] * len(keys)
+        groups: list[_Group] = []
+        for i, key in enumerate(keys):
+            loc = self._locate(key)
+            if loc is None:
+                break
+            tier, info, slot = loc
+            g = groups[-1] if groups else None
+            if g and g.tier is tier and g.info.name == info.name and g.slots[-1] + 1 == slot:
+                g.slots.append(slot)
+            else:
+                groups.append(_Group(tier, info, i, [slot]))
+        futs = {self.runtime.submit(g.tier.read(g.info)): g for g in groups}
+        self._drain(futs, deadline, lambda g, data: self._deliver(g, data, segments, ok))
+        hits = sum(ok)
+        self.stats.add(get_calls=1, get_pages=len(keys), get_hits=hits,
+                       read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
+        return ok
+
+    def _drain(self, futs: dict[cf.Future, object], deadline: float, handle) -> None:
+        pending = set(futs)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for f in pending:
+                    f.cancel()
+                self.stats.add(timeouts=len(pending))
+                self._warn.warn("timeout", "objectcache: %d requests still pending after the %.1fs "
+                                "deadline; their pages are misses", len(pending), self.cfg.timeout)
+                return
+            done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                item = futs[f]
+                try:
+                    result = f.result()
+                except (StoreError, asyncio.TimeoutError, cf.CancelledError) as e:
+                    self.stats.add(errors=1)
+                    self._warn.warn(f"io:{type(e).__name__}", "objectcache: %s; pages are misses", e)
+                    continue
+                except Exception as e:  # noqa: BLE001 - never let an I/O error reach SGLang
+                    self.stats.add(errors=1)
+                    self._warn.warn("io:other", "objectcache: unexpected %s: %s", type(e).__name__, e)
+                    continue
+                handle(item, result)
+
+    def _deliver(self, g: _Group, data, segments: SegmentFn, ok: list[bool]) -> None:
+        """Verify one object's bytes and copy the requested pages into their targets."""
+        try:
+            h = decode_header(data)
+            if h.fingerprint != self.digest:
+                raise CorruptObject("fingerprint differs: written by another model, dtype or geometry")
+            if h.keys != g.info.keys or h.n_layers != self.fp.n_layers or h.piece_bytes != self.fp.piece_bytes:
+                raise CorruptObject("header does not match the index entry or this pool's geometry")
+            if len(data) != h.size:
+                raise CorruptObject(f"object is {len(data)} bytes, header says {h.size}")
+            base = readonly_address(data)
+            # Verify everything before writing anything: a bad object must leave targets alone.
+            if self.cfg.verify_checksums:
+                for layer in range(h.n_layers):
+                    for slot in g.slots:
+                        verify_piece(h, data, 0, layer, slot)
+            for layer in range(h.n_layers):
+                for j, slot in enumerate(g.slots):
+                    scatter(base + h.piece_offset(layer, slot), segments(layer, g.first + j))
+        except CorruptObject as e:
+            self.stats.add(corrupt=1)
+            self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
+                            g.info.name, g.tier.name, e)
+            self.runtime.submit(self._drop(g.tier, g.info.name))
+            return
+        for j in range(len(g.slots)):
+            ok[g.first + j] = True
+        if g.tier is not self.tiers[0]:
+            self._promote(g.info, data)
+
+    async def _drop(self, tier: Tier, name: str) -> None:
+        tier.forget(name)
+        if isinstance(tier, DiskTier):
+            await tier.store.delete([name])  # our own local copy; S3 objects are never deleted here
+
+    def _promote(self, info: ObjectInfo, data) -> None:
+        """Copy an object found in a lower tier into the first tier, in the background."""
+        top = self.tiers[0]
+        if top.index.has_object(info.name) or len(self._background) > 64:
+            return
+        self._spawn(top.write(info, data), "promote")
+        self.stats.add(promotions=1)
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def put(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
+        """Store pages; one bool per key. Keys already stored are not written again."""
+        deadline = time.monotonic() + self.cfg.timeout
+        # Skip pages the last (shared, durable) tier already has; upper tiers fill on reads.
+        ok = [k in self.tiers[-1].index for k in keys]
+        runs: list[tuple[int, int]] = []  # [start, end) of objects to write
+        i = 0
+        per = self.cfg.pages_per_object
+        while i < len(keys):
+            if ok[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(keys) and not ok[j] and j - i < per:
+                j += 1
+            runs.append((i, j))
+            i = j
+        futs: dict[cf.Future, tuple[int, int]] = {}
+        inflight: collections.deque[tuple[cf.Future, int]] = collections.deque()
+        held = 0
+        for a, b in runs:
+            if time.monotonic() > deadline:
+                break
+            name = self.ns.data_name(keys[a], b - a)
+            try:
+                data = encode(self.digest, keys[a:b], self.fp.n_layers, self.fp.piece_bytes, segments, first=a)
+            except ValueError as e:
+                self._warn.warn("encode", "objectcache: cannot encode pages: %s", e)
+                continue
+            info = ObjectInfo.from_header(name, decode_header(data))
+            fut = self.runtime.submit(self._write_object(info, data))
+            futs[fut] = (a, b)
+            inflight.append((fut, len(data)))
+            held += len(data)
+            while held > PUT_INFLIGHT_BYTES and inflight:  # bound memory: wait for the oldest
+                oldest, size = inflight.popleft()
+                cf.wait([oldest], timeout=max(0.0, deadline - time.monotonic()))
+                held -= size
+
+        def mark(span: tuple[int, int], _result) -> None:
+            for k in range(*span):
+                ok[k] = True
+
+        self._drain(futs, deadline, mark)
+        written = sum(b - a for f, (a, b) in futs.items() if ok[a])
+        self.stats.add(put_calls=1, put_pages=len(keys), put_written=written,
+                       write_bytes=written * self.fp.piece_bytes * self.fp.n_layers)
+        return ok
+
+    async def _write_object(self, info: ObjectInfo, data) -> None:
+        if self.cfg.write_policy == "write_through" or len(self.tiers) == 1:
+            await asyncio.gather(*(t.write(info, data) for t in self.tiers))
+            return
+        await self.tiers[0].write(info, data)
+        keep = False
+        with self._wb_lock:
+            if self._wb_bytes + len(data) <= WRITE_BACK_BUFFER_BYTES:
+                self._wb_bytes += len(data)
+                keep = True
+        self._spawn(self._write_lower(info, data if keep else None), "write-back")
+
+    async def _write_lower(self, info: ObjectInfo, data) -> None:
+        held = data is not None
+        try:
+            if data is None:
+                if not self.tiers[0].index.has_object(info.name):
+                    return  # evicted before its turn; nothing to copy
+                data = await self.tiers[0].read(info)
+            for t in self.tiers[1:]:
+                await t.write(info, data)
+        finally:
+            if held:
+                with self._wb_lock:
+                    self._wb_bytes -= len(data)
+
+    def _spawn(self, coro, what: str) -> None:
+        fut = self.runtime.submit(coro)
+        self._background.add(fut)
+
+        def done(f: cf.Future) -> None:
+            self._background.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                self.stats.add(background_errors=1)
+                self._warn.warn(f"bg:{what}", "objectcache: %s failed: %s", what, f.exception())
+
+        fut.add_done_callback(done)
+
+    # ---- admin ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for background writes and publish pending manifests (tests, shutdown)."""
+        end = time.monotonic() + (timeout if timeout is not None else self.cfg.timeout)
+        while self._background and time.monotonic() < end:
+            cf.wait(list(self._background), timeout=max(0.0, end - time.monotonic()))
+        for t in self.tiers:
+            if isinstance(t, S3Tier):
+                self.runtime.run(t.flush(), timeout=max(0.1, end - time.monotonic()))
+
+    def clear(self) -> cf.Future:
+        """Forget every page now; delete this namespace's objects in the background."""
+        for t in self.tiers:
+            t.index.clear()
+
+        async def _clear() -> int:
+            return sum(await asyncio.gather(*(t.clear() for t in self.tiers)))
+
+        fut = self.runtime.submit(_clear())
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+        return fut
+
+    def snapshot(self) -> dict:
+        with self.stats._lock:
+            counters = dict(self.stats.c)
+        return {"counters": counters, "tiers": {t.name: t.stats() for t in self.tiers},
+                "namespace": self.ns.root}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush(timeout=min(self.cfg.timeout, 10.0))
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+        for t in self.tiers:
+            try:
+                self.runtime.run(t.stop(), timeout=5.0)
+            except Exception:  # noqa: BLE001
+                pass
+        self.runtime.close()

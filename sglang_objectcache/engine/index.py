@@ -1,0 +1,82 @@
+"""What exists where: page key -> (object, slot), for one tier.
+
+Filled by this process's own writes, by scanning a disk tier at start, and by other instances'
+manifests for the S3 tier. `batch_exists` is answered from here without a request. A stale
+"present" only costs a miss later: reads verify every byte against the object's checksums.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from ..format import Header
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    keys: tuple[str, ...]
+    n_layers: int
+    piece_bytes: int
+    data_offset: int
+
+    @property
+    def size(self) -> int:
+        return self.data_offset + self.n_layers * len(self.keys) * self.piece_bytes
+
+    @classmethod
+    def from_header(cls, name: str, h: Header) -> "ObjectInfo":
+        return cls(name, h.keys, h.n_layers, h.piece_bytes, h.data_offset)
+
+    def to_wire(self, root: str) -> list:
+        return [self.name[len(root):], self.n_layers, self.piece_bytes, self.data_offset, list(self.keys)]
+
+    @classmethod
+    def from_wire(cls, root: str, w: list) -> "ObjectInfo":
+        return cls(root + w[0], tuple(w[4]), int(w[1]), int(w[2]), int(w[3]))
+
+
+class Index:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[str, tuple[ObjectInfo, int]] = {}
+        self._objects: dict[str, ObjectInfo] = {}
+
+    def add(self, info: ObjectInfo) -> None:
+        with self._lock:
+            self._objects[info.name] = info
+            for slot, key in enumerate(info.keys):
+                self._by_key[key] = (info, slot)
+
+    def remove(self, name: str) -> ObjectInfo | None:
+        with self._lock:
+            info = self._objects.pop(name, None)
+            if info is not None:
+                for key in info.keys:
+                    cur = self._by_key.get(key)
+                    if cur is not None and cur[0].name == name:
+                        del self._by_key[key]
+            return info
+
+    def lookup(self, key: str) -> tuple[ObjectInfo, int] | None:
+        return self._by_key.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
+
+    def has_object(self, name: str) -> bool:
+        return name in self._objects
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_key.clear()
+            self._objects.clear()
+
+    @property
+    def n_pages(self) -> int:
+        return len(self._by_key)
+
+    @property
+    def n_objects(self) -> int:
+        return len(self._objects)

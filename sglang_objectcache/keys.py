@@ -1,0 +1,76 @@
+"""Object names: a namespace derived from what makes KV bytes compatible, then the page hashes.
+
+SGLang's page keys are SHA-256 hashes chained from the sequence start, so a key already names
+the whole token path from the radix root (tenants, LoRAs and salts are folded into the chain's
+seed by SGLang). What the key does not say is which model, dtype, page size, layer range, head
+split or TP rank produced the bytes; the fingerprint adds that. Two deployments share objects
+exactly when their fingerprints are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+
+OBJECT_LAYOUT = "lkv1"  # layer-major, K then V per (layer, page); see docs/format.md
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    model: str
+    dtype: str
+    page_size: int
+    n_layers: int
+    start_layer: int
+    piece_bytes: int  # bytes of one page of one layer
+    attention: str  # "mha" or "mla"
+    kv_heads: int  # local (per-rank) heads for MHA, 1 for MLA
+    head_dim: int  # head_dim for MHA; kv_cache_dim for MLA
+    v_head_dim: int  # v_head_dim for MHA; 0 for MLA
+    tp_rank: int  # 0 for MLA (replicated across ranks)
+    tp_size: int  # 1 for MLA
+    pp_rank: int = 0
+    pp_size: int = 1
+    object_layout: str = OBJECT_LAYOUT
+
+    @property
+    def digest(self) -> str:
+        canon = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+    def describe(self) -> str:
+        rank = "mla" if self.attention == "mla" else f"tp{self.tp_rank}of{self.tp_size}"
+        return (
+            f"{self.model} {self.dtype} page={self.page_size} layers={self.start_layer}+"
+            f"{self.n_layers} {self.attention} heads={self.kv_heads}x{self.head_dim} {rank}"
+        )
+
+
+def slug(text: str) -> str:
+    """A readable, S3-safe path component (the model name can be a filesystem path)."""
+    s = re.sub(r"[^A-Za-z0-9._\-]+", "-", text).strip("-.")
+    return (s or "model")[-80:]
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """`<prefix>/<model>/<fingerprint>/`: every object this deployment writes lives below it."""
+
+    prefix: str
+    model: str
+    fingerprint: str
+
+    @property
+    def root(self) -> str:
+        parts = [p for p in (self.prefix.strip("/"), slug(self.model), self.fingerprint) if p]
+        return "/".join(parts) + "/"
+
+    def data_name(self, first_key: str, n_pages: int) -> str:
+        """A span of n pages starting at `first_key`. Same name implies same pages."""
+        return f"{self.root}d/{first_key}-{n_pages}"
+
+    @property
+    def manifest_prefix(self) -> str:
+        return f"{self.root}m/"
