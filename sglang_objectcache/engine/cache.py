@@ -229,17 +229,14 @@ class ObjectCache:
             self.stats.add(corrupt=1)
             self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
                             g.info.name, g.tier.name, e)
-            self.runtime.submit(self._drop(g.tier, g.info.name))
+            g.tier.forget(g.info.name, banned=True)
+            if isinstance(g.tier, DiskTier):  # our own local copy; S3 objects are never deleted here
+                self.runtime.submit(g.tier.store.delete([g.info.name]))
             return
         for j in range(len(g.slots)):
             ok[g.first + j] = True
         if g.tier is not self.tiers[0]:
             self._promote(g.info, data)
-
-    async def _drop(self, tier: Tier, name: str) -> None:
-        tier.forget(name)
-        if isinstance(tier, DiskTier):
-            await tier.store.delete([name])  # our own local copy; S3 objects are never deleted here
 
     def _promote(self, info: ObjectInfo, data) -> None:
         """Copy an object found in a lower tier into the first tier, in the background."""

@@ -42,9 +42,12 @@ class Index:
         self._lock = threading.Lock()
         self._by_key: dict[str, tuple[ObjectInfo, int]] = {}
         self._objects: dict[str, ObjectInfo] = {}
+        self._banned: set[str] = set()
 
     def add(self, info: ObjectInfo) -> None:
         with self._lock:
+            if info.name in self._banned:
+                return
             self._objects[info.name] = info
             for slot, key in enumerate(info.keys):
                 self._by_key[key] = (info, slot)
@@ -59,6 +62,12 @@ class Index:
                         del self._by_key[key]
             return info
 
+    def ban(self, name: str) -> None:
+        """Forget an object found corrupt, and ignore it if a manifest announces it again."""
+        with self._lock:
+            self._banned.add(name)
+        self.remove(name)
+
     def lookup(self, key: str) -> tuple[ObjectInfo, int] | None:
         return self._by_key.get(key)
 
@@ -70,6 +79,7 @@ class Index:
 
     def clear(self) -> None:
         with self._lock:
+            self._banned.clear()
             self._by_key.clear()
             self._objects.clear()
 

@@ -63,8 +63,11 @@ class Tier:
                 pass  # same name, same pages: another writer got there first
         self.index.add(info)
 
-    def forget(self, name: str) -> None:
-        self.index.remove(name)
+    def forget(self, name: str, banned: bool = False) -> None:
+        if banned:
+            self.index.ban(name)
+        else:
+            self.index.remove(name)
 
     async def clear(self) -> int:
         """Delete every object of this namespace in this tier; returns how many."""
@@ -114,7 +117,7 @@ class DiskTier(Tier):
             self.index.add(info)
             self._lru[name] = size
             self.used += size
-        await self._evict(0)
+        await self._reserve("", 0)
         if found:
             log.info("disk tier %s: %d objects, %.1f MiB", self.name, len(self._lru), self.used / 2**20)
 
@@ -123,14 +126,19 @@ class DiskTier(Tier):
             self._lru.move_to_end(info.name)
         return await super().read(info)
 
-    async def _evict(self, incoming: int) -> None:
+    async def _reserve(self, name: str, size: int) -> None:
+        """Evict least recently used objects until `size` more bytes fit, and book them now,
+        so concurrent writes cannot overshoot the capacity together."""
         async with self._evict_lock:
             victims = []
-            while self._lru and self.used + incoming > self.capacity:
-                name, size = self._lru.popitem(last=False)
-                self.used -= size
-                self.index.remove(name)
-                victims.append(name)
+            while self._lru and self.used + size > self.capacity:
+                victim, vsize = self._lru.popitem(last=False)
+                self.used -= vsize
+                self.index.remove(victim)
+                victims.append(victim)
+            if name:
+                self._lru[name] = size
+                self.used += size
             if victims:
                 await self.store.delete(victims)
 
@@ -140,14 +148,16 @@ class DiskTier(Tier):
         if info.name in self._lru:
             self._lru.move_to_end(info.name)
             return
-        await self._evict(info.size)
-        await super().write(info, data)
-        if info.name not in self._lru:
-            self._lru[info.name] = info.size
-            self.used += info.size
+        await self._reserve(info.name, info.size)
+        try:
+            await super().write(info, data)
+        except BaseException:
+            if self._lru.pop(info.name, None) is not None:
+                self.used -= info.size
+            raise
 
-    def forget(self, name: str) -> None:
-        super().forget(name)
+    def forget(self, name: str, banned: bool = False) -> None:
+        super().forget(name, banned)
         size = self._lru.pop(name, None)
         if size is not None:
             self.used -= size

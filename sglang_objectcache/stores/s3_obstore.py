@@ -27,7 +27,8 @@ def _map(e: BaseException, what: str) -> StoreError:
     text = full.splitlines()[0] if full else type(e).__name__
     if "NoSuchBucket" in full:
         text += " NoSuchBucket"
-    if any(s in text.lower() for s in ("timed out", "timeout", "connect", "connection", "dns")):
+    if any(s in text.lower() for s in ("timed out", "timeout", "connect", "connection", "dns",
+                                        "error sending request")):
         return Unavailable(f"{what}: {text[:300]}")
     return StoreError(f"{what}: {text[:300]}")
 

@@ -1,0 +1,50 @@
+"""Synthetic pages for engine tests: numpy arrays as the 'host pool', segments into them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sglang_objectcache.keys import Fingerprint
+
+LAYERS, PIECE = 4, 8192
+
+
+def fingerprint(model: str = "m", **kw) -> Fingerprint:
+    base = dict(model=model, dtype="bfloat16", page_size=16, n_layers=LAYERS, start_layer=0,
+                piece_bytes=PIECE, attention="mha", kv_heads=2, head_dim=64, v_head_dim=64,
+                tp_rank=0, tp_size=1)
+    base.update(kw)
+    return Fingerprint(**base)
+
+
+class Pages:
+    def __init__(self, n: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, 256, size=(n, LAYERS, PIECE), dtype=np.uint8)
+
+    def segments(self, order=None):
+        """K half and V half of each piece as two segments, like an MHA host pool."""
+        order = list(range(len(self.data))) if order is None else order
+        d, half = self.data, PIECE // 2
+
+        def seg(layer, i):
+            base = d[order[i], layer].ctypes.data
+            return [(base, half), (base + half, half)]
+
+        return seg
+
+    @classmethod
+    def empty_like(cls, other: "Pages") -> "Pages":
+        p = cls.__new__(cls)
+        p.data = np.zeros_like(other.data)
+        return p
+
+
+def keys(n: int, salt: str = "") -> list[str]:
+    import hashlib
+
+    out, h = [], b""
+    for i in range(n):
+        h = hashlib.sha256(h + f"{salt}{i}".encode()).digest()
+        out.append(h.hex())
+    return out

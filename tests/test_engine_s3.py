@@ -1,0 +1,310 @@
+"""The engine against real S3 servers: round trips, sharing, faults, tiers, startup errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import boto3
+import numpy as np
+import pytest
+from conftest import s3_tier
+from engine_util import Pages, fingerprint, keys
+
+from sglang_objectcache.config import parse_config
+from sglang_objectcache.engine.cache import ObjectCache, StartupError
+from sglang_objectcache.testbed import servers
+
+
+def make(tiers, **top) -> ObjectCache:
+    model = top.pop("model", "m")
+    return ObjectCache(parse_config({"tiers": tiers, **top}), fingerprint(model))
+
+
+def boto(srv):
+    return boto3.client("s3", **srv.client_kwargs())
+
+
+@pytest.mark.parametrize("transport", ["obstore", "aioboto3"])
+def test_round_trip_objects_and_index(s3_env, prefix, transport):
+    c = make([s3_tier(s3_env, prefix, transport=transport)], pages_per_object=8)
+    try:
+        src, ks = Pages(20, seed=1), keys(20)
+        assert c.put(ks, src.segments()) == [True] * 20
+        assert c.exists(ks) == 20
+        assert c.exists(ks[:5] + keys(3, "other")) == 5
+        dst = Pages.empty_like(src)
+        assert c.get(ks, dst.segments()) == [True] * 20
+        assert np.array_equal(src.data, dst.data)
+        # 20 pages at 8 per object: 3 data objects, one PUT each; writing again writes nothing
+        assert c.snapshot()["tiers"][c.tiers[0].name]["objects"] == 3
+        puts = c.tiers[0].requests["put"]
+        assert c.put(ks, src.segments()) == [True] * 20
+        assert c.tiers[0].requests["put"] == puts
+        # a read of a middle run uses the objects that hold it and lands in the right places
+        mid = Pages.empty_like(src)
+        assert c.get(ks[6:14], mid.segments(list(range(6, 14)))) == [True] * 8
+        assert np.array_equal(mid.data[6:14], src.data[6:14])
+    finally:
+        c.close()
+
+
+def test_get_stops_at_first_missing_page(s3_env, prefix):
+    c = make([s3_tier(s3_env, prefix)])
+    try:
+        src, ks = Pages(6, seed=2), keys(6)
+        assert all(c.put(ks[:3], src.segments()))
+        dst = Pages.empty_like(src)
+        assert c.get(ks, dst.segments()) == [True, True, True, False, False, False]
+        assert not dst.data[3:].any()
+    finally:
+        c.close()
+
+
+def test_fresh_process_finds_pages_and_reads_equal_bytes(s3_env, prefix):
+    a = make([s3_tier(s3_env, prefix)])
+    src, ks = Pages(12, seed=3), keys(12)
+    assert all(a.put(ks, src.segments()))
+    a.close()  # publishes the manifest
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from engine_util import Pages, fingerprint, keys
+        from sglang_objectcache.config import parse_config
+        from sglang_objectcache.engine.cache import ObjectCache
+        c = ObjectCache(parse_config({{"tiers": [{s3_tier(s3_env, prefix)!r}]}}), fingerprint("m"))
+        ks = keys(12); src = Pages(12, seed=3); dst = Pages.empty_like(src)
+        n = c.exists(ks); ok = c.get(ks, dst.segments())
+        print("RESULT", n, all(ok), bool(np.array_equal(src.data, dst.data)), c.tiers[0].requests["put"])
+        c.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ})
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, out.stderr[-2000:]
+    assert line[0].split()[1:] == ["12", "True", "True", "0"]
+
+
+def test_another_instance_sees_new_writes_within_default_delay(s3_env, prefix):
+    b = make([s3_tier(s3_env, prefix)])  # started first: its index is empty
+    a = make([s3_tier(s3_env, prefix)])
+    try:
+        src, ks = Pages(4, seed=4), keys(4)
+        assert b.exists(ks) == 0
+        assert all(a.put(ks, src.segments()))
+        t0 = time.monotonic()
+        while b.exists(ks) < 4 and time.monotonic() - t0 < 5.0:
+            time.sleep(0.05)
+        assert b.exists(ks) == 4, "not visible within the documented 5 s default"
+        dst = Pages.empty_like(src)
+        assert all(b.get(ks, dst.segments()))
+        assert np.array_equal(src.data, dst.data)
+    finally:
+        a.close()
+        b.close()
+
+
+def _only_data_object(srv, prefix):
+    objs = [o["Key"] for o in boto(srv).list_objects_v2(Bucket=srv.bucket, Prefix=prefix)["Contents"]]
+    data = [k for k in objs if "/d/" in k]
+    assert len(data) == 1
+    return data[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_damaged_object_is_a_logged_miss(s3_env, prefix, caplog, damage):
+    a = make([s3_tier(s3_env, prefix)])
+    src, ks = Pages(4, seed=5), keys(4)
+    assert all(a.put(ks, src.segments()))
+    a.close()
+    name = _only_data_object(s3_env, prefix)
+    body = bytearray(boto(s3_env).get_object(Bucket=s3_env.bucket, Key=name)["Body"].read())
+    if damage == "flip":
+        body[len(body) // 2] ^= 0x01
+    elif damage == "truncate":
+        body = body[: len(body) - 100]
+    else:
+        body = bytearray(os.urandom(len(body)))
+    boto(s3_env).put_object(Bucket=s3_env.bucket, Key=name, Body=bytes(body))
+    b = make([s3_tier(s3_env, prefix)])
+    try:
+        dst = Pages.empty_like(src)
+        with caplog.at_level(logging.WARNING, logger="sglang_objectcache"):
+            assert b.get(ks, dst.segments()) == [False] * 4
+        assert not dst.data.any(), "a damaged object must not write anything into the targets"
+        assert "corrupt" in caplog.text
+        assert b.snapshot()["counters"]["corrupt"] == 1
+        assert b.exists(ks) == 0  # forgotten after the failed read
+    finally:
+        b.close()
+
+
+def test_object_of_another_fingerprint_never_loads(s3_env, prefix):
+    a = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)]}), fingerprint("m", dtype="float16"))
+    b = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)]}), fingerprint("m", dtype="bfloat16"))
+    try:
+        src, ks = Pages(3, seed=6), keys(3)
+        assert all(a.put(ks, src.segments()))
+        assert a.ns.root != b.ns.root
+        assert b.exists(ks) == 0
+        # even an index entry pointing at the other deployment's object cannot load it
+        info = a.tiers[0].index.lookup(ks[0])[0]
+        b.tiers[0].index.add(info)
+        dst = Pages.empty_like(src)
+        assert b.get(ks, dst.segments()) == [False] * 3
+        assert not dst.data.any()
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("transport", ["obstore", "aioboto3"])
+def test_server_down_gives_misses_within_timeout_then_recovers(prefix, tmpdir_path, transport, monkeypatch):
+    srv = servers.start_seaweedfs(data_dir=tmpdir_path)
+    for k, v in srv.env().items():
+        monkeypatch.setenv(k, v)
+    tier = s3_tier(srv, prefix, transport=transport, request_timeout=1, connect_timeout=0.5, max_retries=1)
+    c = make([tier], timeout=3)
+    try:
+        src, ks = Pages(8, seed=7), keys(8)
+        assert all(c.put(ks[:4], src.segments()))
+        port = srv.port
+        srv.stop()
+        dst = Pages.empty_like(src)
+        t0 = time.monotonic()
+        assert c.get(ks[:4], dst.segments()) == [False] * 4
+        assert c.put(ks[4:], src.segments(list(range(4, 8)))) == [False] * 4
+        assert time.monotonic() - t0 < 2 * 3 + 1.0, "each call must end within its deadline"
+        assert not dst.data.any()
+        srv = servers.start_seaweedfs(data_dir=tmpdir_path, port=port)
+        deadline = time.monotonic() + 20
+        ok = []
+        while time.monotonic() < deadline:
+            ok = c.get(ks[:4], dst.segments())
+            if all(ok):
+                break
+            time.sleep(0.5)
+        assert all(ok), "the backend must recover when the server returns"
+        assert np.array_equal(dst.data[:4], src.data[:4])
+        assert all(c.put(ks[4:], src.segments(list(range(4, 8)))))
+    finally:
+        c.close()
+        srv.stop()
+
+
+def test_disk_tier_respects_capacity_and_rebuilds_its_index(tmpdir_path):
+    obj = 8 * 4 * 8192 + 4096  # 8 pages per object, plus the header block
+    tier = {"kind": "disk", "path": tmpdir_path, "capacity": int(obj * 2.5)}
+    c = make([tier], pages_per_object=8)
+    src, ks = Pages(32, seed=8), keys(32)
+    try:
+        assert all(c.put(ks, src.segments()))
+        st = c.snapshot()["tiers"][c.tiers[0].name]
+        assert st["used_bytes"] <= st["capacity_bytes"]
+        assert c.exists(ks) == 0  # the oldest object left first
+        assert c.exists(ks[16:]) == 16  # the two newest stayed
+    finally:
+        c.close()
+    again = make([tier], pages_per_object=8)
+    try:
+        assert again.exists(ks[16:]) == 16
+        dst = Pages.empty_like(src)
+        assert all(again.get(ks[16:], dst.segments(list(range(16, 32)))))
+        assert np.array_equal(dst.data[16:], src.data[16:])
+    finally:
+        again.close()
+
+
+def test_write_back_fills_lower_tier_and_reads_promote(s3_env, prefix, tmpdir_path):
+    disk = {"kind": "disk", "path": os.path.join(tmpdir_path, "a"), "capacity": "1GiB"}
+    c = make([disk, s3_tier(s3_env, prefix)], write_policy="write_back")
+    src, ks = Pages(8, seed=9), keys(8)
+    try:
+        assert all(c.put(ks, src.segments()))
+        assert c.tiers[0].index.n_pages == 8
+        c.flush()
+        assert c.tiers[1].index.n_pages == 8
+    finally:
+        c.close()
+    disk_b = {"kind": "disk", "path": os.path.join(tmpdir_path, "b"), "capacity": "1GiB"}
+    b = make([disk_b, s3_tier(s3_env, prefix)])
+    try:
+        assert b.tiers[0].index.n_pages == 0 and b.exists(ks) == 8
+        dst = Pages.empty_like(src)
+        assert all(b.get(ks, dst.segments()))
+        assert np.array_equal(src.data, dst.data)
+        b.flush()
+        assert b.tiers[0].index.n_pages == 8  # promoted into the disk tier
+        s3_gets = b.tiers[1].requests["get"]
+        assert all(b.get(ks, Pages.empty_like(src).segments()))
+        assert b.tiers[1].requests["get"] == s3_gets  # served from disk now
+    finally:
+        b.close()
+
+
+def test_clear_removes_only_this_namespace(s3_env, prefix):
+    mine = make([s3_tier(s3_env, prefix)], model="mine")
+    other = make([s3_tier(s3_env, prefix)], model="other")
+    try:
+        src, ks = Pages(3, seed=10), keys(3)
+        assert all(mine.put(ks, src.segments()))
+        assert all(other.put(ks, src.segments()))
+        mine.flush()
+        other.flush()
+        assert mine.clear().result(timeout=30) > 0
+        assert mine.exists(ks) == 0
+        left = [o["Key"] for o in boto(s3_env).list_objects_v2(Bucket=s3_env.bucket, Prefix=prefix)
+                .get("Contents", [])]
+        assert left and all(k.startswith(other.ns.root) for k in left)
+        assert other.exists(ks) == 3
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_threads_share_one_engine(s3_env, prefix):
+    c = make([s3_tier(s3_env, prefix)], pages_per_object=4)
+    errors = []
+
+    def worker(w: int) -> None:
+        try:
+            src, ks = Pages(8, seed=100 + w), keys(8, f"w{w}")
+            for _ in range(3):
+                assert all(c.put(ks, src.segments()))
+                dst = Pages.empty_like(src)
+                assert all(c.get(ks, dst.segments()))
+                assert np.array_equal(src.data, dst.data)
+                assert c.exists(ks) == 8
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("transport", ["obstore", "aioboto3"])
+def test_startup_errors_name_the_cause_and_hide_the_secret(seaweedfs, monkeypatch, transport):
+    for k, v in seaweedfs.env().items():
+        monkeypatch.setenv(k, v)
+    base = {"kind": "s3", "endpoint": seaweedfs.endpoint, "bucket": seaweedfs.bucket,
+            "transport": transport, "request_timeout": 2, "connect_timeout": 0.5, "max_retries": 0}
+    with pytest.raises(StartupError, match=r"tiers\[0\]\.endpoint: cannot reach .*start the server"):
+        make([{**base, "endpoint": "http://127.0.0.1:9"}])
+    with pytest.raises(StartupError, match=r"tiers\[0\]\.bucket: bucket 'no-such-bucket' does not exist"):
+        make([{**base, "bucket": "no-such-bucket"}])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
+    with pytest.raises(StartupError, match="rejected the credentials") as e:
+        make([base])
+    assert "definitely-wrong-secret" not in str(e.value)
