@@ -1,0 +1,61 @@
+"""Everything that differs between the SGLang releases we support, in one place.
+
+Supported: 0.5.17 (runs on the GPU machine) and 0.5.23 (newest). Both load `sglang.srt.plugins`
+entry points before parsing arguments and share the factory, controller and host-pool names we
+touch; what differs is listed here and tested in tests/test_plugin.py.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+SUPPORTED = ("0.5.17", "0.5.23")
+BACKEND_NAME = "objectcache"
+
+
+class UnsupportedSGLang(RuntimeError):
+    pass
+
+
+def sglang_version() -> str:
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        raise UnsupportedSGLang("sglang is not installed; pip install sglang==0.5.23 (or 0.5.17)") from None
+
+
+def check_version() -> str:
+    v = sglang_version()
+    if v not in SUPPORTED and not os.environ.get("OBJECTCACHE_ALLOW_ANY_SGLANG"):
+        raise UnsupportedSGLang(
+            f"sglang {v} is not supported by sglang-objectcache (supported: {', '.join(SUPPORTED)}); "
+            "install a supported release, or set OBJECTCACHE_ALLOW_ANY_SGLANG=1 at your own risk"
+        )
+    return v
+
+
+def backend_arg():
+    """The argparse metadata (`Arg`) of --hicache-storage-backend. Its `choices` list is mutable
+    in both releases, though `Arg` itself is frozen."""
+    from typing import get_args
+
+    from sglang.srt.arg_groups.arg_utils import Arg
+    from sglang.srt.server_args import ServerArgs
+
+    for klass in ServerArgs.__mro__:
+        ann = getattr(klass, "__annotations__", {}).get("hicache_storage_backend")
+        if ann is None:
+            continue
+        for meta in get_args(ann)[1:]:
+            if isinstance(meta, Arg):
+                return meta
+    raise UnsupportedSGLang("cannot find --hicache-storage-backend in ServerArgs")
+
+
+def storage_metrics(prefetch_pgs, backup_pgs, prefetch_bw, backup_bw):
+    """SGLang's StorageMetrics (same module path in both releases), which its collector asserts."""
+    from sglang.srt.observability.metrics_collector import StorageMetrics
+
+    return StorageMetrics(prefetch_pgs=list(prefetch_pgs), backup_pgs=list(backup_pgs),
+                          prefetch_bandwidth=list(prefetch_bw), backup_bandwidth=list(backup_bw))

@@ -1,0 +1,55 @@
+"""`sglang.srt.plugins` entry point: makes `--hicache-storage-backend objectcache` a real choice.
+
+SGLang runs this before it parses arguments (launch_server, `sglang serve`) and again in every
+scheduler process. Three hooks, all needed because SGLang hard-codes backend names:
+1. the argparse choice list gets "objectcache";
+2. the factory's built-in if-chain (which raises for unknown names) builds our class with the
+   host pool;
+3. the controller's zero-copy list (another hard-coded list) selects batch_get_v1/batch_set_v1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .compat import BACKEND_NAME, UnsupportedSGLang, backend_arg, check_version
+
+log = logging.getLogger("sglang_objectcache")
+
+_FACTORY = "sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend"
+_ATTACH = "sglang.srt.managers.cache_controller.HiCacheController.attach_storage_backend"
+
+
+def _build(orig, cls, backend_name, backend_class, storage_config, mem_pool_host, *a, **kw):
+    if backend_name == BACKEND_NAME:
+        return backend_class(storage_config, mem_pool_host)
+    return orig(cls, backend_name, backend_class, storage_config, mem_pool_host, *a, **kw)
+
+
+def _attach(orig, self, storage_backend, *a, **kw):
+    result = orig(self, storage_backend, *a, **kw)
+    if storage_backend == BACKEND_NAME:
+        self.page_get_func = self._page_get_zero_copy
+        self.page_set_func = self._page_set_zero_copy
+    return result
+
+
+def register() -> None:
+    try:
+        check_version()
+    except UnsupportedSGLang as e:
+        log.error("objectcache plugin not registered: %s", e)
+        return
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    arg = backend_arg()
+    if BACKEND_NAME not in arg.choices:
+        arg.choices.append(BACKEND_NAME)
+    if BACKEND_NAME not in StorageBackendFactory._registry:
+        StorageBackendFactory.register_backend(
+            BACKEND_NAME, "sglang_objectcache.sglang.backend", "ObjectCacheStorage")
+    if not getattr(register, "_hooked", False):
+        HookRegistry.register(_FACTORY, _build, HookType.AROUND)
+        HookRegistry.register(_ATTACH, _attach, HookType.AROUND)
+        register._hooked = True
