@@ -36,17 +36,27 @@ def check_version() -> str:
 
 
 def backend_arg():
-    """The argparse metadata (`Arg`) of --hicache-storage-backend. Its `choices` list is mutable
-    in both releases, though `Arg` itself is frozen."""
-    from typing import get_args
+    """The argparse metadata (`Arg`) of --hicache-storage-backend, made mutable in place.
+
+    0.5.23 keeps evaluated `Annotated[...]` objects in ServerArgs.__annotations__, and the `Arg`
+    in it (frozen, but with a mutable `choices` list) is what argparse is built from. 0.5.17's
+    server_args uses `from __future__ import annotations`: the annotation is a string that
+    `get_type_hints` re-evaluates on every parser build, so a fresh list each time. There we
+    store the evaluated annotation back once; both then share the one-list mutation.
+    """
+    from typing import get_args, get_type_hints
 
     from sglang.srt.arg_groups.arg_utils import Arg
     from sglang.srt.server_args import ServerArgs
 
+    name = "hicache_storage_backend"
     for klass in ServerArgs.__mro__:
-        ann = getattr(klass, "__annotations__", {}).get("hicache_storage_backend")
+        ann = getattr(klass, "__annotations__", {}).get(name)
         if ann is None:
             continue
+        if isinstance(ann, str):  # 0.5.17
+            ann = get_type_hints(klass, include_extras=True)[name]
+            klass.__annotations__[name] = ann
         for meta in get_args(ann)[1:]:
             if isinstance(meta, Arg):
                 return meta
