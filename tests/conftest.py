@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-import cpu_shims  # noqa: E402
+from sglang_objectcache.testbed import cpu_shims  # noqa: E402
 
 cpu_shims.install()
 

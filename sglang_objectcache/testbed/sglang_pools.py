@@ -1,4 +1,4 @@
-"""Real SGLang host KV pools on CPU, for both supported releases.
+"""Real SGLang host KV pools on CPU, for both supported releases (tests and benchmarks).
 
 The host-pool constructors are the one place where 0.5.17 and 0.5.23 differ for our tests:
 0.5.17 takes the device pool, 0.5.23 takes its buffer info plus keyword geometry.
@@ -12,7 +12,9 @@ from sglang_objectcache.sglang.compat import sglang_version
 
 
 def make_host_pool(attention: str, layout: str, *, page_size: int = 16, layers: int = 4,
-                   heads: int = 2, head_dim: int = 32, tokens: int = 256, dtype=torch.bfloat16):
+                   heads: int = 2, head_dim: int = 32, tokens: int = 256, dtype=torch.bfloat16,
+                   host_tokens: int | None = None):
+    """A host pool of `host_tokens` slots (default: twice the device pool's `tokens`)."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
@@ -21,12 +23,13 @@ def make_host_pool(attention: str, layout: str, *, page_size: int = 16, layers: 
     if attention == "mha":
         dev = MHATokenToKVPool(tokens, page_size, dtype, heads, head_dim, layers, "cpu", False,
                                start_layer=0, end_layer=layers - 1)
+        ratio = 2.0 if host_tokens is None else host_tokens / tokens
         if not new:
-            return MHATokenToKVPoolHost(dev, 2.0, 0, page_size, layout, False, "cpu")
+            return MHATokenToKVPoolHost(dev, ratio, 0, page_size, layout, False, "cpu")
         info = dev.get_device_pool_infos()[0].buffer_info
-        return MHATokenToKVPoolHost(info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu",
+        return MHATokenToKVPoolHost(info, ratio, 0, page_size, layout, pin_memory=False, device="cpu",
                                     device_capacity_tokens=dev.size, start_layer=dev.start_layer,
-                                    end_layer=dev.end_layer,
+                                    end_layer=dev.end_layer, host_token_capacity=host_tokens,
                                     write_back_staging=getattr(dev, "hicache_write_back_staging", None))
     dev = MLATokenToKVPool(tokens, page_size, dtype, 64, 16, layers, "cpu", False,
                            start_layer=0, end_layer=layers - 1)
