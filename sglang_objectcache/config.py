@@ -148,6 +148,7 @@ class ObjectCacheConfig:
     tiers: tuple[TierConfig, ...]
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
+    read_range_bytes: int = 8 << 20  # objects are read as parallel, layer-aligned ranges this big
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
     verify_checksums: bool = True
     namespace: str | None = None  # overrides SGLang's model name in object names
@@ -248,6 +249,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["write_policy"] = _choice(ours["write_policy"], "write_policy", ("write_through", "write_back"))
     if "pages_per_object" in ours:
         kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
+    if "read_range_bytes" in ours:
+        kw["read_range_bytes"] = parse_size(ours["read_range_bytes"], "read_range_bytes")
     if "timeout" in ours:
         kw["timeout"] = parse_duration(ours["timeout"], "timeout")
     if "verify_checksums" in ours:

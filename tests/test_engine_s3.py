@@ -203,10 +203,11 @@ def test_disk_tier_respects_capacity_and_rebuilds_its_index(tmpdir_path):
     c = make([tier], pages_per_object=8)
     src, ks = Pages(32, seed=8), keys(32)
     try:
-        assert all(c.put(ks, src.segments()))
+        assert all(c.put(ks[:16], src.segments()))  # two objects, older
+        assert all(c.put(ks[16:], src.segments(list(range(16, 32)))))  # two newer ones
         st = c.snapshot()["tiers"][c.tiers[0].name]
         assert st["used_bytes"] <= st["capacity_bytes"]
-        assert c.exists(ks) == 0  # the oldest object left first
+        assert c.exists(ks) == 0  # the oldest objects left first
         assert c.exists(ks[16:]) == 16  # the two newest stayed
     finally:
         c.close()

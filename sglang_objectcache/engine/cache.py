@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..config import DiskTierConfig, ObjectCacheConfig, S3TierConfig
-from ..format import CorruptObject, SegmentFn, decode_header, encode, readonly_address, scatter, verify_piece
+from ..format import CorruptObject, SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
 from ..stores.base import StoreError
 from .index import ObjectInfo
+from .reader import ObjectRead, plan_ranges
 from .runtime import Runtime
 from .tiers import DiskTier, S3Tier, Tier
 
@@ -173,8 +174,19 @@ class ObjectCache:
                 g.slots.append(slot)
             else:
                 groups.append(_Group(tier, info, i, [slot]))
-        futs = {self.runtime.submit(g.tier.read(g.info)): g for g in groups}
-        self._drain(futs, deadline, lambda g, data: self._deliver(g, data, segments, ok))
+        futs: dict[cf.Future, tuple] = {}
+        for g in groups:
+            ranges = plan_ranges(g.info, self.cfg.read_range_bytes)
+            promote = None
+            if g.tier is not self.tiers[0] and self._may_promote(g.info):
+                promote = bytearray(g.info.size)
+            job = ObjectRead(g.info, g.slots, g.first, len(ranges), self.digest,
+                             self.cfg.verify_checksums, promote)
+            for start, end, l0, l1 in ranges:
+                coro = (g.tier.read(g.info) if len(ranges) == 1
+                        else g.tier.read_range(g.info.name, start, end))
+                futs[self.runtime.submit(coro)] = (g, job, start, end, l0, l1)
+        self._drain(futs, deadline, lambda item, data: self._deliver(item, data, segments, ok))
         hits = sum(ok)
         self.stats.add(get_calls=1, get_pages=len(keys), get_hits=hits,
                        read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
@@ -206,26 +218,13 @@ class ObjectCache:
                     continue
                 handle(item, result)
 
-    def _deliver(self, g: _Group, data, segments: SegmentFn, ok: list[bool]) -> None:
-        """Verify one object's bytes and copy the requested pages into their targets."""
+    def _deliver(self, item: tuple, data, segments: SegmentFn, ok: list[bool]) -> None:
+        """Verify one range of an object and copy its layers into their targets."""
+        g, job, start, end, l0, l1 = item
         try:
-            h = decode_header(data)
-            if h.fingerprint != self.digest:
-                raise CorruptObject("fingerprint differs: written by another model, dtype or geometry")
-            if h.keys != g.info.keys or h.n_layers != self.fp.n_layers or h.piece_bytes != self.fp.piece_bytes:
-                raise CorruptObject("header does not match the index entry or this pool's geometry")
-            if len(data) != h.size:
-                raise CorruptObject(f"object is {len(data)} bytes, header says {h.size}")
-            base = readonly_address(data)
-            # Verify everything before writing anything: a bad object must leave targets alone.
-            if self.cfg.verify_checksums:
-                for layer in range(h.n_layers):
-                    for slot in g.slots:
-                        verify_piece(h, data, 0, layer, slot)
-            for layer in range(h.n_layers):
-                for j, slot in enumerate(g.slots):
-                    scatter(base + h.piece_offset(layer, slot), segments(layer, g.first + j))
+            complete = job.deliver(start, end, l0, l1, data, segments)
         except CorruptObject as e:
+            job.failed = True
             self.stats.add(corrupt=1)
             self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
                             g.info.name, g.tier.name, e)
@@ -233,18 +232,17 @@ class ObjectCache:
             if isinstance(g.tier, DiskTier):  # our own local copy; S3 objects are never deleted here
                 self.runtime.submit(g.tier.store.delete([g.info.name]))
             return
+        if not complete:
+            return
         for j in range(len(g.slots)):
             ok[g.first + j] = True
-        if g.tier is not self.tiers[0]:
-            self._promote(g.info, data)
+        if job.promote is not None:
+            self._spawn(self.tiers[0].write(g.info, job.promote), "promote")
+            self.stats.add(promotions=1)
 
-    def _promote(self, info: ObjectInfo, data) -> None:
-        """Copy an object found in a lower tier into the first tier, in the background."""
-        top = self.tiers[0]
-        if top.index.has_object(info.name) or len(self._background) > 64:
-            return
-        self._spawn(top.write(info, data), "promote")
-        self.stats.add(promotions=1)
+    def _may_promote(self, info: ObjectInfo) -> bool:
+        """Copy objects found in a lower tier into the first tier (bounded background work)."""
+        return not self.tiers[0].index.has_object(info.name) and len(self._background) <= 64
 
     # ---- writes --------------------------------------------------------------------------
 

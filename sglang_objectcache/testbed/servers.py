@@ -252,12 +252,16 @@ def _probe_bucket(endpoint: str, access_key: str, secret_key: str, region: str, 
 
 
 def _check_port_arg(port: int | None) -> None:
-    if port is not None and not _port_free(port):
-        raise RuntimeError(f"port {HOST}:{port} is already in use")
-
-
-# --------------------------------------------------------------------------------------------
-# SeaweedFS
+    """An explicitly requested port (a restart on the same port, say) only needs to be
+    bindable the way the servers bind it: with SO_REUSEADDR, so TIME_WAIT is no obstacle."""
+    if port is None:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            raise RuntimeError(f"port {HOST}:{port} is already in use") from None
 
 
 def find_weed() -> str:
