@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -109,6 +110,10 @@ class ObjectCache:
         self._wb_bytes = 0
         self._wb_lock = threading.Lock()
         self._background: set[cf.Future] = set()
+        # Verifying and copying arrived ranges into SGLang's buffers: memmove leaves the GIL, so a
+        # few threads copy in parallel while the calling thread keeps dispatching.
+        self._copiers = cf.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                              thread_name_prefix="objectcache-copy")
         self._closed = False
         try:
             self.tiers = build_tiers(cfg, self.ns)
@@ -121,6 +126,7 @@ class ObjectCache:
                 except Exception:  # noqa: BLE001 - already failing; report the first error
                     pass
             self.runtime.close()
+            self._copiers.shutdown(wait=False)
             raise
         log.info("objectcache ready: %s; namespace %s; tiers %s", fp.describe(), self.ns.root,
                  ", ".join(t.name for t in self.tiers))
@@ -186,7 +192,12 @@ class ObjectCache:
                 coro = (g.tier.read(g.info) if len(ranges) == 1
                         else g.tier.read_range(g.info.name, start, end))
                 futs[self.runtime.submit(coro)] = (g, job, start, end, l0, l1)
-        self._drain(futs, deadline, lambda item, data: self._deliver(item, data, segments, ok))
+        copies: list[cf.Future] = []
+        self._drain(futs, deadline, lambda item, data: copies.append(
+            self._copiers.submit(self._deliver, item, data, segments, ok)))
+        # Copies touch SGLang's buffers: all of them end before this call returns, deadline or
+        # not (they are local memory work, milliseconds each).
+        cf.wait(copies)
         hits = sum(ok)
         self.stats.add(get_calls=1, get_pages=len(keys), get_hits=hits,
                        read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
@@ -224,13 +235,20 @@ class ObjectCache:
         try:
             complete = job.deliver(start, end, l0, l1, data, segments)
         except CorruptObject as e:
-            job.failed = True
+            with job.lock:
+                if job.failed:
+                    return
+                job.failed = True
             self.stats.add(corrupt=1)
             self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
                             g.info.name, g.tier.name, e)
             g.tier.forget(g.info.name, banned=True)
             if isinstance(g.tier, DiskTier):  # our own local copy; S3 objects are never deleted here
                 self.runtime.submit(g.tier.store.delete([g.info.name]))
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. a target segment list that does not fit
+            job.failed = True
+            self._warn.warn("deliver", "objectcache: cannot copy %s into the pool: %s", g.info.name, e)
             return
         if not complete:
             return
@@ -377,3 +395,4 @@ class ObjectCache:
             except Exception:  # noqa: BLE001
                 pass
         self.runtime.close()
+        self._copiers.shutdown(wait=True)

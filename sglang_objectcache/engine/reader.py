@@ -45,7 +45,10 @@ class ObjectRead:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> bool:
-        """Take one range's bytes; True once every range is in and verified."""
+        """Take one range's bytes; True for exactly one caller: the one that completes the object.
+
+        Ranges of one object may be delivered from several threads at once; the lock guards only
+        the bookkeeping, never the copies."""
         with self.lock:
             if self.failed:
                 return False
@@ -60,11 +63,14 @@ class ObjectRead:
                 return False
             else:
                 todo = [(start, end, l0, l1, data)]
-            for s, e, a, b, buf in todo:
-                self._apply(s, a, b, buf, segments)
-                if self.promote is not None:
-                    self.promote[s:e] = buf
-                self.done_ranges += 1
+        for s, e, a, b, buf in todo:
+            self._apply(s, a, b, buf, segments)
+            if self.promote is not None:
+                self.promote[s:e] = buf
+        with self.lock:
+            if self.failed:
+                return False
+            self.done_ranges += len(todo)
             return self.done_ranges == self.n_ranges
 
     def _check_header(self, data) -> Header:
