@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     else:
         tmp = tempfile.mkdtemp(prefix="objectcache-bench-")
         print(f"starting SeaweedFS in {tmp} ...", flush=True)
-        srv = servers.start_seaweedfs(data_dir=tmp)
+        srv = servers.start_seaweedfs(data_dir=tmp, memory_limit_mb=None)
     os.environ.update(srv.env())
     try:
         max_pages = max(sizes) // PAGE

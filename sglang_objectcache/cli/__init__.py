@@ -1,0 +1,1 @@
+"""`objectcache ...`: small operator commands."""

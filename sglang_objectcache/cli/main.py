@@ -1,0 +1,108 @@
+"""`objectcache`: check a config, look inside an object, report versions.
+
+    objectcache check-config objectcache.yaml [--probe]
+    objectcache inspect /var/cache/objectcache/<...>/d/<key>-8 [--verify]
+    objectcache version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+
+def _check_config(args) -> int:
+    from ..config import ConfigError, load_config_file
+
+    try:
+        cfg = load_config_file(args.file)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"write_policy={cfg.write_policy} pages_per_object={cfg.pages_per_object} "
+          f"read_range_bytes={cfg.read_range_bytes} timeout={cfg.timeout}s verify={cfg.verify_checksums}")
+    for i, t in enumerate(cfg.tiers):
+        print(f"tiers[{i}]: {t}")
+    if not args.probe:
+        return 0
+    from ..engine.cache import StartupError
+    from ..stores.factory import build_store, probe
+
+    async def run() -> None:
+        for i, t in enumerate(cfg.tiers):
+            store = build_store(t, f"tiers[{i}]")
+            try:
+                await probe(store, t, f"tiers[{i}]", "objectcache-check/")
+            finally:
+                await store.close()
+            print(f"tiers[{i}]: reachable")
+
+    try:
+        asyncio.run(run())
+    except (StartupError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect(args) -> int:
+    from ..format import CorruptObject, decode_header, verify_piece
+
+    data = open(args.path, "rb").read()
+    try:
+        h = decode_header(data)
+    except CorruptObject as e:
+        print(f"corrupt: {e}")
+        return 1
+    print(f"fingerprint {h.fingerprint}\npages {h.n_pages} layers {h.n_layers} piece {h.piece_bytes} bytes\n"
+          f"data offset {h.data_offset} size {h.size} (file {len(data)})")
+    for k in h.keys:
+        print(f"  {k}")
+    if args.verify:
+        try:
+            if len(data) != h.size:
+                raise CorruptObject(f"file is {len(data)} bytes, header says {h.size}")
+            for layer in range(h.n_layers):
+                for slot in range(h.n_pages):
+                    verify_piece(h, data, 0, layer, slot)
+        except CorruptObject as e:
+            print(f"corrupt: {e}")
+            return 1
+        print("all checksums match")
+    return 0
+
+
+def _version(_args) -> int:
+    from .. import __version__
+    from ..sglang.compat import SUPPORTED, UnsupportedSGLang, sglang_version
+
+    try:
+        v = sglang_version()
+        ok = "supported" if v in SUPPORTED else f"NOT supported (supported: {', '.join(SUPPORTED)})"
+    except UnsupportedSGLang as e:
+        v, ok = "-", str(e)
+    print(f"sglang-objectcache {__version__}; sglang {v}: {ok}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="objectcache", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("check-config", help="validate a YAML/JSON config; --probe also reaches every tier")
+    p.add_argument("file")
+    p.add_argument("--probe", action="store_true")
+    p.set_defaults(fn=_check_config)
+    p = sub.add_parser("inspect", help="print an object's header; --verify checks every piece")
+    p.add_argument("path")
+    p.add_argument("--verify", action="store_true")
+    p.set_defaults(fn=_inspect)
+    p = sub.add_parser("version", help="package and SGLang versions")
+    p.set_defaults(fn=_version)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
