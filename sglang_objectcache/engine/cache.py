@@ -242,9 +242,9 @@ class ObjectCache:
             self.stats.add(corrupt=1)
             self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
                             g.info.name, g.tier.name, e)
-            g.tier.forget(g.info.name, banned=True)
+            g.tier.index.ban(g.info.name)  # thread-safe, and at once: the next call must not use it
             if isinstance(g.tier, DiskTier):  # our own local copy; S3 objects are never deleted here
-                self.runtime.submit(g.tier.store.delete([g.info.name]))
+                self.runtime.submit(g.tier.drop(g.info.name))
             return
         except Exception as e:  # noqa: BLE001 - e.g. a target segment list that does not fit
             job.failed = True

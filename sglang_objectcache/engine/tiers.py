@@ -63,12 +63,6 @@ class Tier:
                 pass  # same name, same pages: another writer got there first
         self.index.add(info)
 
-    def forget(self, name: str, banned: bool = False) -> None:
-        if banned:
-            self.index.ban(name)
-        else:
-            self.index.remove(name)
-
     async def clear(self) -> int:
         """Delete every object of this namespace in this tier; returns how many."""
         self.index.clear()
@@ -156,11 +150,13 @@ class DiskTier(Tier):
                 self.used -= info.size
             raise
 
-    def forget(self, name: str, banned: bool = False) -> None:
-        super().forget(name, banned)
+    async def drop(self, name: str) -> None:
+        """Remove a bad local copy (on the loop thread, which owns the LRU)."""
+        self.index.remove(name)
         size = self._lru.pop(name, None)
         if size is not None:
             self.used -= size
+        await self.store.delete([name])
 
     async def clear(self) -> int:
         n = await super().clear()
