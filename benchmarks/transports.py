@@ -118,7 +118,13 @@ def engine(srv, transport: str, pages: np.ndarray, conc: int, ppo: int = 8, veri
     half = PIECE // 2
 
     def seg(arr):
-        return lambda layer, i: [(arr[i, layer].ctypes.data, half), (arr[i, layer].ctypes.data + half, half)]
+        base = arr.ctypes.data  # plain integer arithmetic, as SGLang's precomputed pointers are
+
+        def segs(layer, i):
+            a = base + (i * LAYERS + layer) * PIECE
+            return [(a, half), (a + half, half)]
+
+        return segs
 
     c = ObjectCache(parse_config({"tiers": [tier], "pages_per_object": ppo}), fp)
     t = time.perf_counter()

@@ -149,6 +149,7 @@ class ObjectCacheConfig:
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
     read_range_bytes: int = 8 << 20  # objects are read as parallel, layer-aligned ranges this big
+    copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(4, cores)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
     verify_checksums: bool = True
     namespace: str | None = None  # overrides SGLang's model name in object names
@@ -251,6 +252,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
     if "read_range_bytes" in ours:
         kw["read_range_bytes"] = parse_size(ours["read_range_bytes"], "read_range_bytes")
+    if "copy_threads" in ours:
+        kw["copy_threads"] = _int(ours["copy_threads"], "copy_threads", 0, 64)
     if "timeout" in ours:
         kw["timeout"] = parse_duration(ours["timeout"], "timeout")
     if "verify_checksums" in ours:

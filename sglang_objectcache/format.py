@@ -12,6 +12,7 @@ a reader can verify exactly the bytes it fetched.
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -50,9 +51,13 @@ class Header:
     def piece_offset(self, layer: int, slot: int) -> int:
         return self.data_offset + (layer * self.n_pages + slot) * self.piece_bytes
 
+    @functools.cached_property
+    def sums(self) -> tuple[int, ...]:
+        """All checksums as ints, in data order (decoded once per header)."""
+        return struct.unpack(f"<{len(self.checksums) // 8}Q", self.checksums)
+
     def checksum(self, layer: int, slot: int) -> int:
-        i = (layer * self.n_pages + slot) * 8
-        return int.from_bytes(self.checksums[i : i + 8], "little")
+        return self.sums[layer * self.n_pages + slot]
 
 
 def _pack_header(fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes) -> bytes:

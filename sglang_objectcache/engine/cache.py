@@ -112,7 +112,7 @@ class ObjectCache:
         self._background: set[cf.Future] = set()
         # Verifying and copying arrived ranges into SGLang's buffers: memmove leaves the GIL, so a
         # few threads copy in parallel while the calling thread keeps dispatching.
-        self._copiers = cf.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+        self._copiers = cf.ThreadPoolExecutor(max_workers=cfg.copy_threads or min(4, os.cpu_count() or 1),
                                               thread_name_prefix="objectcache-copy")
         self._closed = False
         try:
