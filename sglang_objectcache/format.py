@@ -1,4 +1,4 @@
-"""The bytes of one object: a small versioned header, then KV data in layer-major order.
+"""The bytes of one object: KV data in layer-major order, then a small versioned footer.
 
 Pure functions over buffers; no I/O. `docs/format.md` describes the layout byte by byte.
 
@@ -6,7 +6,8 @@ An object holds n consecutive pages of one radix path. Its data is ordered
 (layer 0: page 0, page 1, ... page n-1), (layer 1: page 0, ...), ... so that any contiguous range
 of layers of any contiguous run of pages is a handful of byte ranges, and one layer of the
 whole object is exactly one range. Each (layer, page) piece carries its own xxh3-64 checksum, so
-a reader can verify exactly the bytes it fetched.
+a reader can verify exactly the bytes it fetched. The footer (msgpack) and a fixed trailer come
+last so that the data starts at offset 0 and every layer block is aligned.
 """
 
 from __future__ import annotations
@@ -23,33 +24,38 @@ import xxhash
 
 MAGIC = b"OCKV"
 VERSION = 1
-PRELUDE = struct.Struct("<4sHHII")  # magic, version, flags, header_len, data_offset
-ALIGN = 4096  # data starts on a 4 KiB boundary: cheap, and friendly to O_DIRECT readers
+TRAILER = struct.Struct("<4sHHII")  # magic, version, flags, footer length, reserved
 
 
 class CorruptObject(ValueError):
-    """The object's bytes do not match its header, its checksums or the reader's expectations."""
+    """The object's bytes do not match its footer, its checksums or the reader's expectations."""
 
 
 @dataclass(frozen=True)
 class Header:
+    """What the footer says about an object (named for its role, not its place)."""
+
     fingerprint: str
     keys: tuple[str, ...]
     n_layers: int
     piece_bytes: int  # bytes of one page of one layer (K and V together for MHA)
     checksums: bytes  # n_layers * n_pages little-endian u64, layer-major
-    data_offset: int
+    meta_bytes: int  # footer + trailer, after the data
 
     @property
     def n_pages(self) -> int:
         return len(self.keys)
 
     @property
+    def data_bytes(self) -> int:
+        return self.n_layers * self.n_pages * self.piece_bytes
+
+    @property
     def size(self) -> int:
-        return self.data_offset + self.n_layers * self.n_pages * self.piece_bytes
+        return self.data_bytes + self.meta_bytes
 
     def piece_offset(self, layer: int, slot: int) -> int:
-        return self.data_offset + (layer * self.n_pages + slot) * self.piece_bytes
+        return (layer * self.n_pages + slot) * self.piece_bytes
 
     @functools.cached_property
     def sums(self) -> tuple[int, ...]:
@@ -60,17 +66,11 @@ class Header:
         return self.sums[layer * self.n_pages + slot]
 
 
-def _pack_header(fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes) -> bytes:
+def _pack_footer(fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes) -> bytes:
     return msgpack.packb(
         {"fp": fp, "keys": list(keys), "layers": n_layers, "piece": piece, "xxh3": sums},
         use_bin_type=True,
     )
-
-
-def data_offset_for(fp: str, keys: Sequence[str], n_layers: int, piece: int) -> int:
-    """Where data starts; depends only on the header's shape, not on the checksums' values."""
-    hlen = len(_pack_header(fp, keys, n_layers, piece, bytes(8 * n_layers * len(keys))))
-    return -(-(PRELUDE.size + hlen) // ALIGN) * ALIGN
 
 
 def buffer_address(buf: bytearray | memoryview) -> int:
@@ -98,58 +98,73 @@ def encode(
 ) -> bytearray:
     """Build one object from pages `first .. first+len(keys)-1` of a call.
 
-    One copy: each segment is memmoved once from its source into the object buffer.
+    Data comes first, so layer blocks sit at multiples of their size (servers store objects in
+    aligned chunks; aligned ranges read faster). One copy: each segment is memmoved once.
     """
     n = len(keys)
-    off = data_offset_for(fp, keys, n_layers, piece)
-    out = bytearray(off + n_layers * n * piece)
+    data_bytes = n_layers * n * piece
+    footer_len = len(_pack_footer(fp, keys, n_layers, piece, bytes(8 * n_layers * n)))
+    out = bytearray(data_bytes + footer_len + TRAILER.size)
     base = buffer_address(out)
     mv = memoryview(out)
     sums = bytearray(8 * n_layers * n)
     for layer in range(n_layers):
         for slot in range(n):
-            pos = off + (layer * n + slot) * piece
-            start = pos
+            pos = start = (layer * n + slot) * piece
             for addr, length in segments(layer, first + slot):
                 ctypes.memmove(base + pos, addr, length)
                 pos += length
             if pos - start != piece:
                 raise ValueError(f"page {first + slot} layer {layer}: {pos - start} bytes, expected {piece}")
-            h = xxhash.xxh3_64_intdigest(mv[start:pos])
-            struct.pack_into("<Q", sums, 8 * (layer * n + slot), h)
-    header = _pack_header(fp, keys, n_layers, piece, bytes(sums))
-    PRELUDE.pack_into(out, 0, MAGIC, VERSION, 0, len(header), off)
-    out[PRELUDE.size : PRELUDE.size + len(header)] = header
+            struct.pack_into("<Q", sums, 8 * (layer * n + slot), xxhash.xxh3_64_intdigest(mv[start:pos]))
+    footer = _pack_footer(fp, keys, n_layers, piece, bytes(sums))
+    assert len(footer) == footer_len  # its size depends only on its shape
+    out[data_bytes : data_bytes + footer_len] = footer
+    TRAILER.pack_into(out, data_bytes + footer_len, MAGIC, VERSION, 0, footer_len, 0)
     return out
 
 
-def decode_header(buf) -> Header:
-    """Parse and sanity-check the header at the start of `buf` (the whole object or a prefix)."""
-    mv = memoryview(buf)
-    if len(mv) < PRELUDE.size:
-        raise CorruptObject(f"object shorter than its {PRELUDE.size}-byte prelude")
-    magic, version, _flags, hlen, off = PRELUDE.unpack_from(mv, 0)
+def meta_bytes_for(fp: str, keys: Sequence[str], n_layers: int, piece: int) -> int:
+    """Footer + trailer length; depends only on the shape, not on the checksums' values."""
+    return len(_pack_footer(fp, keys, n_layers, piece, bytes(8 * n_layers * len(keys)))) + TRAILER.size
+
+
+def decode_meta(tail) -> Header:
+    """Parse footer + trailer from the end of `tail` (the whole object, or its last bytes)."""
+    mv = memoryview(tail)
+    if len(mv) < TRAILER.size:
+        raise CorruptObject(f"object shorter than its {TRAILER.size}-byte trailer")
+    magic, version, _flags, flen, _ = TRAILER.unpack_from(mv, len(mv) - TRAILER.size)
     if magic != MAGIC:
-        raise CorruptObject("bad magic: not an objectcache object")
+        raise CorruptObject("bad magic: not an objectcache object, or truncated")
     if version != VERSION:
         raise CorruptObject(f"format version {version} is not supported (this reader knows {VERSION})")
-    if PRELUDE.size + hlen > min(len(mv), off):
-        raise CorruptObject("header truncated")
+    if flen + TRAILER.size > len(mv):
+        raise CorruptObject("footer truncated")
+    end = len(mv) - TRAILER.size
     try:
-        h = msgpack.unpackb(mv[PRELUDE.size : PRELUDE.size + hlen], raw=False)
+        h = msgpack.unpackb(mv[end - flen : end], raw=False)
         header = Header(
             fingerprint=h["fp"],
             keys=tuple(h["keys"]),
             n_layers=int(h["layers"]),
             piece_bytes=int(h["piece"]),
             checksums=bytes(h["xxh3"]),
-            data_offset=off,
+            meta_bytes=flen + TRAILER.size,
         )
-    except Exception as e:  # noqa: BLE001 - any malformed header is corruption
-        raise CorruptObject(f"unreadable header: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any malformed footer is corruption
+        raise CorruptObject(f"unreadable footer: {e}") from None
     if len(header.checksums) != 8 * header.n_layers * header.n_pages:
         raise CorruptObject("checksum table does not match the page and layer counts")
     return header
+
+
+def decode_header(obj) -> Header:
+    """The Header of a whole object, checking its length against it."""
+    h = decode_meta(obj)
+    if len(obj) != h.size:
+        raise CorruptObject(f"object is {len(obj)} bytes, its footer says {h.size}")
+    return h
 
 
 def verify_piece(header: Header, buf, buf_offset: int, layer: int, slot: int) -> memoryview:

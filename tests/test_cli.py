@@ -29,7 +29,7 @@ def test_inspect_verifies_and_finds_damage(tmp_path, capsys):
     assert main(["inspect", str(path), "--verify"]) == 0
     assert "all checksums match" in capsys.readouterr().out
     raw = bytearray(path.read_bytes())
-    raw[-5] ^= 1
+    raw[100] ^= 1  # a data byte
     path.write_bytes(bytes(raw))
     assert main(["inspect", str(path), "--verify"]) == 1
     assert "checksum mismatch" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from engine_util import PIECE, Pages, keys
 
-from sglang_objectcache.format import (ALIGN, PRELUDE, CorruptObject, data_offset_for, decode_header, encode,
+from sglang_objectcache.format import (TRAILER, CorruptObject, decode_header, decode_meta, encode, meta_bytes_for,
                                        readonly_address, scatter, verify_piece)
 
 
@@ -14,13 +14,15 @@ def obj(n=3):
     return src, ks, encode("f" * 32, ks, 4, PIECE, src.segments())
 
 
-def test_layer_major_layout_and_header():
+def test_layer_major_layout_and_footer():
     src, ks, data = obj()
     h = decode_header(data)
     assert (h.keys, h.n_layers, h.piece_bytes, h.fingerprint) == (tuple(ks), 4, PIECE, "f" * 32)
-    assert h.data_offset % ALIGN == 0 and h.data_offset == data_offset_for("f" * 32, ks, 4, PIECE)
-    assert len(data) == h.size
-    # layer l of page j sits at data_offset + (l * n + j) * piece: one layer of all pages is one range
+    assert h.meta_bytes == meta_bytes_for("f" * 32, ks, 4, PIECE)
+    assert len(data) == h.size == 4 * 3 * PIECE + h.meta_bytes
+    # the footer alone (the object's last meta_bytes) is enough to read the header
+    assert decode_meta(bytes(data[-h.meta_bytes:])) == h
+    # layer l of page j sits at (l * n + j) * piece: one layer of all pages is one aligned range
     for layer in range(4):
         for j in range(3):
             off = h.piece_offset(layer, j)
@@ -39,17 +41,23 @@ def test_verify_catches_a_flipped_byte_and_truncation():
         verify_piece(h, data[: h.piece_offset(3, 2) + 10], 0, 3, 2)
 
 
-@pytest.mark.parametrize("damage", ["magic", "version", "header", "short"])
-def test_bad_headers(damage):
+@pytest.mark.parametrize("damage", ["magic", "version", "footer", "short", "truncated", "extended"])
+def test_bad_footers(damage):
     _, _, data = obj()
+    t = len(data) - TRAILER.size
     if damage == "magic":
-        data[0:4] = b"XXXX"
+        data[t:t + 4] = b"XXXX"
     elif damage == "version":
-        data[4] = 99
-    elif damage == "header":
-        data[PRELUDE.size:PRELUDE.size + 8] = b"\xc1" * 8
-    else:
+        data[t + 4] = 99
+    elif damage == "footer":  # the start of the msgpack map
+        f = t - (decode_header(data).meta_bytes - TRAILER.size)
+        data[f:f + 8] = b"\xc1" * 8
+    elif damage == "short":
         data = data[:10]
+    elif damage == "truncated":
+        data = data[:-1]
+    else:
+        data = data + b"\0"
     with pytest.raises(CorruptObject):
         decode_header(data)
 

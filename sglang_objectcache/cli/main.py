@@ -47,16 +47,16 @@ def _check_config(args) -> int:
 
 
 def _inspect(args) -> int:
-    from ..format import CorruptObject, decode_header, verify_piece
+    from ..format import CorruptObject, decode_meta, verify_piece
 
     data = open(args.path, "rb").read()
     try:
-        h = decode_header(data)
+        h = decode_meta(data)
     except CorruptObject as e:
         print(f"corrupt: {e}")
         return 1
     print(f"fingerprint {h.fingerprint}\npages {h.n_pages} layers {h.n_layers} piece {h.piece_bytes} bytes\n"
-          f"data offset {h.data_offset} size {h.size} (file {len(data)})")
+          f"data {h.data_bytes} bytes + footer {h.meta_bytes} bytes = {h.size} (file {len(data)})")
     for k in h.keys:
         print(f"  {k}")
     if args.verify:

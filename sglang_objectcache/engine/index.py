@@ -19,18 +19,22 @@ class ObjectInfo:
     keys: tuple[str, ...]
     n_layers: int
     piece_bytes: int
-    data_offset: int
+    meta_bytes: int  # footer + trailer after the data
+
+    @property
+    def data_bytes(self) -> int:
+        return self.n_layers * len(self.keys) * self.piece_bytes
 
     @property
     def size(self) -> int:
-        return self.data_offset + self.n_layers * len(self.keys) * self.piece_bytes
+        return self.data_bytes + self.meta_bytes
 
     @classmethod
     def from_header(cls, name: str, h: Header) -> "ObjectInfo":
-        return cls(name, h.keys, h.n_layers, h.piece_bytes, h.data_offset)
+        return cls(name, h.keys, h.n_layers, h.piece_bytes, h.meta_bytes)
 
     def to_wire(self, root: str) -> list:
-        return [self.name[len(root):], self.n_layers, self.piece_bytes, self.data_offset, list(self.keys)]
+        return [self.name[len(root):], self.n_layers, self.piece_bytes, self.meta_bytes, list(self.keys)]
 
     @classmethod
     def from_wire(cls, root: str, w: list) -> "ObjectInfo":

@@ -1,9 +1,10 @@
 """Reading one object as parallel, layer-aligned range GETs.
 
 A big object read in one GET is one TCP stream; split into ranges of about `range_bytes` that
-each hold whole layers (all pages of a layer are adjacent), it loads in parallel, the first range
-(header + first layers) arrives early, and every piece can be verified as soon as its range is in.
-The first range carries the header; later ranges that arrive before it wait for it.
+each hold whole layers (all pages of a layer are adjacent, and the data starts at offset 0, so
+ranges are aligned to their size), it loads in parallel, and each range is verified as soon as it
+and the footer are in. The footer (checksums) is its own small range; data ranges that arrive
+before it wait for it.
 """
 
 from __future__ import annotations
@@ -11,25 +12,29 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from ..format import CorruptObject, Header, decode_header, readonly_address, scatter, verify_piece
+from ..format import CorruptObject, Header, decode_header, decode_meta, readonly_address, scatter, verify_piece
 from .index import ObjectInfo
+
+META = -1  # the l0 of the footer range
 
 
 def plan_ranges(info: ObjectInfo, range_bytes: int) -> list[tuple[int, int, int, int]]:
-    """[(start, end, first_layer, end_layer)] covering the whole object in layer order."""
+    """[(start, end, first_layer, end_layer)]: one whole-object read when the object is small,
+    else the footer range (first_layer = META) then layer-aligned data ranges in layer order."""
+    if info.size <= range_bytes:
+        return [(0, info.size, 0, info.n_layers)]
     block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
     per = max(1, range_bytes // block)
-    out = []
+    out = [(info.data_bytes, info.size, META, META)]
     for l0 in range(0, info.n_layers, per):
         l1 = min(info.n_layers, l0 + per)
-        start = 0 if l0 == 0 else info.data_offset + l0 * block
-        out.append((start, info.data_offset + l1 * block, l0, l1))
+        out.append((l0 * block, l1 * block, l0, l1))
     return out
 
 
 @dataclass
 class ObjectRead:
-    """The state of one object's read: which layers are in, the header, a promotion buffer."""
+    """The state of one object's read: which ranges are in, the footer, a promotion buffer."""
 
     info: ObjectInfo
     slots: list[int]  # object slots wanted, in call order
@@ -54,8 +59,9 @@ class ObjectRead:
                 return False
             if len(data) != end - start:
                 raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
-            if start == 0:
-                self.header = self._check_header(data)
+            if l0 == META or (start == 0 and end == self.info.size):
+                h = decode_header(data) if l0 != META else decode_meta(data)
+                self.header = self._check(h)
                 todo = [(start, end, l0, l1, data), *self.stash]
                 self.stash = []
             elif self.header is None:
@@ -64,7 +70,8 @@ class ObjectRead:
             else:
                 todo = [(start, end, l0, l1, data)]
         for s, e, a, b, buf in todo:
-            self._apply(s, a, b, buf, segments)
+            if a != META:
+                self._apply(s, a, b, buf, segments)
             if self.promote is not None:
                 self.promote[s:e] = buf
         with self.lock:
@@ -73,13 +80,12 @@ class ObjectRead:
             self.done_ranges += len(todo)
             return self.done_ranges == self.n_ranges
 
-    def _check_header(self, data) -> Header:
-        h = decode_header(data)
+    def _check(self, h: Header) -> Header:
         if h.fingerprint != self.digest:
             raise CorruptObject("fingerprint differs: written by another model, dtype or geometry")
-        if (h.keys, h.n_layers, h.piece_bytes, h.data_offset) != (
-                self.info.keys, self.info.n_layers, self.info.piece_bytes, self.info.data_offset):
-            raise CorruptObject("header does not match the index entry or this pool's geometry")
+        if (h.keys, h.n_layers, h.piece_bytes, h.meta_bytes) != (
+                self.info.keys, self.info.n_layers, self.info.piece_bytes, self.info.meta_bytes):
+            raise CorruptObject("footer does not match the index entry or this pool's geometry")
         return h
 
     def _apply(self, start: int, l0: int, l1: int, buf, segments) -> None:

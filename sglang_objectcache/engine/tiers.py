@@ -17,7 +17,7 @@ import uuid
 
 import msgpack
 
-from ..format import CorruptObject, decode_header
+from ..format import CorruptObject, decode_meta
 from ..keys import Namespace
 from ..stores.base import AlreadyExists, NotFound, ObjectStore, StoreError
 from .index import Index, ObjectInfo
@@ -95,10 +95,10 @@ class DiskTier(Tier):
         found = await self.store.list(self.ns.root + "d/")
         for name, size in found:
             try:
-                head = await self.store.get(name, start=0, end=65536)
-                h = decode_header(head)
-                if len(head) < h.data_offset:
-                    h = decode_header(await self.store.get(name, start=0, end=h.data_offset))
+                tail = await self.store.get(name, start=max(0, size - 65536), end=size)
+                h = decode_meta(tail)
+                if h.meta_bytes > len(tail):
+                    h = decode_meta(await self.store.get(name, start=max(0, size - h.meta_bytes), end=size))
             except (CorruptObject, StoreError) as e:
                 log.warning("disk tier: dropping unreadable %s (%s)", name, e)
                 await self.store.delete([name])
