@@ -144,9 +144,11 @@ def test_damaged_object_is_a_logged_miss(s3_env, prefix, caplog, damage):
         b.close()
 
 
-def test_object_of_another_fingerprint_never_loads(s3_env, prefix):
-    a = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)]}), fingerprint("m", dtype="float16"))
-    b = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)]}), fingerprint("m", dtype="bfloat16"))
+@pytest.mark.parametrize("range_bytes", ["8MiB", "16KiB"])  # one whole read / several range reads
+def test_object_of_another_fingerprint_never_loads(s3_env, prefix, range_bytes):
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": range_bytes})
+    a = ObjectCache(cfg, fingerprint("m", dtype="float16"))
+    b = ObjectCache(cfg, fingerprint("m", dtype="bfloat16"))
     try:
         src, ks = Pages(3, seed=6), keys(3)
         assert all(a.put(ks, src.segments()))
@@ -309,3 +311,26 @@ def test_startup_errors_name_the_cause_and_hide_the_secret(seaweedfs, monkeypatc
     with pytest.raises(StartupError, match="rejected the credentials") as e:
         make([base])
     assert "definitely-wrong-secret" not in str(e.value)
+
+
+def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog):
+    """Objects larger than read_range_bytes are read in ranges verified against the index's
+    checksums; a flipped byte in any range fails the whole object's pages."""
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "16KiB"})
+    a = ObjectCache(cfg, fingerprint("m"))
+    src, ks = Pages(4, seed=12), keys(4)
+    assert all(a.put(ks, src.segments()))
+    a.close()
+    name = _only_data_object(s3_env, prefix)
+    body = bytearray(boto(s3_env).get_object(Bucket=s3_env.bucket, Key=name)["Body"].read())
+    body[3 * 4 * 8192 + 5] ^= 0x10  # layer 3, a data byte
+    boto(s3_env).put_object(Bucket=s3_env.bucket, Key=name, Body=bytes(body))
+    b = ObjectCache(cfg, fingerprint("m"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="sglang_objectcache"):
+            assert b.get(ks, Pages.empty_like(src).segments()) == [False] * 4
+        assert "checksum mismatch at layer 3" in caplog.text
+        # one manifest GET at start, then one range per 32 KiB layer block; no footer GET
+        assert b.tiers[0].requests["get"] == 1 + 4
+    finally:
+        b.close()

@@ -23,7 +23,7 @@ from ..format import CorruptObject, SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
 from ..stores.base import StoreError
 from .index import ObjectInfo
-from .reader import ObjectRead, plan_ranges
+from .reader import META, ObjectRead, plan_ranges
 from .runtime import Runtime
 from .tiers import DiskTier, S3Tier, Tier
 
@@ -180,18 +180,24 @@ class ObjectCache:
                 g.slots.append(slot)
             else:
                 groups.append(_Group(tier, info, i, [slot]))
-        futs: dict[cf.Future, tuple] = {}
+        # Footers first (small, and every data range of their object waits for them), then data
+        # ranges in layer order across objects: the order the GPU consumes layers.
+        plans = []
         for g in groups:
-            ranges = plan_ranges(g.info, self.cfg.read_range_bytes)
+            trusted = g.info.name.startswith(self.ns.root)
+            ranges = plan_ranges(g.info, self.cfg.read_range_bytes, footer=not trusted)
             promote = None
             if g.tier is not self.tiers[0] and self._may_promote(g.info):
                 promote = bytearray(g.info.size)
             job = ObjectRead(g.info, g.slots, g.first, len(ranges), self.digest,
-                             self.cfg.verify_checksums, promote)
-            for start, end, l0, l1 in ranges:
-                coro = (g.tier.read(g.info) if len(ranges) == 1
-                        else g.tier.read_range(g.info.name, start, end))
-                futs[self.runtime.submit(coro)] = (g, job, start, end, l0, l1)
+                             self.cfg.verify_checksums, promote, trusted=trusted)
+            plans.extend((0 if r[2] == META else 1, r[2], i, g, job, r) for i, r in enumerate(ranges))
+        plans.sort(key=lambda p: p[:3])
+        futs: dict[cf.Future, tuple] = {}
+        for _, _, _, g, job, (start, end, l0, l1) in plans:
+            coro = (g.tier.read(g.info) if job.n_ranges == 1
+                    else g.tier.read_range(g.info.name, start, end))
+            futs[self.runtime.submit(coro)] = (g, job, start, end, l0, l1)
         copies: list[cf.Future] = []
         self._drain(futs, deadline, lambda item, data: copies.append(
             self._copiers.submit(self._deliver, item, data, segments, ok)))

@@ -8,18 +8,22 @@ manifests for the S3 tier. `batch_exists` is answered from here without a reques
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..format import Header
 
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """An object as the index knows it: enough to plan range reads and to verify every piece
+    without first fetching the object's footer (the checksums travel in the manifest)."""
+
     name: str
     keys: tuple[str, ...]
     n_layers: int
     piece_bytes: int
     meta_bytes: int  # footer + trailer after the data
+    checksums: bytes = field(repr=False, default=b"")
 
     @property
     def data_bytes(self) -> int:
@@ -31,14 +35,22 @@ class ObjectInfo:
 
     @classmethod
     def from_header(cls, name: str, h: Header) -> "ObjectInfo":
-        return cls(name, h.keys, h.n_layers, h.piece_bytes, h.meta_bytes)
+        return cls(name, h.keys, h.n_layers, h.piece_bytes, h.meta_bytes, h.checksums)
+
+    def header(self, fingerprint: str) -> Header:
+        """The footer this object must have, as far as the index knows."""
+        return Header(fingerprint, self.keys, self.n_layers, self.piece_bytes, self.checksums, self.meta_bytes)
 
     def to_wire(self, root: str) -> list:
-        return [self.name[len(root):], self.n_layers, self.piece_bytes, self.meta_bytes, list(self.keys)]
+        return [self.name[len(root):], self.n_layers, self.piece_bytes, self.meta_bytes, list(self.keys),
+                self.checksums]
 
     @classmethod
     def from_wire(cls, root: str, w: list) -> "ObjectInfo":
-        return cls(root + w[0], tuple(w[4]), int(w[1]), int(w[2]), int(w[3]))
+        info = cls(root + w[0], tuple(w[4]), int(w[1]), int(w[2]), int(w[3]), bytes(w[5]))
+        if len(info.checksums) != 8 * info.n_layers * len(info.keys):
+            raise ValueError(f"manifest entry {w[0]}: checksum table of the wrong size")
+        return info
 
 
 class Index:

@@ -2,9 +2,8 @@
 
 A big object read in one GET is one TCP stream; split into ranges of about `range_bytes` that
 each hold whole layers (all pages of a layer are adjacent, and the data starts at offset 0, so
-ranges are aligned to their size), it loads in parallel, and each range is verified as soon as it
-and the footer are in. The footer (checksums) is its own small range; data ranges that arrive
-before it wait for it.
+ranges are aligned to their size), it loads in parallel, and each range is verified against the
+checksums the index already holds (from the writer's manifest) as soon as it arrives.
 """
 
 from __future__ import annotations
@@ -18,14 +17,16 @@ from .index import ObjectInfo
 META = -1  # the l0 of the footer range
 
 
-def plan_ranges(info: ObjectInfo, range_bytes: int) -> list[tuple[int, int, int, int]]:
-    """[(start, end, first_layer, end_layer)]: one whole-object read when the object is small,
-    else the footer range (first_layer = META) then layer-aligned data ranges in layer order."""
-    if info.size <= range_bytes:
+def plan_ranges(info: ObjectInfo, range_bytes: int, footer: bool = False) -> list[tuple[int, int, int, int]]:
+    """[(start, end, first_layer, end_layer)]: one whole-object read when the data fits one range,
+    else layer-aligned data ranges in layer order. The index holds the checksums of objects in our
+    own namespace (whose path carries our fingerprint), so their footer is not fetched; with
+    `footer` (or an entry without checksums) the footer range comes first and is checked."""
+    if info.data_bytes <= range_bytes:
         return [(0, info.size, 0, info.n_layers)]
     block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
     per = max(1, range_bytes // block)
-    out = [(info.data_bytes, info.size, META, META)]
+    out = [] if info.checksums and not footer else [(info.data_bytes, info.size, META, META)]
     for l0 in range(0, info.n_layers, per):
         l1 = min(info.n_layers, l0 + per)
         out.append((l0 * block, l1 * block, l0, l1))
@@ -49,6 +50,12 @@ class ObjectRead:
     failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    trusted: bool = True  # the object lives in our namespace: the index's checksums suffice
+
+    def __post_init__(self) -> None:
+        if self.info.checksums and self.trusted:  # no footer round trip needed
+            self.header = self.info.header(self.digest)
+
     def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> bool:
         """Take one range's bytes; True for exactly one caller: the one that completes the object.
 
@@ -60,8 +67,10 @@ class ObjectRead:
             if len(data) != end - start:
                 raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
             if l0 == META or (start == 0 and end == self.info.size):
-                h = decode_header(data) if l0 != META else decode_meta(data)
-                self.header = self._check(h)
+                h = self._check(decode_header(data) if l0 != META else decode_meta(data))
+                if self.header is not None and h.checksums != self.header.checksums:
+                    raise CorruptObject("footer checksums differ from the index's")
+                self.header = h
                 todo = [(start, end, l0, l1, data), *self.stash]
                 self.stash = []
             elif self.header is None:

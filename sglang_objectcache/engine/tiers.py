@@ -205,7 +205,7 @@ class S3Tier(Tier):
         batch, self._pending = self._pending, []
         self._seq += 1
         name = f"{self.ns.manifest_prefix}{int(time.time() * 1000):013d}-{self.writer}-{self._seq:06d}"
-        body = msgpack.packb({"v": 1, "objects": [i.to_wire(self.ns.root) for i in batch]})
+        body = msgpack.packb({"v": 1, "objects": [i.to_wire(self.ns.root) for i in batch]}, use_bin_type=True)
         try:
             async with self.slots.acquire(write=True):
                 self.requests["put"] += 1
