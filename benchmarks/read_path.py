@@ -13,7 +13,6 @@ import argparse
 import itertools
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -37,7 +36,7 @@ def main() -> int:
     args = ap.parse_args()
     from sglang_objectcache.testbed import servers
 
-    srv = servers.start_seaweedfs(data_dir=tempfile.mkdtemp(), memory_limit_mb=None)
+    srv = servers.start_seaweedfs(memory_limit_mb=None)  # its temp dir goes when it stops
     os.environ.update(srv.env())
     try:
         n = args.pages

@@ -28,7 +28,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 
@@ -301,15 +300,15 @@ def main(argv=None) -> int:
             print("SGLang's seaweedfs backend is not in this SGLang (0.5.23 has it); skipping it")
             names.remove("seaweedfs")
 
-    tmp = None
+    owned = False  # whether this run started the server (and so stops it)
     if args.endpoint:
         srv = servers.S3Server(kind="external", endpoint=args.endpoint,
                                access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
                                secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""), bucket=args.bucket)
     else:
-        tmp = tempfile.mkdtemp(prefix="objectcache-bench-")
-        print(f"starting SeaweedFS in {tmp} ...", flush=True)
-        srv = servers.start_seaweedfs(data_dir=tmp, memory_limit_mb=None)
+        print("starting SeaweedFS (a temporary directory, removed at the end) ...", flush=True)
+        srv = servers.start_seaweedfs(memory_limit_mb=None)
+        owned = True
     os.environ.update(srv.env())
     try:
         max_pages = max(sizes) // PAGE
@@ -350,7 +349,7 @@ def main(argv=None) -> int:
         bad = [r for r in results if not (r["bytes_equal"] and r["write_ok"])]
         return 1 if bad else 0
     finally:
-        if tmp:
+        if owned:
             srv.stop()
 
 

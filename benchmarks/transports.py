@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import uuid
 
@@ -157,14 +156,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from sglang_objectcache.testbed import servers
 
-    tmp = None
+    owned = False  # whether this run started the server (and so stops it)
     if args.endpoint:
         srv = servers.S3Server(kind="external", endpoint=args.endpoint, bucket=args.bucket,
                                access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
                                secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
     else:
-        tmp = tempfile.mkdtemp(prefix="objectcache-tr-")
-        srv = servers.start_seaweedfs(data_dir=tmp, memory_limit_mb=None)
+        srv = servers.start_seaweedfs(memory_limit_mb=None)  # its temp dir goes when it stops
+        owned = True
     os.environ.update(srv.env())
     try:
         pages = np.random.default_rng(0).integers(0, 256, size=(args.pages, LAYERS, PIECE), dtype=np.uint8)
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
                        "when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": res}, f, indent=1)
         return 0 if ok else 1
     finally:
-        if tmp:
+        if owned:
             srv.stop()
 
 
