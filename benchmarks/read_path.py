@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from transports import GiB, LAYERS, PAGE_BYTES, PIECE, raw_obstore  # noqa: E402
+from transports import GiB, LAYERS, PAGE_BYTES, PIECE, raw_obstore, segments_of  # noqa: E402
 
 from sglang_objectcache.config import parse_config  # noqa: E402
 from sglang_objectcache.engine.cache import ObjectCache  # noqa: E402
@@ -42,22 +42,12 @@ def main() -> int:
         n = args.pages
         pages = np.random.default_rng(0).integers(0, 256, size=(n, LAYERS, PIECE), dtype=np.uint8)
         fp = Fingerprint("rp", "bfloat16", 64, LAYERS, 0, PIECE, "mha", 8, 128, 128, 0, 1)
-        half = PIECE // 2
-
-        def seg(arr):
-            base = arr.ctypes.data  # plain integer arithmetic, as SGLang's precomputed pointers are
-
-        def segs(layer, i):
-            a = base + (i * LAYERS + layer) * PIECE
-            return [(a, half), (a + half, half)]
-
-        return segs
 
         keys = [f"{i:064x}" for i in range(n)]
         tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "rp"}
         w = ObjectCache(parse_config({"tiers": [tier]}), fp)
         for i in range(0, n, 128):
-            assert all(w.put(keys[i:i + 128], seg(pages[i:i + 128])))
+            assert all(w.put(keys[i:i + 128], segments_of(pages[i:i + 128])))
         w.close()
         print(f"raw obstore (16 concurrent, 8 MiB objects): {raw_obstore(srv, n, 16)['get']:.3f} GiB/s")
         dst = np.zeros_like(pages)
@@ -75,7 +65,7 @@ def main() -> int:
             for _ in range(args.repeat):
                 t = time.perf_counter()
                 for i in range(0, n, 128):
-                    assert all(r.get(keys[i:i + 128], seg(dst[i:i + 128])))
+                    assert all(r.get(keys[i:i + 128], segments_of(dst[i:i + 128])))
                 best = max(best, n * PAGE_BYTES / GiB / (time.perf_counter() - t))
             r.close()
             print(f"copy_threads={copy_threads} max_connections={conns} read_range_bytes={rng}: {best:.3f} GiB/s",

@@ -36,6 +36,18 @@ PAGE_BYTES = LAYERS * PIECE
 GiB = 2**30
 
 
+def segments_of(arr: np.ndarray):
+    """Segments of a [pages, layers, piece] array: K and V halves of each piece, as an MHA host
+    pool gives them; plain integer arithmetic, like SGLang's precomputed pointers."""
+    base, half = arr.ctypes.data, PIECE // 2
+
+    def segs(layer: int, i: int):
+        a = base + (i * LAYERS + layer) * PIECE
+        return [(a, half), (a + half, half)]
+
+    return segs
+
+
 def raw_obstore(srv, objects: int, conc: int) -> dict:
     import obstore as obs
     from obstore.store import S3Store
@@ -114,21 +126,10 @@ def engine(srv, transport: str, pages: np.ndarray, conc: int, ppo: int = 8, veri
     tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
             "transport": transport, "max_connections": conc}
     keys = [f"{i:064x}" for i in range(n)]
-    half = PIECE // 2
-
-    def seg(arr):
-        base = arr.ctypes.data  # plain integer arithmetic, as SGLang's precomputed pointers are
-
-        def segs(layer, i):
-            a = base + (i * LAYERS + layer) * PIECE
-            return [(a, half), (a + half, half)]
-
-        return segs
-
     c = ObjectCache(parse_config({"tiers": [tier], "pages_per_object": ppo}), fp)
     t = time.perf_counter()
     for i in range(0, n, 128):
-        assert all(c.put(keys[i:i + 128], seg(pages[i:i + 128])))
+        assert all(c.put(keys[i:i + 128], segments_of(pages[i:i + 128])))
     put_rate = n * PAGE_BYTES / GiB / (time.perf_counter() - t)
     c.close()
     r = ObjectCache(parse_config({"tiers": [tier], "pages_per_object": ppo, "verify_checksums": verify}),
@@ -138,7 +139,7 @@ def engine(srv, transport: str, pages: np.ndarray, conc: int, ppo: int = 8, veri
     for _ in range(2):
         t = time.perf_counter()
         for i in range(0, n, 128):
-            assert all(r.get(keys[i:i + 128], seg(dst[i:i + 128])))
+            assert all(r.get(keys[i:i + 128], segments_of(dst[i:i + 128])))
         rates.append(n * PAGE_BYTES / GiB / (time.perf_counter() - t))
     equal = bool(np.array_equal(dst, pages))
     r.clear().result(timeout=60)

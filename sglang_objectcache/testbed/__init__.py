@@ -6,28 +6,5 @@ runs a one-node Ceph cluster with radosgw (``ceph-rgw-start.sh``; Debian package
 seaweedfs|ceph`` starts one from the shell.
 """
 
-from .servers import (
-    CEPH_INSTALL_HINT,
-    DEFAULT_ACCESS_KEY,
-    DEFAULT_BUCKET,
-    DEFAULT_REGION,
-    DEFAULT_SECRET_KEY,
-    S3Server,
-    ceph_available,
-    find_weed,
-    start_ceph_rgw,
-    start_seaweedfs,
-)
-
-__all__ = [
-    "CEPH_INSTALL_HINT",
-    "DEFAULT_ACCESS_KEY",
-    "DEFAULT_BUCKET",
-    "DEFAULT_REGION",
-    "DEFAULT_SECRET_KEY",
-    "S3Server",
-    "ceph_available",
-    "find_weed",
-    "start_ceph_rgw",
-    "start_seaweedfs",
-]
+from .servers import *  # noqa: F403 - the public API is servers.__all__
+from .servers import __all__  # noqa: F401
