@@ -109,3 +109,17 @@ def test_controller_selects_the_zero_copy_functions(plugins_loaded, tmpdir_path,
         assert type(ctrl.storage_backend).__name__ == "ObjectCacheStorage"
     finally:
         ctrl.storage_backend.close()
+
+
+def test_sglang_launch_server_offers_objectcache():
+    """`python -m sglang.launch_server` itself (its __main__ block: load_plugins, then argument
+    parsing), in a fresh process; only the CPU import shims are added."""
+    import subprocess
+    import sys
+
+    code = ("from sglang_objectcache.testbed import cpu_shims; cpu_shims.install()\n"
+            "import runpy, sys; sys.argv = ['sglang.launch_server', '--help']\n"
+            "runpy.run_module('sglang.launch_server', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    line = next((x for x in out.stdout.splitlines() if "--hicache-storage-backend {" in x), "")
+    assert ",objectcache}" in line, out.stdout[-2000:] + out.stderr[-2000:]
