@@ -98,12 +98,12 @@ def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
 
 
 class ObjectCache:
-    def __init__(self, cfg: ObjectCacheConfig, fp: Fingerprint, prefix: str = ""):
+    def __init__(self, cfg: ObjectCacheConfig, fp: Fingerprint):
         self.cfg = cfg
         self.fp = fp
         self.digest = fp.digest
         s3 = next((t for t in cfg.tiers if isinstance(t, S3TierConfig)), None)
-        self.ns = Namespace(prefix or (s3.prefix if s3 else ""), cfg.namespace or fp.model, self.digest)
+        self.ns = Namespace(s3.prefix if s3 else "", cfg.namespace or fp.model, self.digest)
         self.runtime = Runtime()
         self.stats = _Stats()
         self._warn = _RateLimitedLog()

@@ -184,10 +184,13 @@ class S3Tier(Tier):
         self._seen: set[str] = set()
         self._last_ms = 0
         self._nudge = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_nudge = 0.0
         self._tasks: list[asyncio.Task] = []
         self.last_refresh = 0.0
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await asyncio.wait_for(self.refresh(), self.startup_timeout)
         self._tasks = [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._refresh_loop())]
 
@@ -196,8 +199,13 @@ class S3Tier(Tier):
         self._pending.append(info)
 
     def nudge(self) -> None:
-        """Ask for an early refresh (an index miss may be another instance's fresh write)."""
-        self._nudge.set()
+        """Ask for an early refresh (an index miss may be another instance's fresh write). Called
+        from SGLang's threads: at most every 0.2 s, and handed to the loop thread-safely."""
+        now = time.monotonic()
+        if self._loop is None or now - self._last_nudge < 0.2:
+            return
+        self._last_nudge = now
+        self._loop.call_soon_threadsafe(self._nudge.set)
 
     async def flush(self) -> None:
         if not self._pending:
