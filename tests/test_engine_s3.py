@@ -334,3 +334,63 @@ def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog):
         assert b.tiers[0].requests["get"] == 1 + 4
     finally:
         b.close()
+
+
+def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, prefix):
+    """A fetch reports layer readiness as ranges land: here one range per layer, delayed per
+    layer by the store, so layer 0 is ready while the last layer is still on the wire."""
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "32KiB"})
+    a = ObjectCache(cfg, fingerprint("m"))
+    src, ks = Pages(4, seed=13), keys(4)
+    assert all(a.put(ks, src.segments()))
+    a.close()
+    b = ObjectCache(cfg, fingerprint("m"))
+    tier = b.tiers[0]
+    orig = tier.read_range
+
+    async def slow(name, start, end):  # layer l's range lands about l * 0.3 s late
+        import asyncio
+
+        await asyncio.sleep(0.3 * (start // (4 * 8192)))
+        return await orig(name, start, end)
+
+    tier.read_range = slow
+    try:
+        dst = Pages.empty_like(src)
+        f = b.fetch(ks, dst.segments())
+        assert f.readiness.wait(0, 5)
+        assert not f.readiness.is_ready(3), "the last layer should still be in flight"
+        assert np.array_equal(dst.data[:, 0], src.data[:, 0])
+        assert f.wait(10) == [True] * 4
+        assert np.array_equal(dst.data, src.data)
+        assert f.readiness.ready_at == sorted(f.readiness.ready_at)
+    finally:
+        b.close()
+
+
+def test_failed_fetch_releases_layer_waiters_with_a_reason(s3_env, prefix):
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "32KiB", "timeout": 1})
+    a = ObjectCache(cfg, fingerprint("m"))
+    src, ks = Pages(4, seed=14), keys(4)
+    assert all(a.put(ks, src.segments()))
+    a.close()
+    b = ObjectCache(cfg, fingerprint("m"))
+    tier = b.tiers[0]
+    orig = tier.read_range
+
+    async def stuck_last(name, start, end):
+        import asyncio
+
+        if start >= 3 * 4 * 8192:
+            await asyncio.sleep(30)  # layer 3 never arrives in time
+        return await orig(name, start, end)
+
+    tier.read_range = stuck_last
+    try:
+        f = b.fetch(ks, Pages.empty_like(src).segments())
+        t0 = time.monotonic()
+        assert f.wait(1.0) == [False] * 4
+        assert time.monotonic() - t0 < 3
+        assert not f.readiness.wait(3, 0) and "deadline" in f.readiness.failed
+    finally:
+        b.close()

@@ -15,15 +15,15 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from ..config import DiskTierConfig, ObjectCacheConfig, S3TierConfig
-from ..format import CorruptObject, SegmentFn, decode_header, encode
+from ..format import SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
 from ..stores.base import StoreError
 from .index import ObjectInfo
-from .reader import META, ObjectRead, plan_ranges
+from .fetch import Fetch
+from .plan import PlannedObject, Read, plan_fetch
 from .runtime import Runtime
 from .tiers import DiskTier, S3Tier, Tier
 
@@ -38,14 +38,6 @@ WRITE_BACK_BUFFER_BYTES = 1 << 30
 
 class StartupError(RuntimeError):
     """A tier cannot be used: unreachable server, missing bucket, rejected credentials."""
-
-
-@dataclass
-class _Group:
-    tier: Tier
-    info: ObjectInfo
-    first: int  # index of the first key of the group in the call
-    slots: list[int]  # object slots, consecutive, in call order
 
 
 class _Stats:
@@ -165,49 +157,64 @@ class ObjectCache:
 
     # ---- reads ---------------------------------------------------------------------------
 
-    def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
-        """Fill pages from storage; one bool per key. Stops at the first page not stored."""
-        deadline = time.monotonic() + self.cfg.timeout
-        ok = [False] * len(keys)
-        groups: list[_Group] = []
+    def fetch(self, keys: Sequence[str], segments: SegmentFn) -> Fetch:
+        """Start fetching pages in layer order and return at once: `.readiness.wait(layer)` blocks
+        until that layer of every found page is in place and verified, `.wait(timeout)` gives one
+        bool per key. Stops at the first page not stored."""
+        objects: list[PlannedObject] = []
         for i, key in enumerate(keys):
             loc = self._locate(key)
             if loc is None:
                 break
             tier, info, slot = loc
-            g = groups[-1] if groups else None
-            if g and g.tier is tier and g.info.name == info.name and g.slots[-1] + 1 == slot:
-                g.slots.append(slot)
+            o = objects[-1] if objects else None
+            if o and o.tier is tier and o.info.name == info.name and o.slots[-1] + 1 == slot:
+                o.slots.append(slot)
             else:
-                groups.append(_Group(tier, info, i, [slot]))
-        # Footers first (small, and every data range of their object waits for them), then data
-        # ranges in layer order across objects: the order the GPU consumes layers.
-        plans = []
-        for g in groups:
-            trusted = g.info.name.startswith(self.ns.root)
-            ranges = plan_ranges(g.info, self.cfg.read_range_bytes, footer=not trusted)
-            promote = None
-            if g.tier is not self.tiers[0] and self._may_promote(g.info):
-                promote = bytearray(g.info.size)
-            job = ObjectRead(g.info, g.slots, g.first, len(ranges), self.digest,
-                             self.cfg.verify_checksums, promote, trusted=trusted)
-            plans.extend((0 if r[2] == META else 1, r[2], i, g, job, r) for i, r in enumerate(ranges))
-        plans.sort(key=lambda p: p[:3])
-        futs: dict[cf.Future, tuple] = {}
-        for _, _, _, g, job, (start, end, l0, l1) in plans:
-            coro = (g.tier.read(g.info) if job.n_ranges == 1
-                    else g.tier.read_range(g.info.name, start, end))
-            futs[self.runtime.submit(coro)] = (g, job, start, end, l0, l1)
-        copies: list[cf.Future] = []
-        self._drain(futs, deadline, lambda item, data: copies.append(
-            self._copiers.submit(self._deliver, item, data, segments, ok)))
-        # Copies touch SGLang's buffers: all of them end before this call returns, deadline or
-        # not (they are local memory work, milliseconds each).
-        cf.wait(copies)
+                objects.append(PlannedObject(tier, info, i, [slot], info.name.startswith(self.ns.root)))
+        plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes)
+
+        def submit(o: PlannedObject, r: Read) -> cf.Future:
+            whole = r.start == 0 and r.end == o.info.size
+            return self.runtime.submit(o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end))
+
+        def promote_buffer(o: PlannedObject) -> bytearray | None:
+            if o.tier is not self.tiers[0] and self._may_promote(o.info):
+                return bytearray(o.info.size)
+            return None
+
+        return Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
+                     submit=submit, copiers=self._copiers, promote_buffer=promote_buffer,
+                     on_event=self._on_fetch_event).start()
+
+    def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
+        """Fill pages from storage; one bool per key, within the configured deadline."""
+        ok = self.fetch(keys, segments).wait(self.cfg.timeout)
         hits = sum(ok)
         self.stats.add(get_calls=1, get_pages=len(keys), get_hits=hits,
                        read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
         return ok
+
+    def _on_fetch_event(self, kind: str, o: PlannedObject | None, detail) -> None:
+        if kind == "io_error":
+            self.stats.add(errors=1)
+            self._warn.warn(f"io:{type(detail).__name__}", "objectcache: %s; pages are misses", detail)
+        elif kind == "timeout":
+            self.stats.add(timeouts=detail)
+            self._warn.warn("timeout", "objectcache: %d reads still pending after the %.1fs deadline; "
+                            "their pages are misses", detail, self.cfg.timeout)
+        elif kind == "corrupt":
+            self.stats.add(corrupt=1)
+            self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
+                            o.info.name, o.tier.name, detail)
+            o.tier.index.ban(o.info.name)  # thread-safe, and at once: the next call must not use it
+            if isinstance(o.tier, DiskTier):  # our own local copy; S3 objects are never deleted here
+                self.runtime.submit(o.tier.drop(o.info.name))
+        elif kind == "copy_error":
+            self._warn.warn("deliver", "objectcache: cannot copy %s into the pool: %s", o.info.name, detail)
+        elif kind == "promote":
+            self._spawn(self.tiers[0].write(o.info, detail), "promote")
+            self.stats.add(promotions=1)
 
     def _drain(self, futs: dict[cf.Future, object], deadline: float, handle) -> None:
         pending = set(futs)
@@ -234,35 +241,6 @@ class ObjectCache:
                     self._warn.warn("io:other", "objectcache: unexpected %s: %s", type(e).__name__, e)
                     continue
                 handle(item, result)
-
-    def _deliver(self, item: tuple, data, segments: SegmentFn, ok: list[bool]) -> None:
-        """Verify one range of an object and copy its layers into their targets."""
-        g, job, start, end, l0, l1 = item
-        try:
-            complete = job.deliver(start, end, l0, l1, data, segments)
-        except CorruptObject as e:
-            with job.lock:
-                if job.failed:
-                    return
-                job.failed = True
-            self.stats.add(corrupt=1)
-            self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
-                            g.info.name, g.tier.name, e)
-            g.tier.index.ban(g.info.name)  # thread-safe, and at once: the next call must not use it
-            if isinstance(g.tier, DiskTier):  # our own local copy; S3 objects are never deleted here
-                self.runtime.submit(g.tier.drop(g.info.name))
-            return
-        except Exception as e:  # noqa: BLE001 - e.g. a target segment list that does not fit
-            job.failed = True
-            self._warn.warn("deliver", "objectcache: cannot copy %s into the pool: %s", g.info.name, e)
-            return
-        if not complete:
-            return
-        for j in range(len(g.slots)):
-            ok[g.first + j] = True
-        if job.promote is not None:
-            self._spawn(self.tiers[0].write(g.info, job.promote), "promote")
-            self.stats.add(promotions=1)
 
     def _may_promote(self, info: ObjectInfo) -> bool:
         """Copy objects found in a lower tier into the first tier (bounded background work)."""

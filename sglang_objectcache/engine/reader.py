@@ -1,9 +1,9 @@
-"""Reading one object as parallel, layer-aligned range GETs.
+"""Receiving one object's ranges: verify each against its checksums, copy it into place.
 
-A big object read in one GET is one TCP stream; split into ranges of about `range_bytes` that
-each hold whole layers (all pages of a layer are adjacent, and the data starts at offset 0, so
-ranges are aligned to their size), it loads in parallel, and each range is verified against the
-checksums the index already holds (from the writer's manifest) as soon as it arrives.
+Ranges are planned by plan.py (layer-aligned, about `read_range_bytes`); they arrive in any order
+and from several threads. Each is verified against the checksums the index already holds (from the
+writer's manifest) as soon as it arrives; where the footer must be read first (an object outside
+our namespace), data ranges wait for it.
 """
 
 from __future__ import annotations
@@ -13,25 +13,7 @@ from dataclasses import dataclass, field
 
 from ..format import CorruptObject, Header, decode_header, decode_meta, readonly_address, scatter, verify_piece
 from .index import ObjectInfo
-
-META = -1  # the l0 of the footer range
-
-
-def plan_ranges(info: ObjectInfo, range_bytes: int, footer: bool = False) -> list[tuple[int, int, int, int]]:
-    """[(start, end, first_layer, end_layer)]: one whole-object read when the data fits one range,
-    else layer-aligned data ranges in layer order. The index holds the checksums of objects in our
-    own namespace (whose path carries our fingerprint), so their footer is not fetched; with
-    `footer` (or an entry without checksums) the footer range comes first and is checked."""
-    if info.data_bytes <= range_bytes:
-        return [(0, info.size, 0, info.n_layers)]
-    block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
-    per = max(1, range_bytes // block)
-    out = [] if info.checksums and not footer else [(info.data_bytes, info.size, META, META)]
-    for l0 in range(0, info.n_layers, per):
-        l1 = min(info.n_layers, l0 + per)
-        out.append((l0 * block, l1 * block, l0, l1))
-    return out
-
+from .plan import META
 
 @dataclass
 class ObjectRead:
@@ -56,14 +38,16 @@ class ObjectRead:
         if self.info.checksums and self.trusted:  # no footer round trip needed
             self.header = self.info.header(self.digest)
 
-    def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> bool:
-        """Take one range's bytes; True for exactly one caller: the one that completes the object.
+    def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> tuple[list, bool]:
+        """Take one range's bytes. Returns the layer spans [(l0, l1)] now verified and copied (a
+        range that waits for its footer gives none yet), and True for exactly one caller: the one
+        that completes the object.
 
         Ranges of one object may be delivered from several threads at once; the lock guards only
         the bookkeeping, never the copies."""
         with self.lock:
             if self.failed:
-                return False
+                return [], False
             if len(data) != end - start:
                 raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
             if l0 == META or (start == 0 and end == self.info.size):
@@ -75,19 +59,21 @@ class ObjectRead:
                 self.stash = []
             elif self.header is None:
                 self.stash.append((start, end, l0, l1, data))
-                return False
+                return [], False
             else:
                 todo = [(start, end, l0, l1, data)]
+        applied = []
         for s, e, a, b, buf in todo:
             if a != META:
                 self._apply(s, a, b, buf, segments)
+                applied.append((a, b))
             if self.promote is not None:
                 self.promote[s:e] = buf
         with self.lock:
             if self.failed:
-                return False
+                return [], False
             self.done_ranges += len(todo)
-            return self.done_ranges == self.n_ranges
+            return applied, self.done_ranges == self.n_ranges
 
     def _check(self, h: Header) -> Header:
         if h.fingerprint != self.digest:

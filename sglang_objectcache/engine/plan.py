@@ -1,0 +1,84 @@
+"""Fetch plans: one request's matched pages as range reads in the order the GPU consumes layers.
+
+The request's pages sit in a few objects (spans of consecutive pages, possibly in different
+tiers). Each object is read in layer groups: a range holds whole layers of all its pages, about
+`range_bytes` long (the paper aimed at 4-16 MiB per transfer and never merged layers past that, to
+keep the first layer early). Reads are ordered by first layer across objects, so group 0 of every
+object comes before group 1 of any. Every byte of every needed object is read exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .index import ObjectInfo
+
+META = -1  # first_layer of a footer read
+
+
+@dataclass
+class PlannedObject:
+    tier: object  # engine.tiers.Tier
+    info: ObjectInfo
+    first: int  # index in the request's key list of the first page wanted from this object
+    slots: list[int]  # object slots wanted, consecutive, in request order
+    trusted: bool = True  # in our namespace: the index's checksums suffice, no footer read
+
+
+@dataclass(frozen=True)
+class Read:
+    obj: int  # index into FetchPlan.objects
+    start: int
+    end: int  # exclusive
+    l0: int  # first layer, or META for a footer read
+    l1: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class FetchPlan:
+    objects: list[PlannedObject]
+    reads: list[Read]
+    n_layers: int
+
+    def pending_per_layer(self) -> list[int]:
+        """How many reads carry each layer: layer l is ready when all of them have arrived."""
+        counts = [0] * self.n_layers
+        for r in self.reads:
+            if r.l0 != META:
+                for layer in range(r.l0, r.l1):
+                    counts[layer] += 1
+        return counts
+
+    def reads_of(self, obj: int) -> int:
+        return sum(1 for r in self.reads if r.obj == obj)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.reads)
+
+
+def object_ranges(info: ObjectInfo, range_bytes: int, footer: bool) -> list[tuple[int, int, int, int]]:
+    """(start, end, l0, l1) of one object: whole when its data fits one range (footer included),
+    else a footer read if asked, then layer groups of about range_bytes, aligned to layer blocks."""
+    if info.data_bytes <= range_bytes:
+        return [(0, info.size, 0, info.n_layers)]
+    block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
+    per = max(1, range_bytes // block)
+    out = [(info.data_bytes, info.size, META, META)] if footer or not info.checksums else []
+    for l0 in range(0, info.n_layers, per):
+        l1 = min(info.n_layers, l0 + per)
+        out.append((l0 * block, l1 * block, l0, l1))
+    return out
+
+
+def plan_fetch(objects: list[PlannedObject], n_layers: int, range_bytes: int) -> FetchPlan:
+    reads = []
+    for i, o in enumerate(objects):
+        reads.extend(Read(i, s, e, a, b) for s, e, a, b in object_ranges(o.info, range_bytes, not o.trusted))
+    # Footers first (their object's data waits for them), then by first layer, then request order.
+    reads.sort(key=lambda r: (r.l0 != META, r.l0, r.obj))
+    return FetchPlan(objects, reads, n_layers)
