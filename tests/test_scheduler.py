@@ -54,13 +54,15 @@ def test_slack_feeds_the_request_that_is_behind():
     assert sum(slack.values()) / 2 < best_serial([a, b], rate)[0]  # better than any serial order
 
 
-def test_slack_is_never_worse_than_srpt_on_transfer_bound_mixes():
+@pytest.mark.parametrize("t_layer", [0.0005, 0.015])  # short suffix (transfer-bound), long suffix
+@pytest.mark.parametrize("pages, stagger", [((16, 64), 0.01), ((64, 64), 0.0), ((32, 128, 8), 0.01),
+                                            ((16, 64, 32, 128), 0.02), ((64, 16, 128, 32, 16, 64), 0.0)])
+def test_slack_is_never_worse_than_srpt(pages, stagger, t_layer):
     rate = 1 << 30
-    for pages in ((16, 64), (64, 64), (32, 128, 8)):
-        reqs = [req(f"r{i}", pages=p, arrival=0.01 * i) for i, p in enumerate(pages)]
-        slack = mean_added(simulate(reqs, rate, POLICIES["slack"])[0])
-        srpt = mean_added(simulate(reqs, rate, POLICIES["srpt"])[0])
-        assert slack <= srpt * 1.001
+    reqs = [req(f"r{i}", pages=p, arrival=stagger * i, t_layer=t_layer) for i, p in enumerate(pages)]
+    slack = mean_added(simulate(reqs, rate, POLICIES["slack"])[0])
+    srpt = mean_added(simulate(reqs, rate, POLICIES["srpt"])[0])
+    assert slack <= srpt * 1.001
 
 
 def test_writes_only_get_what_reads_leave():

@@ -133,7 +133,7 @@ class SRPT(Serial):
 class Slack(Serial):
     name = "slack"
 
-    def __init__(self, margin_reads: float = 2.0):
+    def __init__(self, margin_reads: float = 16.0):
         # Decisions change only between reads (a read in flight is not preempted), so a request
         # counts as ahead only if its next layer would still land in time after this many of the
         # largest reads of others.
