@@ -150,6 +150,8 @@ class ObjectCacheConfig:
     pages_per_object: int = 8
     read_range_bytes: int = 8 << 20  # objects are read as parallel, layer-aligned ranges this big
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(4, cores)
+    fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
+    bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
     verify_checksums: bool = True
     namespace: str | None = None  # overrides SGLang's model name in object names
@@ -252,6 +254,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
     if "read_range_bytes" in ours:
         kw["read_range_bytes"] = parse_size(ours["read_range_bytes"], "read_range_bytes")
+    if "fetch_policy" in ours:
+        kw["fetch_policy"] = _choice(ours["fetch_policy"], "fetch_policy", ("slack", "srpt", "fair"))
+    if "bandwidth" in ours and ours["bandwidth"] not in (0, None):
+        kw["bandwidth"] = parse_size(ours["bandwidth"], "bandwidth")
     if "copy_threads" in ours:
         kw["copy_threads"] = _int(ours["copy_threads"], "copy_threads", 0, 64)
     if "timeout" in ours:

@@ -394,3 +394,45 @@ def test_failed_fetch_releases_layer_waiters_with_a_reason(s3_env, prefix):
         assert not f.readiness.wait(3, 0) and "deadline" in f.readiness.failed
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("policy", ["srpt", "fair"])
+def test_concurrent_fetches_share_a_bandwidth_cap(s3_env, prefix, policy):
+    """Two equal fetches under a 4 MiB/s cap: srpt serves one, then the other; fair shares it.
+    Either way the cap holds and every byte arrives."""
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "64KiB",
+                        "bandwidth": "4MiB", "fetch_policy": policy})
+    a = ObjectCache(cfg, fingerprint("m"))
+    srcs = [Pages(32, seed=20 + i) for i in range(2)]
+    ks = [keys(32, f"req{i}") for i in range(2)]
+    for src, k in zip(srcs, ks):
+        assert all(a.put(k, src.segments()))
+    a.close()
+    b = ObjectCache(cfg, fingerprint("m"))
+    try:
+        dsts = [Pages.empty_like(s) for s in srcs]
+        t0 = time.monotonic()
+        fetches = [b.fetch(k, d.segments()) for k, d in zip(ks, dsts)]
+        done = [None, None]
+
+        def waiter(i):
+            fetches[i].wait(30)
+            done[i] = time.monotonic() - t0
+
+        threads = [threading.Thread(target=waiter, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        total = sum(f.plan.nbytes for f in fetches)  # 2 MiB
+        assert max(done) >= 0.9 * total / (4 << 20), "the cap was exceeded"
+        assert max(done) < 3 * total / (4 << 20)
+        for f, s, d in zip(fetches, srcs, dsts):
+            assert f.wait(0) == [True] * 32 and np.array_equal(s.data, d.data)
+        first, second = sorted(done)
+        if policy == "srpt":
+            assert first < 0.7 * second  # one at a time
+        else:
+            assert first > 0.8 * second  # together
+    finally:
+        b.close()

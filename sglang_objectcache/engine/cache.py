@@ -23,6 +23,8 @@ from ..keys import Fingerprint, Namespace
 from ..stores.base import StoreError
 from .index import ObjectInfo
 from .fetch import Fetch
+from .policy import POLICIES
+from .scheduler import ReadScheduler
 from .plan import PlannedObject, Read, plan_fetch
 from .runtime import Runtime
 from .tiers import DiskTier, S3Tier, Tier
@@ -34,6 +36,11 @@ PUT_INFLIGHT_BYTES = 512 << 20
 # Bytes of write-back data held in memory for lower tiers; past it, lower tiers re-read the
 # object from the first tier instead.
 WRITE_BACK_BUFFER_BYTES = 1 << 30
+
+
+async def _call(fn, *args):
+    """Run a plain function on the loop thread (for state the loop owns)."""
+    return fn(*args)
 
 
 class StartupError(RuntimeError):
@@ -85,7 +92,9 @@ def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
                                 max_write_connections=t.max_write_connections,
                                 refresh_interval=t.index_refresh_interval,
                                 flush_interval=t.manifest_flush_interval,
-                                startup_timeout=max(cfg.timeout, 3 * t.request_timeout)))
+                                startup_timeout=max(cfg.timeout, 3 * t.request_timeout),
+                                scheduler=ReadScheduler(POLICIES[cfg.fetch_policy], cfg.bandwidth,
+                                                        t.max_connections)))
     return tiers
 
 
@@ -157,10 +166,11 @@ class ObjectCache:
 
     # ---- reads ---------------------------------------------------------------------------
 
-    def fetch(self, keys: Sequence[str], segments: SegmentFn) -> Fetch:
+    def fetch(self, keys: Sequence[str], segments: SegmentFn, t_layer: float = 0.0) -> Fetch:
         """Start fetching pages in layer order and return at once: `.readiness.wait(layer)` blocks
         until that layer of every found page is in place and verified, `.wait(timeout)` gives one
-        bool per key. Stops at the first page not stored."""
+        bool per key. Stops at the first page not stored. `t_layer`, the forward pass's compute
+        time per layer for this request when known, lets the scheduler share bandwidth by need."""
         objects: list[PlannedObject] = []
         for i, key in enumerate(keys):
             loc = self._locate(key)
@@ -173,19 +183,42 @@ class ObjectCache:
             else:
                 objects.append(PlannedObject(tier, info, i, [slot], info.name.startswith(self.ns.root)))
         plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes)
+        # S3 reads go through the tier's scheduler (disk reads need no sharing)
+        sched = {id(t): t.scheduler for t in self.tiers if isinstance(t, S3Tier)}
+        rids: dict[int, int] = {}
+        for tier_id, s in sched.items():
+            reads = [(r.nbytes, r.l0, r.l1) for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
+            if reads:
+                rids[tier_id] = self.runtime.run(_call(s.register, reads, self.fp.n_layers, t_layer), timeout=5)
+        counters = {tid: 0 for tid in rids}
+        positions = {}
+        for r in plan.reads:
+            tid = id(plan.objects[r.obj].tier)
+            if tid in rids:
+                positions[id(r)] = counters[tid]
+                counters[tid] += 1
 
-        def submit(o: PlannedObject, r: Read) -> cf.Future:
+        def submit(o: PlannedObject, r: Read, index: int) -> cf.Future:
             whole = r.start == 0 and r.end == o.info.size
-            return self.runtime.submit(o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end))
+            def factory():
+                return o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end)
+            tid = id(o.tier)
+            if tid in rids:
+                return self.runtime.submit(sched[tid].read(rids[tid], positions[id(r)], factory))
+            return self.runtime.submit(factory())
 
         def promote_buffer(o: PlannedObject) -> bytearray | None:
             if o.tier is not self.tiers[0] and self._may_promote(o.info):
                 return bytearray(o.info.size)
             return None
 
+        def finished() -> None:
+            for tid, rid in rids.items():
+                self.runtime.loop.call_soon_threadsafe(sched[tid].close_request, rid)
+
         return Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
                      submit=submit, copiers=self._copiers, promote_buffer=promote_buffer,
-                     on_event=self._on_fetch_event).start()
+                     on_event=self._on_fetch_event, on_finish=finished).start()
 
     def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
         """Fill pages from storage; one bool per key, within the configured deadline."""

@@ -23,14 +23,16 @@ log = logging.getLogger("sglang_objectcache")
 
 class Fetch:
     def __init__(self, plan: FetchPlan, n_keys: int, segments: SegmentFn, *, digest: str, verify: bool,
-                 submit: Callable, copiers: cf.Executor, promote_buffer: Callable, on_event: Callable):
+                 submit: Callable, copiers: cf.Executor, promote_buffer: Callable, on_event: Callable,
+                 on_finish: Callable[[], None] = lambda: None):
         self.plan = plan
         self.segments = segments
         self.ok = [False] * n_keys
         self.readiness = LayerReadiness(plan.n_layers, plan.pending_per_layer())
-        self._submit = submit  # (PlannedObject, Read) -> concurrent future of the bytes
+        self._submit = submit  # (PlannedObject, Read, index in plan) -> concurrent future of the bytes
         self._copiers = copiers
         self._on_event = on_event  # (kind, PlannedObject, detail) for stats, logs, bans, promotion
+        self._on_finish = on_finish
         self._jobs = [ObjectRead(o.info, o.slots, o.first, plan.reads_of(i), digest, verify,
                                  promote_buffer(o), trusted=o.trusted)
                       for i, o in enumerate(plan.objects)]
@@ -40,10 +42,11 @@ class Fetch:
         self._futs: list[cf.Future] = []
         if not self._left:
             self._finished.set()
+            on_finish()
 
     def start(self) -> "Fetch":
-        for read in self.plan.reads:
-            fut = self._submit(self.plan.objects[read.obj], read)
+        for index, read in enumerate(self.plan.reads):
+            fut = self._submit(self.plan.objects[read.obj], read, index)
             self._futs.append(fut)
             fut.add_done_callback(lambda f, r=read: self._fetched(r, f))
         return self
@@ -99,6 +102,7 @@ class Fetch:
             self._left -= 1
             if self._left == 0:
                 self._finished.set()
+                self._on_finish()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop what has not arrived; the request fails with `reason`."""

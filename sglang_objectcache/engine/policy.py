@@ -26,7 +26,7 @@ class RequestState:
 
     name: str
     arrival: float
-    reads: list[tuple[int, int, int]]  # (bytes, first layer, end layer) in plan order
+    reads: list[tuple[int, int, int]]  # (bytes, first layer, end layer) in plan order; -1, -1: footer
     n_layers: int
     t_layer: float  # seconds of forward compute per layer (for this request's new tokens)
     next_read: int = 0
@@ -38,7 +38,7 @@ class RequestState:
         self.ready = [None] * self.n_layers
         self.left_in_read = float(self.reads[0][0]) if self.reads else 0.0
         for n, l0, l1 in self.reads:
-            if not (0 <= l0 < l1 <= self.n_layers):
+            if not (0 <= l0 < l1 <= self.n_layers or l0 == l1 == -1):  # -1: a footer read
                 raise ValueError(f"{self.name}: read of layers [{l0}, {l1}) outside 0..{self.n_layers}")
 
     @property

@@ -173,11 +173,12 @@ class S3Tier(Tier):
 
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, *, max_connections: int,
                  max_write_connections: int, refresh_interval: float, flush_interval: float,
-                 startup_timeout: float):
+                 startup_timeout: float, scheduler=None):
         super().__init__(name, store, ns, PrioritySlots(max_connections, max_write_connections))
         self.refresh_interval = refresh_interval
         self.flush_interval = flush_interval
         self.startup_timeout = startup_timeout
+        self.scheduler = scheduler  # engine.scheduler.ReadScheduler: who reads next, under the cap
         self.writer = f"{uuid.uuid4().hex[:8]}{os.getpid():x}"
         self._seq = 0
         self._pending: list[ObjectInfo] = []
