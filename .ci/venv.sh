@@ -21,6 +21,6 @@ $PIP torch==2.13.0 >&2
 $PIP --no-deps "sglang==$V" >&2
 $PIP -c "$CONS" -r "$REQ" >&2
 [ "$V" = 0.5.17 ] && $PIP --no-deps xgrammar==0.2.1 >&2
-$PIP -c "$CONS" -e "$ROOT[test]" >&2
+$PIP -c "$CONS" -e "$ROOT[test,bench]" >&2
 echo "$want" > "$STAMP"
 echo "$PY"
