@@ -336,17 +336,23 @@ def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog):
         b.close()
 
 
-def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, prefix):
-    """A fetch reports layer readiness as ranges land: here one range per layer, delayed per
-    layer by the store, so layer 0 is ready while the last layer is still on the wire."""
-    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "32KiB"})
+def _reader_with_four_pages(srv, prefix, seed, **top):
+    """Four pages written by one instance; a fresh reader that reads them one layer per range.
+    Returns the source pages, keys, the reader and its tier's original read_range."""
+    cfg = parse_config({"tiers": [s3_tier(srv, prefix)], "read_range_bytes": "32KiB", **top})
     a = ObjectCache(cfg, fingerprint("m"))
-    src, ks = Pages(4, seed=13), keys(4)
+    src, ks = Pages(4, seed=seed), keys(4)
     assert all(a.put(ks, src.segments()))
     a.close()
     b = ObjectCache(cfg, fingerprint("m"))
+    return src, ks, b, b.tiers[0].read_range
+
+
+def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, prefix):
+    """A fetch reports layer readiness as ranges land: here one range per layer, delayed per
+    layer by the store, so layer 0 is ready while the last layer is still on the wire."""
+    src, ks, b, orig = _reader_with_four_pages(s3_env, prefix, seed=13)
     tier = b.tiers[0]
-    orig = tier.read_range
 
     async def slow(name, start, end):  # layer l's range lands about l * 0.3 s late
         import asyncio
@@ -369,14 +375,8 @@ def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, pre
 
 
 def test_failed_fetch_releases_layer_waiters_with_a_reason(s3_env, prefix):
-    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "32KiB", "timeout": 1})
-    a = ObjectCache(cfg, fingerprint("m"))
-    src, ks = Pages(4, seed=14), keys(4)
-    assert all(a.put(ks, src.segments()))
-    a.close()
-    b = ObjectCache(cfg, fingerprint("m"))
+    src, ks, b, orig = _reader_with_four_pages(s3_env, prefix, seed=14, timeout=1)
     tier = b.tiers[0]
-    orig = tier.read_range
 
     async def stuck_last(name, start, end):
         import asyncio
