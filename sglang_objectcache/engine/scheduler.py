@@ -35,6 +35,7 @@ class _Req:
     view: _View
     waiting: dict[int, asyncio.Future] = field(default_factory=dict)
     pending_per_layer: list[int] = field(default_factory=list)
+    last_grant: int = -1
 
 
 class ReadScheduler:
@@ -48,6 +49,7 @@ class ReadScheduler:
         self.inflight = 0
         self._reqs: dict[int, _Req] = {}
         self._ids = itertools.count()
+        self._grants = itertools.count()
         self._tokens = burst
         self._last = time.monotonic()
         self._wake: asyncio.Event | None = None
@@ -122,8 +124,9 @@ class ReadScheduler:
                     break
                 now = time.monotonic()
                 shares = self.policy.shares([c.view for c in cands], now, self.rate or 1e12)
-                # serial policies name one request; `fair` shares equally: round-robin by grant
-                best = max(cands, key=lambda c: (shares.get(c.view.name, 0.0), -c.view.next_read
+                # serial policies name one request; `fair` shares equally: each active request in
+                # turn (the least recently granted first), which is equal sharing per read
+                best = max(cands, key=lambda c: (shares.get(c.view.name, 0.0), -c.last_grant
                                                  if len(shares) > 1 else 0, -c.view.arrival))
                 nbytes = best.view.reads[best.view.next_read][0]
                 if self.rate:
@@ -132,6 +135,7 @@ class ReadScheduler:
                         await asyncio.sleep((min(nbytes, self.burst) - self._tokens) / self.rate)
                         continue  # re-rank after the wait: someone more urgent may have come
                     self._tokens -= nbytes
+                best.last_grant = next(self._grants)  # only an actual grant takes a turn
                 index = best.view.next_read
                 best.view.next_read += 1
                 best.view.left_in_read = float(best.view.reads[index + 1][0]) if not best.view.done else 0.0
