@@ -103,7 +103,7 @@ def encode(
     """
     n = len(keys)
     data_bytes = n_layers * n * piece
-    footer_len = len(_pack_footer(fp, keys, n_layers, piece, bytes(8 * n_layers * n)))
+    footer_len = meta_bytes_for(fp, keys, n_layers, piece) - TRAILER.size
     out = bytearray(data_bytes + footer_len + TRAILER.size)
     base = buffer_address(out)
     mv = memoryview(out)

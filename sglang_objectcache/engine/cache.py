@@ -185,20 +185,16 @@ class ObjectCache:
         plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes)
         # S3 reads go through the tier's scheduler (disk reads need no sharing)
         sched = {id(t): t.scheduler for t in self.tiers if isinstance(t, S3Tier)}
-        rids: dict[int, int] = {}
+        rids: dict[int, int] = {}  # tier -> its scheduler's id for this request
+        positions: dict[int, int] = {}  # read -> its place in its tier's registered sequence
         for tier_id, s in sched.items():
-            reads = [(r.nbytes, r.l0, r.l1) for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
-            if reads:
-                rids[tier_id] = self.runtime.run(_call(s.register, reads, self.fp.n_layers, t_layer), timeout=5)
-        counters = {tid: 0 for tid in rids}
-        positions = {}
-        for r in plan.reads:
-            tid = id(plan.objects[r.obj].tier)
-            if tid in rids:
-                positions[id(r)] = counters[tid]
-                counters[tid] += 1
+            mine = [r for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
+            if mine:
+                rids[tier_id] = self.runtime.run(
+                    _call(s.register, [(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer), timeout=5)
+                positions.update((id(r), n) for n, r in enumerate(mine))
 
-        def submit(o: PlannedObject, r: Read, index: int) -> cf.Future:
+        def submit(o: PlannedObject, r: Read) -> cf.Future:
             whole = r.start == 0 and r.end == o.info.size
             def factory():
                 return o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end)
@@ -250,6 +246,7 @@ class ObjectCache:
             self.stats.add(promotions=1)
 
     def _drain(self, futs: dict[cf.Future, object], deadline: float, handle) -> None:
+        """Wait for the writes of one put() until the deadline; `handle` takes each success."""
         pending = set(futs)
         while pending:
             left = deadline - time.monotonic()
@@ -257,8 +254,8 @@ class ObjectCache:
                 for f in pending:
                     f.cancel()
                 self.stats.add(timeouts=len(pending))
-                self._warn.warn("timeout", "objectcache: %d requests still pending after the %.1fs "
-                                "deadline; their pages are misses", len(pending), self.cfg.timeout)
+                self._warn.warn("timeout", "objectcache: %d writes still pending after the %.1fs "
+                                "deadline; their pages are not stored", len(pending), self.cfg.timeout)
                 return
             done, pending = cf.wait(pending, timeout=left, return_when=cf.FIRST_COMPLETED)
             for f in done:
@@ -267,7 +264,7 @@ class ObjectCache:
                     result = f.result()
                 except (StoreError, asyncio.TimeoutError, cf.CancelledError) as e:
                     self.stats.add(errors=1)
-                    self._warn.warn(f"io:{type(e).__name__}", "objectcache: %s; pages are misses", e)
+                    self._warn.warn(f"io:{type(e).__name__}", "objectcache: %s; pages not stored", e)
                     continue
                 except Exception as e:  # noqa: BLE001 - never let an I/O error reach SGLang
                     self.stats.add(errors=1)

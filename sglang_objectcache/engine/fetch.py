@@ -29,7 +29,7 @@ class Fetch:
         self.segments = segments
         self.ok = [False] * n_keys
         self.readiness = LayerReadiness(plan.n_layers, plan.pending_per_layer())
-        self._submit = submit  # (PlannedObject, Read, index in plan) -> concurrent future of the bytes
+        self._submit = submit  # (PlannedObject, Read) -> concurrent future of the bytes
         self._copiers = copiers
         self._on_event = on_event  # (kind, PlannedObject, detail) for stats, logs, bans, promotion
         self._on_finish = on_finish
@@ -45,8 +45,8 @@ class Fetch:
             on_finish()
 
     def start(self) -> "Fetch":
-        for index, read in enumerate(self.plan.reads):
-            fut = self._submit(self.plan.objects[read.obj], read, index)
+        for read in self.plan.reads:
+            fut = self._submit(self.plan.objects[read.obj], read)
             self._futs.append(fut)
             fut.add_done_callback(lambda f, r=read: self._fetched(r, f))
         return self

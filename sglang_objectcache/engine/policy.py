@@ -37,7 +37,7 @@ class RequestState:
     def __post_init__(self) -> None:
         self.ready = [None] * self.n_layers
         self.left_in_read = float(self.reads[0][0]) if self.reads else 0.0
-        for n, l0, l1 in self.reads:
+        for _, l0, l1 in self.reads:
             if not (0 <= l0 < l1 <= self.n_layers or l0 == l1 == -1):  # -1: a footer read
                 raise ValueError(f"{self.name}: read of layers [{l0}, {l1}) outside 0..{self.n_layers}")
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Sequence
 
 import obstore as obs
-from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 
 from .base import AlreadyExists, NotFound, StoreError, Unavailable
@@ -72,18 +72,14 @@ class ObstoreS3Store:
                 r = await obs.get_async(self._store, path)
                 return await r.bytes_async()
             return await obs.get_range_async(self._store, path, start=start or 0, end=end)
-        except BaseError as e:
-            raise _map(e, f"GET {path}") from None
-        except Exception as e:  # noqa: BLE001 - transport errors surface as builtins too
+        except Exception as e:  # noqa: BLE001 - obstore's errors and builtins alike
             raise _map(e, f"GET {path}") from None
 
     async def put(self, path: str, data, *, create_only: bool = True) -> None:
         try:
             await obs.put_async(self._store, path, data, mode="create" if create_only else "overwrite",
                                 use_multipart=False)
-        except BaseError as e:
-            raise _map(e, f"PUT {path}") from None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - obstore's errors and builtins alike
             raise _map(e, f"PUT {path}") from None
 
     async def head(self, path: str) -> int:
