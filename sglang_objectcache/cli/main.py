@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_inspect)
     p = sub.add_parser("version", help="package and SGLang versions")
     p.set_defaults(fn=_version)
+    from .bench import add_parser as _add_bench
+
+    _add_bench(sub)
     args = ap.parse_args(argv)
     return args.fn(args)
 
