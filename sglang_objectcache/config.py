@@ -154,6 +154,10 @@ class ObjectCacheConfig:
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
     verify_checksums: bool = True
+    # With the SGLang patch applied (`objectcache patch-sglang`): admit a request once its storage
+    # hit is agreed and host slots are allocated, and copy layer l to the GPU as soon as layer l
+    # has landed. Without the patch this key has no effect.
+    layerwise: bool = True
     namespace: str | None = None  # overrides SGLang's model name in object names
     sglang: dict = field(default_factory=dict)  # SGLang's own keys, passed through untouched
 
@@ -264,6 +268,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["timeout"] = parse_duration(ours["timeout"], "timeout")
     if "verify_checksums" in ours:
         kw["verify_checksums"] = _expect(ours["verify_checksums"], bool, "verify_checksums", "true or false")
+    if "layerwise" in ours:
+        kw["layerwise"] = _expect(ours["layerwise"], bool, "layerwise", "true or false")
     if "namespace" in ours and ours["namespace"] is not None:
         ns = _expect(ours["namespace"], str, "namespace", "a string")
         if not re.fullmatch(r"[A-Za-z0-9._\-]{1,128}", ns):

@@ -3,6 +3,7 @@
     objectcache check-config objectcache.yaml [--probe]
     objectcache inspect /var/cache/objectcache/<...>/d/<key>-8 [--verify]
     objectcache version
+    objectcache patch-sglang [--check | --revert]
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
     from .bench import add_parser as _add_bench
 
     _add_bench(sub)
+    from . import patch
+
+    patch.add_parser(sub)
     args = ap.parse_args(argv)
     return args.fn(args)
 

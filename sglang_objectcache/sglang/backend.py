@@ -96,6 +96,24 @@ class ObjectCacheStorage(HiCacheStorage):
         self._record("get", sum(ok), time.perf_counter() - t0)
         return ok
 
+    def start_layer_fetch(self, keys: List[str], host_indices: torch.Tensor):
+        """Start filling pages into the host pool in layer order and return the engine's `Fetch`
+        at once (per-layer readiness, then per-page results); None if nothing can start. Used by
+        the layer-wise streaming patch (`sglang/layerwise.py`)."""
+        if not keys or not self._ready():
+            return None
+        try:
+            return self.cache.fetch(keys, self._segments(keys, host_indices))
+        except Exception:  # noqa: BLE001 - the prefetch IO thread must survive
+            log.exception("objectcache: cannot start a layer-wise fetch of %d pages", len(keys))
+            return None
+
+    def record_get(self, keys: int, hits: int, seconds: float) -> None:
+        """Account a read that went through `start_layer_fetch`, as `batch_get_v1` does its own."""
+        self.cache.stats.add(get_calls=1, get_pages=keys, get_hits=hits,
+                             read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
+        self._record("get", hits, seconds)
+
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
         if not keys or not self._ready():
             return [False] * len(keys)

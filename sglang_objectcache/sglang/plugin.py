@@ -29,8 +29,11 @@ def _build(orig, cls, backend_name, backend_class, storage_config, mem_pool_host
 def _attach(orig, self, storage_backend, *a, **kw):
     result = orig(self, storage_backend, *a, **kw)
     if storage_backend == BACKEND_NAME:
+        from .layerwise import attach
+
         self.page_get_func = self._page_get_zero_copy
         self.page_set_func = self._page_set_zero_copy
+        self.oc_layerwise = attach(self, self.storage_backend)  # None unless SGLang is patched
     return result
 
 

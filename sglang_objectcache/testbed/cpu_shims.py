@@ -170,6 +170,10 @@ def install_cpu_hicache_patches() -> None:
 
         _init._cpu_shim = True
         base.HostKVCache.__init__ = _init
+    # Host pools refuse to start unless ~10 GB of RAM stay free beyond them; the tests' pools are
+    # a few MB, on a shared 24 GB machine.
+    if hasattr(base, "HICACHE_HOST_MEMORY_RESERVE_BYTES"):
+        base.HICACHE_HOST_MEMORY_RESERVE_BYTES = 0
     common = importlib.import_module("sglang.srt.mem_cache.pool_host.common")
     common._cuda_host_register = lambda *a, **k: None
     if hasattr(common, "_cuda_host_unregister"):

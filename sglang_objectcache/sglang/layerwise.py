@@ -1,0 +1,366 @@
+"""Layer-wise streaming from storage into SGLang 0.5.17's HiCache (Route A).
+
+The patch in `patches/sglang-0.5.17/` adds one-line calls into this module; all the logic lives
+here so that it is tested with the package. The life of one streamed prefetch:
+
+1. prefetch IO thread, `page_transfer`: start one layer-ordered fetch of the whole storage hit into
+   the host slots SGLang allocated, publish it as a `Stream`, wait for it.
+2. scheduler, `admit` (from `check_prefetch_progress`): once the hit is agreed and host slots are
+   allocated, insert the span as host nodes (protected from host eviction) and let the request be
+   scheduled now instead of after the last byte.
+3. scheduler, `gate_for` (from `start_loading`): a host-to-GPU load that touches a streaming span
+   gets a `LayerGate`; the copy loop then runs on the loader thread, and waits before layer l
+   until layer l of every page has landed and been verified.
+4. forward, `LayerGate.wait_enqueued` (from `LayerLoadingEvent.wait`): the KV accessor of layer l
+   blocks until layer l's copy has been enqueued (before that its CUDA event is unrecorded, and
+   waiting on an unrecorded event is a silent no-op), then waits on the event as before.
+5. scheduler, `poll` (from `check_hicache_events`): a finished stream unprotects its nodes; a
+   failed one poisons them: no new match sees them, they are never written back to storage, and
+   they are dropped (with anything inserted below them) once nobody holds them.
+6. result processing, `abort_failed` (from `process_batch_result_prefill`): a batch whose load
+   waited on a failed stream had garbage KV in its forward: those requests end with an abort, and
+   their KV is freed, not inserted.
+
+Streaming is off (the unpatched path runs) with `layerwise: false`, with draft models, and with
+attention TP > 1 (where each rank's failures would have to be agreed before the tree changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("sglang_objectcache")
+
+ABORT_MESSAGE = "objectcache: KV streamed from storage failed after admission; request aborted"
+
+
+class Stream:
+    """One prefetch operation's layer-ordered fetch, from the IO thread to the tree."""
+
+    def __init__(self, fetch, slots: torch.Tensor):
+        self.fetch = fetch
+        self.readiness = fetch.readiness
+        self.slots = slots  # host token slots the fetch writes
+        self.admitted = False  # set under the operation's lock by the scheduler
+        self.closed = False  # set under the operation's lock by the IO thread when the fetch ended
+        self.ok: Optional[bool] = None  # every page landed and verified (set once closed)
+        self.deferred: Optional[torch.Tensor] = None  # duplicate slots, freed when the fetch ends
+        self.nodes: list = []  # tree nodes whose host_value lies in `slots`
+        self.started = time.monotonic()
+
+    def reason(self) -> str:
+        return self.readiness.failed or "incomplete"
+
+
+class LayerGate:
+    """One host-to-GPU load's gate: layer l is copied once every stream it reads has layer l."""
+
+    def __init__(self, streams: list[Stream], n_layers: int, timeout: float):
+        self.streams = streams
+        self.n_layers = n_layers
+        self.timeout = timeout
+        self.failed: Optional[str] = None
+        self.opened_at: list[Optional[float]] = [None] * n_layers  # when layer l's copy was released
+        self._enqueued = [threading.Event() for _ in range(n_layers)]
+        self._all = threading.Event()
+
+    def wait(self, layer: int) -> bool:
+        """Loader thread, before layer `layer`'s copy: block until it is in host memory."""
+        for s in self.streams:
+            if not s.readiness.wait(layer, self.timeout):
+                if self.failed is None:
+                    self.failed = s.reason() if s.readiness.failed else f"layer {layer} not ready after {self.timeout:.0f}s"
+        self.opened_at[layer] = time.monotonic()
+        return self.failed is None
+
+    def enqueued(self, layer: int) -> None:
+        """Loader thread, after layer `layer`'s copy and event are on the load stream."""
+        self._enqueued[layer].set()
+        if layer == self.n_layers - 1:
+            self._all.set()
+
+    def release(self, reason: Optional[str] = None) -> None:
+        """Open every gate (after an error in the loader): nobody may wait forever."""
+        if reason and self.failed is None:
+            self.failed = reason
+        for e in self._enqueued:
+            e.set()
+        self._all.set()
+
+    def wait_enqueued(self, layer: int) -> None:
+        """Forward thread, in the KV accessor of layer `layer`."""
+        self._enqueued[layer].wait()
+
+    def join(self) -> None:
+        self._all.wait()
+
+
+class _Loader:
+    """A single thread that runs gated copy loops in order, so load-stream order is kept."""
+
+    def __init__(self):
+        self._q: queue.Queue = queue.Queue()
+        self._t = threading.Thread(target=self._run, name="objectcache-layer-loader", daemon=True)
+        self._t.start()
+
+    def submit(self, fn: Callable[[], None], gate: LayerGate) -> None:
+        self._q.put((fn, gate))
+
+    def _run(self) -> None:
+        while True:
+            fn, gate = self._q.get()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - a dead loader would hang every forward
+                log.exception("objectcache: layer-wise load failed")
+                gate.release(f"loader error: {e}")
+            else:
+                gate.release()
+
+
+class Layerwise:
+    """Per-controller state of layer-wise streaming; see the module docstring."""
+
+    def __init__(self, controller, backend, timeout: float):
+        self.cc = controller
+        self.backend = backend
+        self.page_size = controller.page_size
+        self.timeout = timeout + 5.0  # the fetch's own deadline fires first; this is a backstop
+        self._active: list[Stream] = []  # admitted streams not yet retired by `poll` (scheduler thread)
+        self._poisoned: list = []  # roots of subtrees to drop once unlocked (scheduler thread)
+        self._loader = _Loader()
+        self.counters = dict(admitted=0, streamed_pages=0, failed=0, aborted=0, dropped_nodes=0)
+
+    # ---- prefetch IO thread --------------------------------------------------------------
+
+    def page_transfer(self, op) -> None:
+        """Replaces `_page_transfer`: one layer-ordered fetch of the whole hit."""
+        keys = list(op.hash_value)
+        n_tok = len(keys) * self.page_size
+        slots = op.host_indices[:n_tok]
+        t0 = time.perf_counter()
+        fetch = self.backend.start_layer_fetch(keys, slots)
+        if fetch is None:
+            op.mark_terminate()
+            return
+        planned = sum(len(o.slots) for o in fetch.plan.objects)
+        stream = Stream(fetch, slots)
+        if planned == len(keys):  # stream only what will arrive in full; else the classic path
+            with op._lock:
+                op.oc_stream = stream
+        ok = fetch.wait(self.backend.config.timeout)
+        good = next((i for i, v in enumerate(ok) if not v), len(ok))
+        self.backend.record_get(len(keys), good, time.perf_counter() - t0)
+        with op._lock:
+            stream.closed = True
+            stream.ok = good == len(keys)
+            admitted = stream.admitted
+        if not admitted:  # the scheduler has not used the stream: the classic contract applies
+            op.increment(good * self.page_size)
+            if good < len(keys):
+                op.mark_terminate()
+            return
+        if stream.deferred is not None and stream.deferred.numel():
+            self.cc.append_host_mem_release(stream.deferred)
+        if not stream.ok:
+            log.warning("objectcache: a streamed prefetch of %d pages failed after admission (%s); "
+                        "its requests will be aborted", len(keys), stream.reason())
+
+    @staticmethod
+    def owns_tail(op) -> bool:
+        """True when the tree owns the slots past `completed_tokens` (streamed): the IO thread must
+        not release them."""
+        s = getattr(op, "oc_stream", None)
+        return s is not None and s.admitted
+
+    # ---- scheduler thread ----------------------------------------------------------------
+
+    def admit(self, tree, req_id: str) -> bool:
+        """Admit a request whose storage hit is still streaming. False: use the classic path."""
+        last_host_node, prefetch_key, op = tree.ongoing_prefetch[req_id]
+        stream: Optional[Stream] = getattr(op, "oc_stream", None)
+        if stream is None or op.host_indices is None or op.is_terminated():
+            return False
+        ps = self.page_size
+        n_tok = len(op.hash_value) * ps
+        with op._lock:
+            if stream.closed:
+                return False
+            stream.admitted = True
+            key = prefetch_key[:n_tok]
+            matched = tree._insert_helper_host(last_host_node, key, op.host_indices[:n_tok],
+                                               op.hash_value)
+            stream.deferred = op.host_indices[:matched]
+            stream.nodes = self._nodes_after(last_host_node, key, matched)
+            for node in stream.nodes:
+                node.protect_host()
+                node.oc_stream = stream
+        last_host_node.release_host()
+        del tree.ongoing_prefetch[req_id]
+        self.cc.prefetch_tokens_occupied -= len(prefetch_key)
+        loaded = n_tok - matched
+        tree.prefetch_loaded_tokens_by_reqid[req_id] = loaded
+        if tree.enable_storage_metrics:
+            tree.storage_metrics_collector.log_prefetched_tokens(loaded)
+        self._active.append(stream)
+        self.counters["admitted"] += 1
+        self.counters["streamed_pages"] += len(op.hash_value)
+        return True
+
+    def _nodes_after(self, start, key, matched: int) -> list:
+        """The nodes on `key`'s path below `start` that hold tokens past `matched` (the new ones)."""
+        nodes, node, done = [], start, 0
+        while done < len(key):
+            child = node.children[key[done:].child_key(self.page_size)]
+            if done >= matched:
+                nodes.append(child)
+            done += len(child.key)
+            node = child
+        return nodes
+
+    def gate_for(self, host_indices: torch.Tensor) -> Optional[LayerGate]:
+        """The gate for a load of these host slots, or None when none of them is streaming."""
+        if not self._active:
+            return None
+        hit = [s for s in self._active if torch.isin(host_indices, s.slots).any()]
+        if not hit:
+            return None
+        return LayerGate(hit, self.cc.layer_num, self.timeout)
+
+    def run_gated(self, fn: Callable[[], None], gate: LayerGate) -> None:
+        self._loader.submit(fn, gate)
+
+    def on_split(self, new_node, child) -> None:
+        """`_split_node` made `new_node` the head of `child`: it shares the stream and the poison."""
+        stream = getattr(child, "oc_stream", None)
+        if stream is not None:
+            new_node.oc_stream = stream
+            new_node.protect_host()
+            stream.nodes.append(new_node)
+        if getattr(child, "oc_poisoned", False):
+            new_node.oc_poisoned = True
+            self._poisoned.append(new_node)
+
+    def poll(self, tree) -> None:
+        """Retire finished streams, poison failed ones, drop poisoned subtrees nobody holds."""
+        still = []
+        for s in self._active:
+            if not s.closed:
+                still.append(s)
+                continue
+            for node in s.nodes:
+                node.oc_stream = None
+                node.release_host()
+                if not s.ok:
+                    node.oc_poisoned = True
+                    self._poisoned.append(node)
+            if not s.ok:
+                self.counters["failed"] += 1
+        self._active = still
+        if self._poisoned:
+            self._drop_poisoned(tree)
+
+    def _drop_poisoned(self, tree) -> None:
+        keep = []
+        roots = {id(self._top_poisoned(n)): self._top_poisoned(n) for n in self._poisoned}
+        for node in roots.values():
+            parent = node.parent
+            if parent is None or parent.children.get(node.key.child_key(self.page_size)) is not node:
+                continue  # already gone (evicted or dropped)
+            sub, stack = [], [node]
+            while stack:
+                n = stack.pop()
+                sub.append(n)
+                stack.extend(n.children.values())
+            if any(n.lock_ref > 0 or n.host_ref_counter > 0 for n in sub):
+                keep.append(node)
+                continue
+            tree._drop_subtree_no_host(node)
+            self.counters["dropped_nodes"] += len(sub)
+            log.warning("objectcache: dropped %d tree nodes whose KV came from a failed stream", len(sub))
+        self._poisoned = keep
+
+    @staticmethod
+    def _top_poisoned(node):
+        while node.parent is not None and getattr(node.parent, "oc_poisoned", False):
+            node = node.parent
+        return node
+
+    # ---- checks called from SGLang's tree and scheduler ------------------------------------
+
+    @staticmethod
+    def unmatchable(node) -> bool:
+        """`_match_prefix_helper` stops before a poisoned node."""
+        return getattr(node, "oc_poisoned", False)
+
+    @staticmethod
+    def poisoned_path(node) -> bool:
+        """True if `node` or an ancestor holds poisoned KV: never back such a node up to storage."""
+        while node is not None:
+            if getattr(node, "oc_poisoned", False):
+                return True
+            node = node.parent
+        return False
+
+    def abort_failed(self, batch) -> None:
+        """Before a prefill batch's results are used: if its load waited on a failed stream, end
+        the requests that loaded from host or storage with an abort and free, not cache, their KV."""
+        idx = getattr(batch, "hicache_consumer_index", -1)
+        if idx is None or idx < 0:
+            return
+        gate = getattr(self.cc.layer_done_counter.events[idx], "oc_gate", None)
+        if gate is None:
+            return
+        gate.join()
+        if gate.failed is None:
+            return
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        for req in batch.reqs:
+            if getattr(req, "host_hit_length", 0) > 0 or getattr(req, "storage_hit_length", 0) > 0:
+                req.to_finish = FINISH_ABORT(f"{ABORT_MESSAGE} ({gate.failed})", 503, "ServiceUnavailable")
+                req.skip_radix_cache_insert = True
+                self.counters["aborted"] += 1
+        log.error("objectcache: %s: %s", ABORT_MESSAGE, gate.failed)
+
+
+def attach(controller, backend) -> Optional[Layerwise]:
+    """Called after the backend is attached: turn streaming on where the patch and the set-up
+    allow it, and say so once."""
+    if not getattr(controller, "oc_layerwise_patch", False):
+        return None  # SGLang is not patched: classic prefetch
+    cfg = getattr(backend, "config", None)
+    if cfg is None or not cfg.layerwise:
+        log.info("objectcache: layer-wise streaming is off (layerwise: false)")
+        return None
+    why = _unsupported(controller)
+    if why:
+        log.warning("objectcache: layer-wise streaming is off: %s", why)
+        return None
+    lw = Layerwise(controller, backend, cfg.timeout)
+    log.info("objectcache: layer-wise streaming is on")
+    return lw
+
+
+def _unsupported(controller) -> str:
+    if getattr(controller, "has_draft", False):
+        return "a draft model is attached"
+    for group in ("attn_tp_group", "tp_group"):
+        g = getattr(controller, group, None)
+        try:
+            if g is not None and torch.distributed.get_world_size(group=g) > 1:
+                return "attention TP size > 1"
+        except Exception:  # noqa: BLE001 - an uninitialised group means a single rank
+            pass
+    return ""
+
+
+def counters(controller) -> dict[str, Any]:
+    lw = getattr(controller, "oc_layerwise", None)
+    return dict(lw.counters) if lw is not None else {}

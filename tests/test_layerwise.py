@@ -1,0 +1,249 @@
+"""Layer-wise streaming (patches/sglang-0.5.17) through SGLang's real HiRadixCache and
+HiCacheController on CPU, with our backend on a real local S3 server.
+
+The read rate is capped so the layers of a prefix arrive over about a second: the gate in front of
+layer l's host-to-device copy must open when layer l has landed while later layers are in flight,
+the KV the "forward" reads per layer must equal what was stored, and a failure after admission must
+end in an abort with the tree cleaned, never in garbage KV being kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from sglang_objectcache.sglang.compat import sglang_version
+
+pytestmark = [
+    pytest.mark.usefixtures("sglang_cpu"),
+    pytest.mark.skipif(sglang_version() != "0.5.17", reason="the layer-wise patch set is for SGLang 0.5.17"),
+]
+
+PAGE, LAYERS, TOKENS = 16, 8, 512  # 32 pages of 16 KiB per layer: 4 MiB in all
+PATCHED = ("sglang/srt/managers/cache_controller.py", "sglang/srt/mem_cache/hiradix_cache.py",
+           "sglang/srt/managers/scheduler_components/batch_result_processor.py")
+
+
+# ---- the patch itself ----------------------------------------------------------------------
+
+def _pristine_copy(tmp_path: Path) -> Path:
+    """The three files as SGLang ships them, in a fake site-packages under tmp_path."""
+    from sglang_objectcache.sglang import patcher
+
+    site = patcher._site()
+    for rel in PATCHED:
+        dst = tmp_path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        orig = site / (rel + patcher.BACKUP_SUFFIX)
+        shutil.copy(orig if orig.exists() else site / rel, dst)
+    assert patcher.state("0.5.17", tmp_path) == "clean"
+    return tmp_path
+
+
+def test_patch_applies_cleanly_is_idempotent_and_reverts(tmp_path):
+    from sglang_objectcache.sglang import patcher
+
+    site = _pristine_copy(tmp_path)
+    before = {rel: (site / rel).read_text() for rel in PATCHED}
+    assert len(patcher.apply("0.5.17", site)) == 3
+    assert patcher.state("0.5.17", site) == "applied"
+    assert patcher.apply("0.5.17", site) == []  # idempotent
+    for rel in PATCHED:
+        compile((site / rel).read_text(), rel, "exec")  # the patched modules are valid Python
+    assert len(patcher.apply("0.5.17", site, reverse=True)) == 3
+    assert {rel: (site / rel).read_text() for rel in PATCHED} == before
+    assert not list(site.rglob("*" + patcher.BACKUP_SUFFIX))
+
+
+def test_patch_refuses_a_foreign_source(tmp_path):
+    from sglang_objectcache.sglang import patcher
+
+    site = _pristine_copy(tmp_path)
+    target = site / PATCHED[1]
+    text = target.read_text()
+    line = "        if not self.can_terminate_prefetch(operation):"  # context of the admission hunk
+    assert text.count(line) == 1
+    target.write_text(text.replace(line, "        if not self.can_terminate_prefetch(operation):  # local edit"))
+    before = (site / PATCHED[0]).read_text()
+    with pytest.raises(patcher.PatchError, match="neither unpatched nor patched"):
+        patcher.apply("0.5.17", site)
+    assert (site / PATCHED[0]).read_text() == before  # nothing written
+
+
+def test_patch_sglang_cli_checks_the_version(capsys):
+    from sglang_objectcache.cli.main import main
+
+    rc = main(["patch-sglang", "--check"])
+    out = capsys.readouterr().out
+    assert "sglang 0.5.17: layer-wise patch" in out and rc in (0, 1)
+
+
+def test_installed_sglang_is_patched_and_imports():
+    """CI applies the patch (`objectcache patch-sglang`) before the tests: the real modules carry it."""
+    from sglang.srt.managers import cache_controller
+    from sglang.srt.managers.scheduler_components import batch_result_processor  # noqa: F401
+    from sglang.srt.mem_cache import hiradix_cache  # noqa: F401
+
+    assert getattr(cache_controller.HiCacheController, "oc_layerwise_patch", False), \
+        "run `objectcache patch-sglang` in this environment first"
+
+
+# ---- streaming through the real tree and controller ----------------------------------------
+
+@pytest.fixture
+def s3_env(seaweedfs, monkeypatch):
+    """SeaweedFS only: the streaming path does not depend on the server."""
+    for k, v in seaweedfs.env().items():
+        monkeypatch.setenv(k, v)
+    return seaweedfs
+
+
+@pytest.fixture
+def tree(s3_env, prefix):
+    from sglang_objectcache.testbed.hiradix import build_tree
+
+    extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}],
+             "pages_per_object": 8, "read_range_bytes": "128KiB", "bandwidth": "4MiB", "timeout": 20,
+             "prefetch_threshold": 64}
+    t = build_tree(extra, layers=LAYERS, page_size=PAGE)
+    yield t
+    t.cache_controller.storage_backend.close()
+
+
+def _admit(tree, tokens, rid="r1"):
+    """What the scheduler does for a new request until `check_prefetch_progress` lets it in."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+    tree.prefetch_from_storage(rid, m.last_host_node, tokens)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        tree.check_hicache_events()
+        if tree.check_prefetch_progress(rid):
+            return
+        time.sleep(0.005)
+    raise AssertionError("request not admitted")
+
+
+def _load(tree, tokens):
+    """Admission is followed by a match (host nodes now), a load-back and start_loading."""
+    from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+    assert m.host_hit_length == len(tokens)
+    dev, last = tree.init_load_back(InitLoadBackParams(best_match_node=m.best_match_node,
+                                                       host_hit_length=m.host_hit_length))
+    assert len(dev) == len(tokens)
+    return dev, last, tree.ready_to_load_host_cache()
+
+
+def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
+    from sglang_objectcache.testbed.hiradix import store_prefix
+
+    cc = tree.cache_controller
+    lw = cc.oc_layerwise
+    assert lw is not None
+    tokens = list(range(1, TOKENS + 1))
+    want = store_prefix(tree, tokens)
+
+    _admit(tree, tokens)
+    assert lw.counters["admitted"] == 1
+    (stream,) = lw._active
+    dev, last, pid = _load(tree, tokens)
+    gate = cc.layer_done_counter.events[pid].oc_gate
+    assert gate is not None and gate.streams == [stream]
+
+    counter = cc.layer_done_counter
+    counter.set_consumer(pid)
+    kv = cc.mem_pool_device
+    seen = []
+    for layer in range(LAYERS):  # the forward: each KV accessor waits for its layer
+        counter.wait_until(layer)
+        seen.append((time.monotonic(), stream.readiness.ready_layers))
+        assert kv.k_buffer[layer][dev].equal(want[0, layer]), f"K of layer {layer}"
+        assert kv.v_buffer[layer][dev].equal(want[1, layer]), f"V of layer {layer}"
+    # layer 0 was handed to the forward while the last layer was still on the wire
+    assert seen[0][1] < LAYERS, seen
+    assert gate.opened_at[0] < stream.readiness.ready_at[LAYERS - 1]
+    assert gate.failed is None
+
+    deadline = time.monotonic() + 10
+    while lw._active and time.monotonic() < deadline:
+        tree.check_hicache_events()
+        time.sleep(0.01)
+    assert not lw._active and stream.ok
+    tree.dec_lock_ref(last)
+    tree.loading_check()
+
+
+def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix):
+    import boto3
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang_objectcache.testbed.hiradix import store_prefix
+
+    cc = tree.cache_controller
+    lw = cc.oc_layerwise
+    tokens = list(range(1, TOKENS + 1))
+    store_prefix(tree, tokens, seed=1)
+    s3 = boto3.client("s3", **s3_env.client_kwargs())
+    names = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=prefix)["Contents"]
+                   if "/d/" in o["Key"])
+    host_free = cc.mem_pool_host.available_size()
+
+    _admit(tree, tokens)
+    (stream,) = lw._active
+    # the last object turns into garbage of the same size after admission: its later layers fail
+    size = s3.head_object(Bucket=s3_env.bucket, Key=names[-1])["ContentLength"]
+    s3.put_object(Bucket=s3_env.bucket, Key=names[-1], Body=b"\x5a" * size)
+    dev, last, pid = _load(tree, tokens)
+    counter = cc.layer_done_counter
+    counter.set_consumer(pid)
+    done = threading.Event()
+
+    def forward():
+        for layer in range(LAYERS):
+            counter.wait_until(layer)  # every gate opens, failure or not
+        done.set()
+
+    threading.Thread(target=forward, daemon=True).start()
+    assert done.wait(30), "a failed stream left a gate closed"
+    gate = cc.layer_done_counter.events[pid].oc_gate
+    assert gate.failed and "corrupt" in gate.failed
+
+    req = types.SimpleNamespace(host_hit_length=TOKENS, storage_hit_length=0, to_finish=None)
+    bystander = types.SimpleNamespace(host_hit_length=0, storage_hit_length=0, to_finish=None)
+    lw.abort_failed(types.SimpleNamespace(hicache_consumer_index=pid, reqs=[req, bystander]))
+    assert req.to_finish is not None and req.skip_radix_cache_insert
+    assert "objectcache" in req.to_finish.message
+    assert bystander.to_finish is None
+
+    # the request ends: its lock and the load's lock go; the next scheduler steps drop the nodes
+    tree.dec_lock_ref(last)
+    deadline = time.monotonic() + 10
+    while (lw._active or lw._poisoned or cc.ack_load_queue) and time.monotonic() < deadline:
+        tree.check_hicache_events()
+        time.sleep(0.01)
+    assert lw.counters["failed"] == 1 and lw.counters["dropped_nodes"] >= 1
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+    assert len(m.device_indices) == 0 and m.host_hit_length == 0
+    assert cc.mem_pool_host.available_size() == host_free  # every host slot came back
+
+
+def test_layerwise_false_keeps_the_classic_path(s3_env, prefix):
+    from sglang_objectcache.testbed.hiradix import build_tree
+
+    extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}],
+             "layerwise": False}
+    t = build_tree(extra, layers=LAYERS, page_size=PAGE)
+    try:
+        assert t.cache_controller.oc_layerwise is None
+    finally:
+        t.cache_controller.storage_backend.close()
