@@ -1,0 +1,348 @@
+"""End-to-end TTFT with real SGLang 0.5.17 on a GPU machine: objectcache layer-wise vs the baselines.
+
+One sitting, one server (Llama-3.1-8B geometry, dummy weights, page 64, layer_first, io direct,
+write_through, prefetch policy wait_complete), SeaweedFS on the same machine. For each context
+length it measures, in this order:
+
+  (a) recompute        the prefix is new
+  dev                  the prefix is on the GPU (SGLang's fixed per-request cost)
+  (b) host             device evicted by fillers, the prefix in HiCache host memory (L2)
+  (d) objectcache      device and host flushed, the prefix in S3, layer-wise streaming (patched SGLang)
+  (c) objectcache      the same, with `layerwise: false` (whole prefetch, then load)
+  (e) file             SGLang's own `file` backend on local disk, same flush-then-hit
+
+(c) and (e) are runtime re-attachments of the storage backend (`PUT /hicache/storage-backend`).
+Shapes: `hit` (the whole context but a 64-token question is a cached prefix) and `compute` (half
+the context is a cached prefix, half is new). Also measured in the same sitting: the raw read
+ceiling of the server for a plain obstore client at the plan's range size (8 MiB ranges of the
+stored 64 MiB objects), and from it the layer-wise bound of the shared GPU notes.
+
+    python benchmarks/e2e_gpu.py --model /tmp/m8b --out results/e2e.json
+
+Needs: SGLang 0.5.17 patched (`objectcache patch-sglang`), this package, obstore, and a `weed`
+binary (WEED_BINARY). `benchmarks/gpu/run_e2e.sh` sets that up on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PORT = 30000
+URL = f"http://127.0.0.1:{PORT}"
+KV_PER_TOKEN = 128 << 10  # Llama-3.1-8B, bf16: 32 layers x 4 KiB
+LAYERS = 32
+
+
+ADMIN_KEY = "objectcache-bench"  # runtime detach/attach of the storage backend needs an admin key
+
+
+def http(method: str, path: str, body: dict | None = None, timeout: float = 600):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(URL + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def gen(ids: list[int]) -> tuple[float, dict]:
+    t = time.perf_counter()
+    r = http("POST", "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    dt = time.perf_counter() - t
+    meta = r.get("meta_info", {})
+    if meta.get("finish_reason", {}).get("type") == "abort":
+        raise RuntimeError(f"request aborted: {meta.get('finish_reason')}")
+    return dt * 1000, meta.get("cached_tokens_details") or {"cached": meta.get("cached_tokens")}
+
+
+def flush() -> None:
+    for _ in range(60):
+        try:
+            http("POST", "/flush_cache")
+            return
+        except urllib.error.HTTPError:  # refused while requests or writes are pending
+            time.sleep(1)
+    raise RuntimeError("flush_cache kept failing")
+
+
+def attach(backend: str, extra: dict) -> None:
+    http("DELETE", "/hicache/storage-backend")
+    r = http("PUT", "/hicache/storage-backend", {
+        "hicache_storage_backend": backend, "hicache_storage_backend_extra_config_json": json.dumps(extra),
+        "hicache_storage_prefetch_policy": "wait_complete", "hicache_write_policy": "write_through_selective"})
+    if isinstance(r, dict) and r.get("success") is False:
+        raise RuntimeError(f"attach {backend} failed: {r}")
+
+
+class Bucket:
+    """The S3 side, seen by a plain client: how much is stored, and how fast it reads."""
+
+    def __init__(self, srv, prefix: str):
+        from obstore.store import S3Store
+
+        self.store = S3Store(srv.bucket, endpoint=srv.endpoint, access_key_id=srv.access_key,
+                             secret_access_key=srv.secret_key, region=srv.region,
+                             client_options={"allow_http": True})
+        self.prefix = prefix
+
+    def objects(self) -> list[dict]:
+        import obstore as obs
+
+        out = []
+        for batch in obs.list(self.store, prefix=self.prefix):
+            out.extend(o for o in batch if "/d/" in o["path"])
+        return out
+
+    def settle(self, want_bytes: int, limit: float = 150) -> float:
+        """Wait until at least `want_bytes` of data objects are stored and the total is steady
+        (or has not moved for 30 s: writes that failed will not come)."""
+        t0, last, steady = time.time(), -1, 0
+        while time.time() - t0 < limit:
+            total = sum(o["size"] for o in self.objects())
+            steady = steady + 1 if total == last else 0
+            if (total >= want_bytes and steady >= 2) or steady >= 30:
+                print(f"  stored {total / 2**30:.2f} GiB after {time.time() - t0:.0f}s", flush=True)
+                return total
+            last = total
+            time.sleep(1)
+        print(f"  warning: stored bytes did not settle ({last} of {want_bytes})", flush=True)
+        return last
+
+    def ceiling(self, objects: list[dict], range_bytes: int = 8 << 20, concurrency: int = 32) -> dict:
+        """GiB/s a plain obstore client reads from these objects, as 8 MiB ranges and whole."""
+        import obstore as obs
+
+        async def ranges() -> float:
+            sem = asyncio.Semaphore(concurrency)
+            jobs = [(o["path"], s, min(s + range_bytes, o["size"])) for o in objects
+                    for s in range(0, o["size"], range_bytes)]
+
+            async def one(p, s, e):
+                async with sem:
+                    b = await obs.get_range_async(self.store, p, start=s, end=e)
+                    return len(b)
+            t = time.perf_counter()
+            n = sum(await asyncio.gather(*[one(*j) for j in jobs]))
+            return n / (time.perf_counter() - t) / 2**30
+
+        async def whole() -> float:
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(p):
+                async with sem:
+                    r = await obs.get_async(self.store, p)
+                    return len(await r.bytes_async())
+            t = time.perf_counter()
+            n = sum(await asyncio.gather(*[one(o["path"]) for o in objects]))
+            return n / (time.perf_counter() - t) / 2**30
+
+        return {"range_8mib_gibps": max(asyncio.run(ranges()) for _ in range(2)),
+                "whole_gibps": asyncio.run(whole())}
+
+
+def engine_probe(srv, cfg: dict, pages: int = 128) -> dict:
+    """The engine alone, in this process, on the same server: put then get `pages` Llama-8B pages
+    (256 KiB per layer), so a slow server-side rate can be told from a slow server."""
+    import hashlib
+
+    import numpy as np
+
+    from sglang_objectcache.config import parse_config
+    from sglang_objectcache.engine.cache import ObjectCache
+    from sglang_objectcache.keys import Fingerprint
+
+    fp = Fingerprint(model="probe", dtype="bfloat16", page_size=64, n_layers=LAYERS, start_layer=0,
+                     piece_bytes=256 << 10, attention="mha", kv_heads=8, head_dim=128, v_head_dim=128,
+                     tp_rank=0, tp_size=1)
+    data = np.random.default_rng(0).integers(0, 256, size=(pages, LAYERS, 256 << 10), dtype=np.uint8)
+    out = np.zeros_like(data)
+
+    def segs(arr):
+        return lambda layer, i: [(arr[i, layer].ctypes.data, 256 << 10)]
+    keys, h = [], b""
+    for i in range(pages):
+        h = hashlib.sha256(h + str(i).encode()).digest()
+        keys.append(h.hex())
+    cache = ObjectCache(parse_config(dict(cfg, tiers=[dict(cfg["tiers"][0], prefix="probe")])), fp)
+    try:
+        t = time.perf_counter()
+        ok = cache.put(keys, segs(data))
+        put = pages * LAYERS * (256 << 10) / (time.perf_counter() - t) / 2**30
+        t = time.perf_counter()
+        got = cache.get(keys, segs(out))
+        get = pages * LAYERS * (256 << 10) / (time.perf_counter() - t) / 2**30
+        same = bool(np.array_equal(data, out))
+    finally:
+        cache.close()
+    return {"put_gibps": round(put, 2), "get_gibps": round(get, 2), "stored": sum(ok), "read": sum(got),
+            "equal": same}
+
+
+def launch(model: str, cfg_path: str, log_path: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--load-format", "dummy",
+           "--host", "127.0.0.1", "--port", str(PORT), "--attention-backend", "triton",
+           "--sampling-backend", "pytorch", "--disable-cuda-graph", "--context-length", "70000",
+           "--max-total-tokens", "100000", "--chunked-prefill-size", "16384", "--page-size", "64",
+           "--enable-hierarchical-cache", "--hicache-size", "40", "--hicache-mem-layout", "layer_first",
+           "--hicache-io-backend", "direct", "--hicache-write-policy", "write_through_selective",
+           "--hicache-storage-prefetch-policy", "wait_complete",
+           "--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}",
+           "--admin-api-key", ADMIN_KEY]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while time.time() - t0 < 500:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log_path}")
+        try:
+            urllib.request.urlopen(URL + "/health", timeout=2)
+            print(f"server healthy after {time.time() - t0:.0f}s", flush=True)
+            return proc
+        except Exception:  # noqa: BLE001
+            time.sleep(1)
+    raise RuntimeError("server not healthy")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="hit,compute")
+    ap.add_argument("--model", default="/tmp/m8b")
+    ap.add_argument("--lengths", default="4096,16384,65536")
+    ap.add_argument("--question", type=int, default=64)
+    ap.add_argument("--with-file", action="store_true", help="also measure SGLang's file backend (e)")
+    ap.add_argument("--file-dir", default="/tmp/hicache-file")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "e2e.json"))
+    ap.add_argument("--log", default="/tmp/sglang-e2e.log")
+    args = ap.parse_args(argv)
+    from sglang_objectcache.testbed.servers import start_seaweedfs
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    shapes = args.shapes.split(",")
+    srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
+    for k, v in srv.env().items():
+        os.environ[k] = v
+    prefix = "e2e"
+    oc = {"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
+                     "max_write_connections": 32}],
+          "prefetch_threshold": 256, "timeout": 60}  # writes of 1 GiB calls need more than 15 s here
+    cfg_path = "/tmp/objectcache-e2e.json"
+    json.dump(oc, open(cfg_path, "w"))
+    bucket = Bucket(srv, prefix)
+    rng = random.Random(7)
+    new = lambda n: [rng.randrange(3, 30000) for _ in range(n)]  # noqa: E731
+    res: dict = {"lengths": lengths, "rows": {sh: {L: {} for L in lengths} for sh in shapes}}
+    res["engine_probe"] = engine_probe(srv, oc)
+    print(f"engine alone: {res['engine_probe']}", flush=True)
+    os.makedirs(args.file_dir, exist_ok=True)
+    os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = args.file_dir
+    proc = launch(args.model, cfg_path, args.log)
+    # hit: the whole context but a short question is cached; compute: half cached, half new
+    cached = {sh: {L: new(L if sh == "hit" else L // 2) for L in lengths} for sh in shapes}
+
+    def fresh(sh, L):
+        return new(args.question) if sh == "hit" else new(L - L // 2)
+
+    def row(sh, L, name, ms, det):
+        res["rows"][sh][L][name] = {"ms": round(ms, 1), "detail": det}
+        print(f"{sh:7s} L={L:6d} {name:12s} {ms:9.1f} ms  {det}", flush=True)
+
+    def each(name):
+        for sh in shapes:
+            for L in lengths:
+                if name.startswith("oc_") or name == "file":
+                    flush()  # device and host emptied: the prefix can only come from storage
+                row(sh, L, name, *gen(cached[sh][L] + fresh(sh, L)))
+    try:
+        gen(new(512))  # warm-up
+        for sh in shapes:
+            for L in lengths:  # back to back, before anything evicts the prefix from the GPU:
+                row(sh, L, "recompute", *gen(cached[sh][L] + fresh(sh, L)))  # (a)
+                # the second hit: write_through_selective backs the prefix up (host, then S3)
+                row(sh, L, "device", *gen(cached[sh][L] + fresh(sh, L)))
+        bucket.settle(sum(len(p) for c in cached.values() for p in c.values()) * KV_PER_TOKEN)
+        for _ in range(2):  # evict the device pool (100K tokens); host keeps the copies. Fillers
+            gen(new(65536))  # are seen once, so they are never backed up
+        time.sleep(2)
+        each("host")  # (b)
+        each("oc_layerwise")  # (d)
+        big = sorted(bucket.objects(), key=lambda o: o["path"])
+        res["ceiling"] = bucket.ceiling(big[: max(1, max(lengths) * KV_PER_TOKEN // (64 << 20))])
+        print(f"ceiling {res['ceiling']}", flush=True)
+        attach("objectcache", dict(oc, layerwise=False))
+        each("oc_classic")  # (c)
+        if args.with_file:
+            attach("file", {})  # its directory: SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR
+            cached = {sh: {L: new(len(p)) for L, p in c.items()} for sh, c in cached.items()}
+            for sh in shapes:
+                for L in lengths:  # twice: the second hit backs it up
+                    gen(cached[sh][L] + fresh(sh, L))
+                    gen(cached[sh][L] + fresh(sh, L))
+            time.sleep(15)
+            each("file")  # (e)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        srv.stop()
+        finish(res, cached, args.out)
+    return 0
+
+
+def finish(res: dict, cached: dict, out: str) -> None:
+    """Bounds, break-even, JSON and the table, from whatever was measured."""
+    if res.get("ceiling", {}).get("range_8mib_gibps", 0) > 0:
+        ceil = res["ceiling"]["range_8mib_gibps"] * 2**30 / 1e3  # bytes per ms
+        res["ceiling_gbps"] = round(ceil * 1e3 / 1e9, 2)
+        for sh, rows in res["rows"].items():
+            for L, r in rows.items():
+                if "device" not in r or "recompute" not in r:
+                    continue
+                nbytes = len(cached[sh][L]) * KV_PER_TOKEN
+                # layer-wise bound (shared GPU notes): max(bytes / ceiling, compute) + first layer's
+                # transfer + SGLang's fixed cost; the device-hit TTFT is fixed cost + the new tokens'
+                # prefill, so for `hit` it is added whole, for `compute` it is the compute term.
+                first = nbytes / LAYERS / ceil
+                dev = r["device"]["ms"]
+                r["bound_ms"] = round(nbytes / ceil + first + dev if sh == "hit" else max(nbytes / ceil, dev) + first, 1)
+                r["break_even_gbps"] = round(nbytes / (r["recompute"]["ms"] / 1e3) / 1e9, 2)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    json.dump(res, open(out, "w"), indent=1)
+    print_table(res)
+
+
+def print_table(res: dict) -> None:
+    names = ("recompute", "device", "host", "oc_classic", "oc_layerwise", "file")
+    nan = float("nan")
+    print(f"\nceiling={res.get('ceiling_gbps', nan)} GB/s (8 MiB ranges, obstore); TTFT in ms")
+    print(f"{'shape':7s} {'L':>6} " + " ".join(f"{n:>12}" for n in names)
+          + f" {'bound':>8} {'d/bound':>8} {'d/b':>6} {'d/c':>6} {'d/a':>6} {'b-even':>7}")
+    for sh, rows in res["rows"].items():
+        for L, r in rows.items():
+            v = {n: r.get(n, {}).get("ms", nan) for n in names}
+            b = r.get("bound_ms", nan)
+            print(f"{sh:7s} {L:>6} " + " ".join(f"{v[n]:12.1f}" for n in names) + f" {b:8.1f} "
+                  f"{v['oc_layerwise'] / b:8.2f} {v['oc_layerwise'] / v['host']:6.2f} "
+                  f"{v['oc_layerwise'] / v['oc_classic']:6.2f} {v['oc_layerwise'] / v['recompute']:6.2f} "
+                  f"{r.get('break_even_gbps', nan):7.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
