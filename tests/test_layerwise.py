@@ -95,12 +95,8 @@ def test_installed_sglang_is_patched_and_imports():
 
 # ---- streaming through the real tree and controller ----------------------------------------
 
-@pytest.fixture
-def s3_env(seaweedfs, monkeypatch):
-    """SeaweedFS only: the streaming path does not depend on the server."""
-    for k, v in seaweedfs.env().items():
-        monkeypatch.setenv(k, v)
-    return seaweedfs
+# SeaweedFS only: the streaming path does not depend on the server
+seaweedfs_only = pytest.mark.parametrize("s3", ["seaweedfs"], indirect=True)
 
 
 @pytest.fixture
@@ -144,6 +140,7 @@ def _load(tree, tokens):
     return dev, last, tree.ready_to_load_host_cache()
 
 
+@seaweedfs_only
 def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
     from sglang_objectcache.testbed.hiradix import store_prefix
 
@@ -183,6 +180,7 @@ def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
     tree.loading_check()
 
 
+@seaweedfs_only
 def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix):
     import boto3
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
@@ -237,6 +235,7 @@ def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix
     assert cc.mem_pool_host.available_size() == host_free  # every host slot came back
 
 
+@seaweedfs_only
 def test_layerwise_false_keeps_the_classic_path(s3_env, prefix):
     from sglang_objectcache.testbed.hiradix import build_tree
 
