@@ -246,3 +246,12 @@ def test_layerwise_false_keeps_the_classic_path(s3_env, prefix):
         assert t.cache_controller.oc_layerwise is None
     finally:
         t.cache_controller.storage_backend.close()
+
+
+def test_streaming_stays_off_where_failures_could_not_be_agreed():
+    """Draft models and attention TP > 1 keep the classic path; so does a group of unknown size."""
+    from sglang_objectcache.sglang.layerwise import _unsupported
+
+    assert "draft" in _unsupported(types.SimpleNamespace(has_draft=True))
+    assert _unsupported(types.SimpleNamespace(has_draft=False, attn_tp_group=None, tp_group=None)) == ""
+    assert "cannot tell" in _unsupported(types.SimpleNamespace(has_draft=False, attn_tp_group=object()))

@@ -353,11 +353,14 @@ def _unsupported(controller) -> str:
         return "a draft model is attached"
     for group in ("attn_tp_group", "tp_group"):
         g = getattr(controller, group, None)
+        if g is None:
+            continue
         try:
-            if g is not None and torch.distributed.get_world_size(group=g) > 1:
-                return "attention TP size > 1"
-        except Exception:  # noqa: BLE001 - an uninitialised group means a single rank
-            pass
+            size = torch.distributed.get_world_size(group=g)
+        except Exception as e:  # noqa: BLE001 - unknown means unsafe: failures must be rank-agreed
+            return f"cannot tell the size of {group} ({type(e).__name__})"
+        if size > 1:
+            return "attention TP size > 1"
     return ""
 
 
