@@ -255,3 +255,27 @@ def test_streaming_stays_off_where_failures_could_not_be_agreed():
     assert "draft" in _unsupported(types.SimpleNamespace(has_draft=True))
     assert _unsupported(types.SimpleNamespace(has_draft=False, attn_tp_group=None, tp_group=None)) == ""
     assert "cannot tell" in _unsupported(types.SimpleNamespace(has_draft=False, attn_tp_group=object()))
+
+
+@seaweedfs_only
+def test_runtime_reattach_of_another_backend_drops_the_streaming_state(s3_env, prefix, tmp_path, monkeypatch):
+    """SGLang's PUT /hicache/storage-backend path: objectcache, then `file`, then objectcache with
+    layerwise off. The file backend must not inherit objectcache's stream hooks."""
+    from sglang_objectcache.testbed.hiradix import build_tree
+
+    extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}]}
+    t = build_tree(extra, layers=LAYERS, page_size=PAGE)
+    cc = t.cache_controller
+    assert cc.oc_layerwise is not None
+    ok, msg = t.detach_storage_backend()
+    assert ok, msg
+    monkeypatch.setenv("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", str(tmp_path))
+    ok, msg = t.attach_storage_backend("file", "{}")
+    assert ok, msg
+    assert cc.oc_layerwise is None
+    ok, msg = t.detach_storage_backend()
+    assert ok, msg
+    ok, msg = t.attach_storage_backend("objectcache", __import__("json").dumps(dict(extra, layerwise=False)))
+    assert ok, msg
+    assert cc.oc_layerwise is None
+    cc.storage_backend.close()
