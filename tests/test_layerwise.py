@@ -216,8 +216,10 @@ def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix
     gate = cc.layer_done_counter.events[pid].oc_gate
     assert gate.failed and "corrupt" in gate.failed
 
-    req = types.SimpleNamespace(host_hit_length=TOKENS, storage_hit_length=0, to_finish=None)
-    bystander = types.SimpleNamespace(host_hit_length=0, storage_hit_length=0, to_finish=None)
+    # the request holds the streamed nodes; the bystander in the same batch loaded other host data
+    req = types.SimpleNamespace(host_hit_length=TOKENS, storage_hit_length=0, to_finish=None, last_node=last)
+    bystander = types.SimpleNamespace(host_hit_length=64, storage_hit_length=0, to_finish=None,
+                                      last_node=tree.root_node)
     lw.abort_failed(types.SimpleNamespace(hicache_consumer_index=pid, reqs=[req, bystander]))
     assert req.to_finish is not None and req.skip_radix_cache_insert
     assert "objectcache" in req.to_finish.message

@@ -18,8 +18,8 @@ here so that it is tested with the package. The life of one streamed prefetch:
    failed one poisons them: no new match sees them, they are never written back to storage, and
    they are dropped (with anything inserted below them) once nobody holds them.
 6. result processing, `abort_failed` (from `process_batch_result_prefill`): a batch whose load
-   waited on a failed stream had garbage KV in its forward: those requests end with an abort, and
-   their KV is freed, not inserted.
+   waited on a failed stream had garbage KV in its forward: the requests whose prefix holds a node
+   of that stream end with an abort, and their KV is freed, not inserted.
 
 Streaming is off (the unpatched path runs) with `layerwise: false`, with draft models, and with
 attention TP > 1 (where each rank's failures would have to be agreed before the tree changes).
@@ -287,6 +287,20 @@ class Layerwise:
         self._poisoned = keep
 
     @staticmethod
+    def _read_failed_stream(req, failed: set[int]) -> bool:
+        """Whether the request's prefix holds a node of a failed stream (poisoned already, or still
+        marked with its stream). Without a tree position, any request that loaded from host or
+        storage is taken to have."""
+        node = getattr(req, "last_node", None)
+        if node is None:
+            return getattr(req, "host_hit_length", 0) > 0 or getattr(req, "storage_hit_length", 0) > 0
+        while node is not None:
+            if getattr(node, "oc_poisoned", False) or id(getattr(node, "oc_stream", None)) in failed:
+                return True
+            node = node.parent
+        return False
+
+    @staticmethod
     def _top_poisoned(node):
         while node.parent is not None and getattr(node.parent, "oc_poisoned", False):
             node = node.parent
@@ -322,8 +336,9 @@ class Layerwise:
             return
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
+        failed = {id(st) for st in gate.streams if st.readiness.failed is not None or st.ok is False}
         for req in batch.reqs:
-            if getattr(req, "host_hit_length", 0) > 0 or getattr(req, "storage_hit_length", 0) > 0:
+            if self._read_failed_stream(req, failed):
                 req.to_finish = FINISH_ABORT(f"{ABORT_MESSAGE} ({gate.failed})", 503, "ServiceUnavailable")
                 req.skip_radix_cache_insert = True
                 self.counters["aborted"] += 1
