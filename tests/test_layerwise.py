@@ -75,6 +75,26 @@ def test_patch_refuses_a_foreign_source(tmp_path):
     assert (site / PATCHED[0]).read_text() == before  # nothing written
 
 
+def test_patch_from_an_older_release_is_replaced_from_the_backups(tmp_path):
+    """An upgrade of this package finds SGLang patched by the previous release: neither pristine
+    nor patched by this one. The backups of SGLang's originals let it re-patch, and revert."""
+    from sglang_objectcache.sglang import patcher
+
+    site = _pristine_copy(tmp_path)
+    before = {rel: (site / rel).read_text() for rel in PATCHED}
+    patcher.apply("0.5.17", site)
+    fresh = {rel: (site / rel).read_text() for rel in PATCHED}
+    old = site / PATCHED[0]  # what an older patch might have left: an added line that differs
+    old.write_text(old.read_text().replace("# objectcache: layer i is in host memory", "# objectcache v0"))
+    with pytest.raises(patcher.PatchError):
+        patcher.state("0.5.17", site)
+    assert len(patcher.apply("0.5.17", site)) == 3
+    assert {rel: (site / rel).read_text() for rel in PATCHED} == fresh
+    old.write_text(old.read_text().replace("# objectcache: layer i is in host memory", "# objectcache v0"))
+    assert len(patcher.apply("0.5.17", site, reverse=True)) == 3
+    assert {rel: (site / rel).read_text() for rel in PATCHED} == before
+
+
 def test_patch_sglang_cli_checks_the_version(capsys):
     from sglang_objectcache.cli.main import main
 

@@ -3,7 +3,8 @@
 A small unified-diff applier of our own, strict on purpose: every context and removed line must
 match exactly (no fuzz, no offsets beyond the hunk search), so a patch either lands as reviewed or
 not at all. Files are written only after every hunk of every file has matched; the originals are
-kept next to them as `<name>.py.objectcache-orig` until `--revert`.
+kept next to them as `<name>.py.objectcache-orig` until `--revert`; they also let a newer release of
+this package replace an older release's patch.
 """
 
 from __future__ import annotations
@@ -151,17 +152,40 @@ def state(version: str | None = None, site: Path | None = None) -> str:
                      "(another patch or a local edit?); reinstall SGLang, then run again")
 
 
+def _from_backups(version: str, site: Path, reverse: bool) -> list[tuple[Path, str]] | None:
+    """Files patched by another release of this package: when every file still has its backup and
+    the backups are SGLang's originals, rebuild from them. None when that is not the case."""
+    staged = []
+    for fp in _load(version):
+        target = site / fp.path
+        backup = target.with_name(target.name + BACKUP_SUFFIX)
+        if not backup.exists():
+            return None
+        orig = backup.read_text()
+        try:
+            staged.append((target, orig if reverse else _apply(orig, fp.hunks, reverse=False, name=fp.path)))
+        except PatchError:
+            return None
+    return staged
+
+
 def apply(version: str | None = None, site: Path | None = None, reverse: bool = False) -> list[str]:
     """Apply (or revert) every file; idempotent. Returns the files written."""
     version = version or sglang_version()
     site = site or _site()
-    st = state(version, site)
-    if st == ("clean" if reverse else "applied"):
-        return []
-    staged = []
-    for fp in _load(version):
-        target = site / fp.path
-        staged.append((target, _apply(target.read_text(), fp.hunks, reverse=reverse, name=fp.path)))
+    try:
+        st = state(version, site)
+    except PatchError:
+        staged = _from_backups(version, site, reverse)
+        if staged is None:
+            raise
+    else:
+        if st == ("clean" if reverse else "applied"):
+            return []
+        staged = []
+        for fp in _load(version):
+            target = site / fp.path
+            staged.append((target, _apply(target.read_text(), fp.hunks, reverse=reverse, name=fp.path)))
     for target, text in staged:  # every hunk matched: now write
         backup = target.with_name(target.name + BACKUP_SUFFIX)
         if not reverse and not backup.exists():
