@@ -194,6 +194,16 @@ def engine_probe(srv, cfg: dict, pages: int = 128) -> dict:
             "equal": same}
 
 
+def start_py_spy(pid: int, out: str) -> subprocess.Popen:
+    """py-spy on the launcher and its children (the scheduler process), GIL holders and idle
+    threads alike, so that waits show too."""
+    cmd = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--threads", "--idle", "--nonblocking",
+           "-r", "100", "-f", "raw", "-o", out]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(2)
+    return p
+
+
 def launch(model: str, cfg_path: str, log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--load-format", "dummy",
            "--host", "127.0.0.1", "--port", str(PORT), "--attention-backend", "triton",
@@ -229,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--file-dir", default="/tmp/hicache-file")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "e2e.json"))
     ap.add_argument("--log", default="/tmp/sglang-e2e.log")
+    ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
+                    "while (d) runs: where the read path spends its time inside SGLang")
     args = ap.parse_args(argv)
     from sglang_objectcache.testbed.servers import start_seaweedfs
 
@@ -280,7 +292,11 @@ def main(argv=None) -> int:
             gen(new(65536))  # are seen once, so they are never backed up
         time.sleep(2)
         each("host")  # (b)
+        spy = start_py_spy(proc.pid, args.py_spy) if args.py_spy else None
         each("oc_layerwise")  # (d)
+        if spy is not None:
+            spy.send_signal(2)  # py-spy writes its file on SIGINT
+            spy.wait(60)
         big = sorted(bucket.objects(), key=lambda o: o["path"])
         res["ceiling"] = bucket.ceiling(big[: max(1, max(lengths) * KV_PER_TOKEN // (64 << 20))])
         print(f"ceiling {res['ceiling']}", flush=True)

@@ -3,19 +3,21 @@
 #
 #   bash benchmarks/gpu/run_e2e.sh setup     # carry .carry/site-517.tar.xz .carry/w1 (<= 64 MiB)
 #   bash benchmarks/gpu/run_e2e.sh s3        # carry .carry/weed.xz .carry/w2
-#   bash benchmarks/gpu/run_e2e.sh run       # one server, both shapes: benchmarks/e2e_gpu.py
+#   bash benchmarks/gpu/run_e2e.sh run [--with-file] [--py-spy $OUT/spy.raw]
+#                                            # one server, both shapes: benchmarks/e2e_gpu.py
 #
 # What to carry, built on a networked machine:
 #   .carry/site-517.tar.xz   SGLang 0.5.17 and what launch_server imports (build_sglang_0517_bundle.sh
 #                            from the project's shared GPU tools; ~51 MiB)
 #   .carry/w1/               cffi, pycparser, obstore, pyyaml wheels (cp312) and this package's wheel
 #                            (pip wheel --no-deps --no-build-isolation . -w .carry/w1)
-#   .carry/w2/               the botocore/aioboto3 wheels; .carry/weed.xz: SeaweedFS 4.48's `weed`, xz
+#   .carry/w2/               the botocore/aioboto3 wheels and py-spy; .carry/weed.xz: SeaweedFS 4.48's
+#                            `weed`, xz
 #   .carry/make_tiny_llama.py  a local tokenizer + config (no hub access there)
 set -e
 C=${CARRY:-.carry}
 S=/tmp/site
-export PYTHONPATH=$S SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 WEED_BINARY=/tmp/weed
+export PYTHONPATH=$S SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 WEED_BINARY=/tmp/weed PATH=$S/bin:$PATH
 case "$1" in
 setup)
   mkdir -p $S && tar -C $S -xJf $C/site-517.tar.xz
