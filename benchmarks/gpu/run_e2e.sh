@@ -6,14 +6,9 @@
 #   bash benchmarks/gpu/run_e2e.sh run [--with-file] [--py-spy $OUT/spy.raw]
 #                                            # one server, both shapes: benchmarks/e2e_gpu.py
 #
-# What to carry, built on a networked machine:
-#   .carry/site-517.tar.xz   SGLang 0.5.17 and what launch_server imports (build_sglang_0517_bundle.sh
-#                            from the project's shared GPU tools; ~51 MiB)
-#   .carry/w1/               cffi, pycparser, obstore, pyyaml wheels (cp312) and this package's wheel
-#                            (pip wheel --no-deps --no-build-isolation . -w .carry/w1)
-#   .carry/w2/               the botocore/aioboto3 wheels and py-spy; .carry/weed.xz: SeaweedFS 4.48's
-#                            `weed`, xz
-#   .carry/make_tiny_llama.py  a local tokenizer + config (no hub access there)
+# What to carry: benchmarks/gpu/prepare_carry.sh builds it on a networked machine into .carry/.
+# The machine is released after 30 s idle: issue `s3`, `setup` and `run` back to back (setup+run can
+# be one call).
 set -e
 C=${CARRY:-.carry}
 S=/tmp/site
@@ -26,15 +21,7 @@ setup)
   python3 -m pip install -q --no-index --no-deps --target $S $C/w1/*.whl
   python3 -m sglang_objectcache.cli.main patch-sglang
   python3 -m sglang_objectcache.cli.main version
-  python3 $C/make_tiny_llama.py /tmp/m8b >/dev/null 2>&1
-  python3 - <<'PY'
-import json
-c = json.load(open("/tmp/m8b/config.json"))
-c.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-         num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, vocab_size=128256,
-         rope_theta=500000.0, tie_word_embeddings=False)
-json.dump(c, open("/tmp/m8b/config.json", "w"), indent=1)
-PY
+  python3 benchmarks/gpu/make_model.py /tmp/m8b
   ;;
 s3)
   xz -dc $C/weed.xz > /tmp/weed && chmod +x /tmp/weed
