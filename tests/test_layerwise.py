@@ -301,3 +301,11 @@ def test_runtime_reattach_of_another_backend_drops_the_streaming_state(s3_env, p
     assert ok, msg
     assert cc.oc_layerwise is None
     cc.storage_backend.close()
+
+
+def test_version_reports_the_patch_state(capsys):
+    from sglang_objectcache.cli.main import main
+
+    assert main(["version"]) == 0
+    out = capsys.readouterr().out
+    assert "sglang 0.5.17: supported" in out and "layer-wise streaming patch: " in out

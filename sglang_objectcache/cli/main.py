@@ -84,6 +84,14 @@ def _version(_args) -> int:
     except UnsupportedSGLang as e:
         v, ok = "-", str(e)
     print(f"sglang-objectcache {__version__}; sglang {v}: {ok}")
+    from ..sglang.patcher import PatchError, available_versions, state
+
+    if v in available_versions():
+        try:
+            print(f"layer-wise streaming patch: {'applied' if state(v) == 'applied' else 'not applied'} "
+                  "(objectcache patch-sglang)")
+        except PatchError as e:
+            print(f"layer-wise streaming patch: {e}")
     return 0
 
 
