@@ -80,3 +80,26 @@ def test_staggered_arrival_and_first_layer():
     a, b = out
     assert a.first_layer == pytest.approx(4 * 8 * 256 * 1024 * 8 / rate, rel=1e-6)  # 8 objects x one group
     assert b.first_layer > 0  # b waits for a (fewer bytes left) then starts
+
+
+def test_request_state_answers_match_a_pass_over_the_reads():
+    """bytes_left / bytes_for_next_layer / largest_read come from precomputed sums: they must equal
+    the plain definitions at every step, for layer-ordered and unordered read lists."""
+    import random
+
+    from sglang_objectcache.engine.policy import RequestState
+
+    rng = random.Random(3)
+    for ordered in (True, False):
+        reads = [(rng.randrange(1, 9) << 20, l, l + 2) for l in range(0, 32, 2) for _ in range(3)]
+        if not ordered:
+            rng.shuffle(reads)
+        r = RequestState("r", 0.0, list(reads), 32, 0.001)
+        assert r.largest_read == max(n for n, _, _ in reads)
+        while not r.done:
+            k = reads[r.next_read][1]
+            assert r.bytes_left == r.left_in_read + sum(n for n, _, _ in reads[r.next_read + 1:])
+            assert r.bytes_for_next_layer() == r.left_in_read + sum(
+                n for n, l0, _ in reads[r.next_read + 1:] if l0 <= k)
+            r.advance(r.left_in_read, 1.0)
+        assert r.bytes_left == 0 and r.bytes_for_next_layer() == 0

@@ -40,6 +40,13 @@ class RequestState:
         for _, l0, l1 in self.reads:
             if not (0 <= l0 < l1 <= self.n_layers or l0 == l1 == -1):  # -1: a footer read
                 raise ValueError(f"{self.name}: read of layers [{l0}, {l1}) outside 0..{self.n_layers}")
+        # The reads never change: precompute what the policies ask on every grant, which otherwise
+        # costs a pass over all reads each time (quadratic in a 64K-token prefix's 1024 reads).
+        self._after = [0] * (len(self.reads) + 1)  # bytes of reads[i:]
+        for i in range(len(self.reads) - 1, -1, -1):
+            self._after[i] = self._after[i + 1] + self.reads[i][0]
+        self.largest_read = max((n for n, _, _ in self.reads), default=0)
+        self._sorted = all(a[1] <= b[1] for a, b in zip(self.reads, self.reads[1:]))
 
     @property
     def done(self) -> bool:
@@ -47,7 +54,7 @@ class RequestState:
 
     @property
     def bytes_left(self) -> float:
-        return self.left_in_read + sum(n for n, _, _ in self.reads[self.next_read + 1:])
+        return self.left_in_read + self._after[min(self.next_read + 1, len(self.reads))]
 
     def advance(self, nbytes: float, now: float) -> bool:
         """Move `nbytes` of the current read; True when it completes (its layers land at `now`)."""
@@ -78,11 +85,13 @@ class RequestState:
         if self.done:
             return 0.0
         k = self.reads[self.next_read][1]
-        return self.left_in_read + sum(n for n, l0, _ in self.reads[self.next_read + 1:] if l0 <= k)
-
-    @property
-    def largest_read(self) -> int:
-        return max((n for n, _, _ in self.reads), default=0)
+        total = self.left_in_read
+        for n, l0, _ in self.reads[self.next_read + 1:]:
+            if l0 <= k:
+                total += n
+            elif self._sorted:  # layer-ordered plans: nothing later carries layer k
+                break
+        return total
 
     def need_time(self, now: float) -> float:
         """When the forward pass will want the first layer not yet landed."""

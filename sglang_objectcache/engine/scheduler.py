@@ -122,12 +122,15 @@ class ReadScheduler:
                 cands = self._candidates()
                 if not cands:
                     break
-                now = time.monotonic()
-                shares = self.policy.shares([c.view for c in cands], now, self.rate or 1e12)
-                # serial policies name one request; `fair` shares equally: each active request in
-                # turn (the least recently granted first), which is equal sharing per read
-                best = max(cands, key=lambda c: (shares.get(c.view.name, 0.0), -c.last_grant
-                                                 if len(shares) > 1 else 0, -c.view.arrival))
+                if len(cands) == 1:  # nothing to rank: the common case of one request at a time
+                    best = cands[0]
+                else:
+                    now = time.monotonic()
+                    shares = self.policy.shares([c.view for c in cands], now, self.rate or 1e12)
+                    # serial policies name one request; `fair` shares equally: each active request
+                    # in turn (the least recently granted first), which is equal sharing per read
+                    best = max(cands, key=lambda c: (shares.get(c.view.name, 0.0), -c.last_grant
+                                                     if len(shares) > 1 else 0, -c.view.arrival))
                 nbytes = best.view.reads[best.view.next_read][0]
                 if self.rate:
                     self._refill()
