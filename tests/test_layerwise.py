@@ -309,3 +309,21 @@ def test_version_reports_the_patch_state(capsys):
     assert main(["version"]) == 0
     out = capsys.readouterr().out
     assert "sglang 0.5.17: supported" in out and "layer-wise streaming patch: " in out
+
+
+def test_a_stalled_stream_fails_the_gate_once_within_its_deadline():
+    """A stream that stops delivering (no failure reported) must not hold the forward for one
+    timeout per layer: one deadline for the load, then every later layer opens at once."""
+    from sglang_objectcache.engine.readiness import LayerReadiness
+    from sglang_objectcache.sglang.layerwise import LayerGate
+
+    readiness = LayerReadiness(LAYERS, [1] * LAYERS)
+    readiness.arrived(0, 1)  # layer 0 landed, then nothing more
+    stream = types.SimpleNamespace(readiness=readiness, reason=lambda: "stalled")
+    gate = LayerGate([stream], LAYERS, timeout=0.3)
+    t = time.monotonic()
+    opened = [gate.wait(layer) for layer in range(LAYERS)]
+    took = time.monotonic() - t
+    assert opened[0] and not any(opened[1:])
+    assert gate.failed and "layer 1 not ready" in gate.failed
+    assert took < 3.0, took  # one deadline (0.3 s), not one per layer (31 x 0.3 s)

@@ -65,6 +65,7 @@ class LayerGate:
         self.streams = streams
         self.n_layers = n_layers
         self.timeout = timeout
+        self.deadline = time.monotonic() + timeout  # one budget for all layers, not one per layer
         self.failed: Optional[str] = None
         self.opened_at: list[Optional[float]] = [None] * n_layers  # when layer l's copy was released
         self._enqueued = [threading.Event() for _ in range(n_layers)]
@@ -73,9 +74,10 @@ class LayerGate:
     def wait(self, layer: int) -> bool:
         """Loader thread, before layer `layer`'s copy: block until it is in host memory."""
         for s in self.streams:
-            if not s.readiness.wait(layer, self.timeout):
-                if self.failed is None:
-                    self.failed = s.reason() if s.readiness.failed else f"layer {layer} not ready after {self.timeout:.0f}s"
+            if self.failed is not None:
+                break  # the batch is lost: open the remaining layers at once
+            if not s.readiness.wait(layer, max(0.0, self.deadline - time.monotonic())):
+                self.failed = s.reason() if s.readiness.failed else f"layer {layer} not ready after {self.timeout:.0f}s"
         self.opened_at[layer] = time.monotonic()
         return self.failed is None
 
