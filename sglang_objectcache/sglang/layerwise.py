@@ -351,7 +351,13 @@ def attach(controller, backend) -> Optional[Layerwise]:
     """Called after the backend is attached: turn streaming on where the patch and the set-up
     allow it, and say so once."""
     if not getattr(controller, "oc_layerwise_patch", False):
-        return None  # SGLang is not patched: classic prefetch
+        from .patcher import available_versions
+        from .compat import sglang_version
+
+        if sglang_version() in available_versions():
+            log.info("objectcache: SGLang is not patched, so storage hits load whole before admission; "
+                     "`objectcache patch-sglang` enables layer-wise streaming")
+        return None
     cfg = getattr(backend, "config", None)
     if cfg is None or not cfg.layerwise:
         log.info("objectcache: layer-wise streaming is off (layerwise: false)")
