@@ -327,3 +327,25 @@ def test_a_stalled_stream_fails_the_gate_once_within_its_deadline():
     assert opened[0] and not any(opened[1:])
     assert gate.failed and "layer 1 not ready" in gate.failed
     assert took < 3.0, took  # one deadline (0.3 s), not one per layer (31 x 0.3 s)
+
+
+@seaweedfs_only
+def test_nodes_of_a_reset_tree_are_never_dropped(tree):
+    """flush_cache resets the tree: poisoned nodes of the old tree still link to each other, but
+    their slots now belong to the new tree, so the clean-up must leave them alone."""
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cc = tree.cache_controller
+    lw = cc.oc_layerwise
+    tokens = list(range(1, 4 * PAGE + 1))
+    idx = cc.mem_pool_host.alloc(len(tokens))
+    tree._insert_helper_host(tree.root_node, RadixKey(tokens), idx, cc.get_hash_str(tokens, None, page_size=PAGE))
+    (node,) = tree.root_node.children.values()
+    assert lw._in_tree(tree, node)
+    node.oc_poisoned = True
+    lw._poisoned.append(node)
+    tree.reset()
+    free = cc.mem_pool_host.available_size()
+    lw.poll(tree)
+    assert not lw._in_tree(tree, node) and lw.counters["dropped_nodes"] == 0 and not lw._poisoned
+    assert cc.mem_pool_host.available_size() == free

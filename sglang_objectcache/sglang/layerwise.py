@@ -272,9 +272,8 @@ class Layerwise:
         keep = []
         roots = {id(self._top_poisoned(n)): self._top_poisoned(n) for n in self._poisoned}
         for node in roots.values():
-            parent = node.parent
-            if parent is None or parent.children.get(node.key.child_key(self.page_size)) is not node:
-                continue  # already gone (evicted or dropped)
+            if not self._in_tree(tree, node):
+                continue  # already gone: evicted, dropped, or the whole tree was reset (flush_cache)
             sub, stack = [], [node]
             while stack:
                 n = stack.pop()
@@ -301,6 +300,15 @@ class Layerwise:
                 return True
             node = node.parent
         return False
+
+    def _in_tree(self, tree, node) -> bool:
+        """Whether `node` hangs, link by link, from this tree's current root. After a reset the old
+        nodes still point at each other, but their slots belong to the new tree: never free them."""
+        while node.parent is not None:
+            if node.parent.children.get(node.key.child_key(self.page_size)) is not node:
+                return False
+            node = node.parent
+        return node is tree.root_node
 
     @staticmethod
     def _top_poisoned(node):
