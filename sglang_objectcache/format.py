@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 import msgpack
 import numpy as np
-import xxhash
+
+from .gil_held import memmove, xxh3_64
 
 MAGIC = b"OCKV"
 VERSION = 1
@@ -106,17 +107,16 @@ def encode(
     footer_len = meta_bytes_for(fp, keys, n_layers, piece) - TRAILER.size
     out = bytearray(data_bytes + footer_len + TRAILER.size)
     base = buffer_address(out)
-    mv = memoryview(out)
     sums = bytearray(8 * n_layers * n)
     for layer in range(n_layers):
         for slot in range(n):
             pos = start = (layer * n + slot) * piece
             for addr, length in segments(layer, first + slot):
-                ctypes.memmove(base + pos, addr, length)
+                memmove(base + pos, addr, length)
                 pos += length
             if pos - start != piece:
                 raise ValueError(f"page {first + slot} layer {layer}: {pos - start} bytes, expected {piece}")
-            struct.pack_into("<Q", sums, 8 * (layer * n + slot), xxhash.xxh3_64_intdigest(mv[start:pos]))
+            struct.pack_into("<Q", sums, 8 * (layer * n + slot), xxh3_64(base + start, piece))
     footer = _pack_footer(fp, keys, n_layers, piece, bytes(sums))
     assert len(footer) == footer_len  # its size depends only on its shape
     out[data_bytes : data_bytes + footer_len] = footer
@@ -167,19 +167,20 @@ def decode_header(obj) -> Header:
     return h
 
 
-def verify_piece(header: Header, buf, buf_offset: int, layer: int, slot: int) -> memoryview:
-    """Return the verified bytes of piece (layer, slot); `buf` holds object bytes from buf_offset."""
+def verify_piece(header: Header, buf, buf_offset: int, layer: int, slot: int, address: int | None = None) -> None:
+    """Check piece (layer, slot) of `buf`, which holds object bytes from buf_offset; `address`, the
+    address of buf's first byte, saves looking it up per piece."""
     start = header.piece_offset(layer, slot) - buf_offset
-    mv = memoryview(buf)[start : start + header.piece_bytes]
-    if len(mv) != header.piece_bytes:
+    if start < 0 or start + header.piece_bytes > len(buf):
         raise CorruptObject(f"object truncated at layer {layer} page {slot}")
-    if xxhash.xxh3_64_intdigest(mv) != header.checksum(layer, slot):
+    if address is None:
+        address = readonly_address(buf)
+    if xxh3_64(address + start, header.piece_bytes) != header.checksum(layer, slot):
         raise CorruptObject(f"checksum mismatch at layer {layer} page {slot}")
-    return mv
 
 
 def scatter(src_addr: int, segments: Segments) -> None:
     """Copy one verified piece starting at src_addr into its target segments."""
     for addr, length in segments:
-        ctypes.memmove(addr, src_addr, length)
+        memmove(addr, src_addr, length)
         src_addr += length

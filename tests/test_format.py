@@ -72,3 +72,28 @@ def test_scatter_round_trip():
         for j in range(2):
             scatter(base + h.piece_offset(layer, j), dst.segments()(layer, j))
     assert (dst.data == src.data).all()
+
+
+def test_gil_held_primitives_match_the_library_and_keep_the_gil():
+    """The copy and checksum used on the read path: same xxh3-64 values as the xxhash package
+    (objects stay compatible), a correct memmove, and both called without releasing the GIL
+    (ctypes' PYTHONAPI flag), which is what keeps them fast next to SGLang's busy scheduler."""
+    import ctypes
+
+    import numpy as np
+    import xxhash
+
+    from sglang_objectcache import gil_held
+    from sglang_objectcache.format import buffer_address
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 17, 240, 4096, 256 << 10):
+        buf = bytearray(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        addr = buffer_address(buf) if n else 0
+        assert gil_held.xxh3_64(addr, n) == xxhash.xxh3_64_intdigest(bytes(buf))
+    src = bytearray(rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+    dst = bytearray(len(src))
+    gil_held.memmove(buffer_address(dst), buffer_address(src), len(src))
+    assert dst == src
+    for f in (gil_held.memmove, gil_held.xxh3_64):
+        assert f._flags_ & ctypes._FUNCFLAG_PYTHONAPI, f

@@ -85,11 +85,12 @@ class ObjectRead:
 
     def _apply(self, start: int, l0: int, l1: int, buf, segments) -> None:
         h = self.header
+        address = readonly_address(buf)
         if self.verify:  # verify the whole range before writing any of it
             for layer in range(l0, l1):
                 for slot in self.slots:
-                    verify_piece(h, buf, start, layer, slot)
-        base = readonly_address(buf) - start
+                    verify_piece(h, buf, start, layer, slot, address)
+        base = address - start
         for layer in range(l0, l1):
             for j, slot in enumerate(self.slots):
                 scatter(base + h.piece_offset(layer, slot), segments(layer, self.first + j))
