@@ -351,10 +351,16 @@ def plot_real(rows: list[dict], cap_gib: float, scale: int, path: str) -> None:
         ax.bar([i + (k - 1) * 0.27 for i in x], med, 0.27, yerr=[lo, hi], capsize=2, label=f"{pol} (real)")
     ax.scatter(list(x), [r["best_serial"] * 1e3 for r in rows], marker="_", s=300, color="k", zorder=3,
                label="model: best one-at-a-time")
-    ax.set_xticks(list(x))
+    _finish_plot(fig, ax, rows, "mean added TTFT, ms (median of repetitions, min-max bars)",
+                 f"Real transfers through a {cap_gib:g} GiB/s cap, SeaweedFS on loopback, prefixes / {scale}", path)
+
+
+def _finish_plot(fig, ax, rows: list[dict], ylabel: str, title: str, path: str) -> None:
+    """Case names under the bars, labels, legend, file."""
+    ax.set_xticks(list(range(len(rows))))
     ax.set_xticklabels([r["case"].replace(" suffix=", "\ns=") for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("mean added TTFT, ms (median of repetitions, min-max bars)")
-    ax.set_title(f"Real transfers through a {cap_gib:g} GiB/s cap, SeaweedFS on loopback, prefixes / {scale}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -421,13 +427,8 @@ def main(argv=None) -> int:
         for k, pol in enumerate(POLS):
             ax.bar([i + (k - 1) * 0.27 for i in x], [r["policies"][pol]["mean"] * 1e3 for r in rows], 0.27,
                    label=pol)
-        ax.set_xticks(list(x))
-        ax.set_xticklabels([r["case"].replace(" suffix=", "\ns=") for r in rows], rotation=90, fontsize=7)
-        ax.set_ylabel("mean added TTFT, ms (fluid model)")
-        ax.set_title(f"Sharing a {args.cap_gib:g} GiB/s cap: Llama-3.1-8B, 8-page objects, H200-modelled compute")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
+        _finish_plot(fig, ax, rows, "mean added TTFT, ms (fluid model)",
+                     f"Sharing a {args.cap_gib:g} GiB/s cap: Llama-3.1-8B, 8-page objects, H200-modelled compute", png)
     print(f"plot: {png}")
     return 0
 
