@@ -367,7 +367,9 @@ def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, pre
         assert f.readiness.wait(0, 5)
         assert not f.readiness.is_ready(3), "the last layer should still be in flight"
         assert np.array_equal(dst.data[:, 0], src.data[:, 0])
+        assert 0 < len(f._futs) < len(f.plan.reads), "landed reads (and their bytes) are let go at once"
         assert f.wait(10) == [True] * 4
+        assert not f._futs
         assert np.array_equal(dst.data, src.data)
         assert f.readiness.ready_at == sorted(f.readiness.ready_at)
     finally:

@@ -39,7 +39,9 @@ class Fetch:
         self._lock = threading.Lock()
         self._left = len(plan.reads)
         self._finished = threading.Event()
-        self._futs: list[cf.Future] = []
+        # reads not yet landed; a landed read leaves at once, so that its bytes are freed as soon as
+        # they are copied (a future keeps its result, and the callback closure keeps this Fetch)
+        self._futs: set[cf.Future] = set()
         if not self._left:
             self._finished.set()
             on_finish()
@@ -47,12 +49,15 @@ class Fetch:
     def start(self) -> "Fetch":
         for read in self.plan.reads:
             fut = self._submit(self.plan.objects[read.obj], read)
-            self._futs.append(fut)
+            with self._lock:
+                self._futs.add(fut)
             fut.add_done_callback(lambda f, r=read: self._fetched(r, f))
         return self
 
     def _fetched(self, read: Read, fut: cf.Future) -> None:
         """On the loop thread: hand the bytes to a copy thread, or record the failure."""
+        with self._lock:
+            self._futs.discard(fut)
         obj = self.plan.objects[read.obj]
         if fut.cancelled():
             self._fail(read, "cancelled")
@@ -107,14 +112,17 @@ class Fetch:
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop what has not arrived; the request fails with `reason`."""
         self.readiness.fail(reason)
-        for f in self._futs:
+        with self._lock:
+            futs = list(self._futs)
+        for f in futs:
             f.cancel()
 
     def wait(self, timeout: float) -> list[bool]:
         """Per-page results, once every read has landed or failed; after `timeout` seconds the rest
         is cancelled. Returns only when no copy into the caller's buffers is running."""
         if not self._finished.wait(timeout):
-            pending = sum(1 for f in self._futs if not f.done())
+            with self._lock:
+                pending = sum(1 for f in self._futs if not f.done())
             self._on_event("timeout", None, pending)
             self.cancel(f"deadline of {timeout:.1f}s passed with {pending} reads pending")
             if not self._finished.wait(60.0):  # cancelled reads finish at once; copies are local
