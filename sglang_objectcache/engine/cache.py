@@ -218,9 +218,14 @@ class ObjectCache:
 
     def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
         """Fill pages from storage; one bool per key, within the configured deadline."""
-        ok = self.fetch(keys, segments).wait(self.cfg.timeout)
+        return self.collect(self.fetch(keys, segments))
+
+    def collect(self, fetch: Fetch) -> list[bool]:
+        """Wait for a started fetch within the configured deadline and count it as one read call:
+        `get` is fetch plus collect; a caller that needs the layers as they land uses the two."""
+        ok = fetch.wait(self.cfg.timeout)
         hits = sum(ok)
-        self.stats.add(get_calls=1, get_pages=len(keys), get_hits=hits,
+        self.stats.add(get_calls=1, get_pages=len(ok), get_hits=hits,
                        read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
         return ok
 

@@ -108,11 +108,12 @@ class ObjectCacheStorage(HiCacheStorage):
             log.exception("objectcache: cannot start a layer-wise fetch of %d pages", len(keys))
             return None
 
-    def record_get(self, keys: int, hits: int, seconds: float) -> None:
-        """Account a read that went through `start_layer_fetch`, as `batch_get_v1` does its own."""
-        self.cache.stats.add(get_calls=1, get_pages=keys, get_hits=hits,
-                             read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
-        self._record("get", hits, seconds)
+    def finish_layer_fetch(self, fetch, started: float) -> List[bool]:
+        """Wait for a fetch from `start_layer_fetch` (the configured deadline) and account it as
+        `batch_get_v1` accounts its calls; `started` is its perf_counter() start."""
+        ok = self.cache.collect(fetch)
+        self._record("get", sum(ok), time.perf_counter() - started)
+        return ok
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
         if not keys or not self._ready():

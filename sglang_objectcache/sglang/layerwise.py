@@ -44,7 +44,6 @@ class Stream:
     """One prefetch operation's layer-ordered fetch, from the IO thread to the tree."""
 
     def __init__(self, fetch, slots: torch.Tensor):
-        self.fetch = fetch
         self.readiness = fetch.readiness
         self.slots = slots  # host token slots the fetch writes
         self.admitted = False  # set under the operation's lock by the scheduler
@@ -52,7 +51,6 @@ class Stream:
         self.ok: Optional[bool] = None  # every page landed and verified (set once closed)
         self.deferred: Optional[torch.Tensor] = None  # duplicate slots, freed when the fetch ends
         self.nodes: list = []  # tree nodes whose host_value lies in `slots`
-        self.started = time.monotonic()
 
     def reason(self) -> str:
         return self.readiness.failed or "incomplete"
@@ -156,9 +154,8 @@ class Layerwise:
         if planned == len(keys):  # stream only what will arrive in full; else the classic path
             with op._lock:
                 op.oc_stream = stream
-        ok = fetch.wait(self.backend.config.timeout)
+        ok = self.backend.finish_layer_fetch(fetch, t0)
         good = next((i for i, v in enumerate(ok) if not v), len(ok))
-        self.backend.record_get(len(keys), good, time.perf_counter() - t0)
         with op._lock:
             stream.closed = True
             stream.ok = good == len(keys)
