@@ -38,6 +38,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # transports.py: the shared geometry
 
 PORT = 30000
 URL = f"http://127.0.0.1:{PORT}"
@@ -159,34 +160,24 @@ class Bucket:
 def engine_probe(srv, cfg: dict, pages: int = 128) -> dict:
     """The engine alone, in this process, on the same server: put then get `pages` Llama-8B pages
     (256 KiB per layer), so a slow server-side rate can be told from a slow server."""
-    import hashlib
-
     import numpy as np
+    from transports import PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of
 
     from sglang_objectcache.config import parse_config
     from sglang_objectcache.engine.cache import ObjectCache
-    from sglang_objectcache.keys import Fingerprint
 
-    fp = Fingerprint(model="probe", dtype="bfloat16", page_size=64, n_layers=LAYERS, start_layer=0,
-                     piece_bytes=256 << 10, attention="mha", kv_heads=8, head_dim=128, v_head_dim=128,
-                     tp_rank=0, tp_size=1)
-    data = np.random.default_rng(0).integers(0, 256, size=(pages, LAYERS, 256 << 10), dtype=np.uint8)
+    data = np.random.default_rng(0).integers(0, 256, size=(pages, LAYERS, PIECE), dtype=np.uint8)
     out = np.zeros_like(data)
-
-    def segs(arr):
-        return lambda layer, i: [(arr[i, layer].ctypes.data, 256 << 10)]
-    keys, h = [], b""
-    for i in range(pages):
-        h = hashlib.sha256(h + str(i).encode()).digest()
-        keys.append(h.hex())
-    cache = ObjectCache(parse_config(dict(cfg, tiers=[dict(cfg["tiers"][0], prefix="probe")])), fp)
+    keys = page_keys(pages)
+    cfg = dict(cfg, tiers=[dict(cfg["tiers"][0], prefix="probe")])
+    cache = ObjectCache(parse_config(cfg), llama_fingerprint("probe"))
     try:
         t = time.perf_counter()
-        ok = cache.put(keys, segs(data))
-        put = pages * LAYERS * (256 << 10) / (time.perf_counter() - t) / 2**30
+        ok = cache.put(keys, segments_of(data))
+        put = pages * PAGE_BYTES / (time.perf_counter() - t) / 2**30
         t = time.perf_counter()
-        got = cache.get(keys, segs(out))
-        get = pages * LAYERS * (256 << 10) / (time.perf_counter() - t) / 2**30
+        got = cache.get(keys, segments_of(out))
+        get = pages * PAGE_BYTES / (time.perf_counter() - t) / 2**30
         same = bool(np.array_equal(data, out))
     finally:
         cache.close()

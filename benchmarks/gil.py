@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from transports import LAYERS, PIECE, segments_of  # noqa: E402
+from transports import LAYERS, PIECE, llama_fingerprint, page_keys, segments_of  # noqa: E402
 
 from sglang_objectcache import format as fmt  # noqa: E402
 from sglang_objectcache import gil_held  # noqa: E402
@@ -102,15 +102,14 @@ class _Nothing:
 def engine(pages: int) -> None:
     from sglang_objectcache.config import parse_config
     from sglang_objectcache.engine.cache import ObjectCache
-    from sglang_objectcache.keys import Fingerprint
     from sglang_objectcache.testbed import servers
 
     srv = servers.start_seaweedfs(memory_limit_mb=None)
     os.environ.update(srv.env())
     try:
-        fp = Fingerprint("gil", "bfloat16", 64, LAYERS, 0, PIECE, "mha", 8, 128, 128, 0, 1)
+        fp = llama_fingerprint("gil")
         data = np.random.default_rng(0).integers(0, 256, size=(pages, LAYERS, PIECE), dtype=np.uint8)
-        keys = [f"{i:064x}" for i in range(pages)]
+        keys = page_keys(pages)
         tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "gil"}
         cache = ObjectCache(parse_config({"tiers": [tier]}), fp)
         assert all(cache.put(keys, segments_of(data)))

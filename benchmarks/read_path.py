@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from transports import GiB, LAYERS, PAGE_BYTES, PIECE, raw_obstore, segments_of  # noqa: E402
+from transports import (GiB, LAYERS, PAGE_BYTES, PIECE, llama_fingerprint, page_keys,  # noqa: E402
+                        raw_obstore, segments_of)
 
 from sglang_objectcache.config import parse_config  # noqa: E402
 from sglang_objectcache.engine.cache import ObjectCache  # noqa: E402
-from sglang_objectcache.keys import Fingerprint  # noqa: E402
 
 
 def main() -> int:
@@ -41,9 +41,9 @@ def main() -> int:
     try:
         n = args.pages
         pages = np.random.default_rng(0).integers(0, 256, size=(n, LAYERS, PIECE), dtype=np.uint8)
-        fp = Fingerprint("rp", "bfloat16", 64, LAYERS, 0, PIECE, "mha", 8, 128, 128, 0, 1)
+        fp = llama_fingerprint("rp")
 
-        keys = [f"{i:064x}" for i in range(n)]
+        keys = page_keys(n)
         tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "rp"}
         w = ObjectCache(parse_config({"tiers": [tier]}), fp)
         for i in range(0, n, 128):

@@ -33,6 +33,16 @@ from sglang_objectcache.keys import Fingerprint  # noqa: E402
 
 LAYERS, PIECE = 32, 256 << 10  # Llama-3.1-8B, page 64, bf16: K+V of one layer of one page
 PAGE_BYTES = LAYERS * PIECE
+
+
+def llama_fingerprint(model: str) -> Fingerprint:
+    """The pool geometry every engine benchmark uses: Llama-3.1-8B, page 64, bf16, TP 1."""
+    return Fingerprint(model, "bfloat16", 64, LAYERS, 0, PIECE, "mha", 8, 128, 128, 0, 1)
+
+
+def page_keys(n: int) -> list[str]:
+    """n distinct 64-hex page keys, shaped like SGLang's."""
+    return [f"{i:064x}" for i in range(n)]
 GiB = 2**30
 
 
@@ -122,10 +132,10 @@ def raw_aioboto3(srv, objects: int, conc: int) -> dict:
 def engine(srv, transport: str, pages: np.ndarray, conc: int, ppo: int = 8, verify: bool = True) -> dict:
     n = len(pages)
     prefix = f"eng-{uuid.uuid4().hex[:6]}"
-    fp = Fingerprint("bench", "bfloat16", 64, LAYERS, 0, PIECE, "mha", 8, 128, 128, 0, 1)
+    fp = llama_fingerprint("bench")
     tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
             "transport": transport, "max_connections": conc}
-    keys = [f"{i:064x}" for i in range(n)]
+    keys = page_keys(n)
     c = ObjectCache(parse_config({"tiers": [tier], "pages_per_object": ppo}), fp)
     t = time.perf_counter()
     for i in range(0, n, 128):
