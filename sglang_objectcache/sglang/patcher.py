@@ -36,24 +36,27 @@ class FilePatch:
     hunks: list[Hunk]
 
 
-def patch_dir(version: str) -> Path:
-    """The patch set for an SGLang version: the repository's `patches/` or the installed copy."""
+def _patch_dirs() -> dict[str, Path]:
+    """SGLang version -> its patch set, from the installed copy or the repository's `patches/`."""
     here = Path(__file__).resolve().parent.parent
+    found: dict[str, Path] = {}
     for root in (here / "patches", here.parent / "patches"):
-        d = root / f"sglang-{version}"
-        if d.is_dir():
-            return d
-    raise PatchError(f"no patch set for SGLang {version}; layer-wise streaming patches exist for "
-                     f"{', '.join(available_versions()) or 'no version'}")
+        for d in sorted(root.glob("sglang-*")) if root.is_dir() else ():
+            if d.is_dir():
+                found.setdefault(d.name.removeprefix("sglang-"), d)
+    return found
+
+
+def patch_dir(version: str) -> Path:
+    d = _patch_dirs().get(version)
+    if d is None:
+        raise PatchError(f"no patch set for SGLang {version}; layer-wise streaming patches exist for "
+                         f"{', '.join(available_versions()) or 'no version'}")
+    return d
 
 
 def available_versions() -> list[str]:
-    here = Path(__file__).resolve().parent.parent
-    found = set()
-    for root in (here / "patches", here.parent / "patches"):
-        if root.is_dir():
-            found.update(p.name.removeprefix("sglang-") for p in root.glob("sglang-*") if p.is_dir())
-    return sorted(found)
+    return sorted(_patch_dirs())
 
 
 def parse(text: str) -> list[FilePatch]:
