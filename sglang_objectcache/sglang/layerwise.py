@@ -267,7 +267,7 @@ class Layerwise:
 
     def _drop_poisoned(self, tree) -> None:
         keep = []
-        roots = {id(self._top_poisoned(n)): self._top_poisoned(n) for n in self._poisoned}
+        roots = {id(top): top for top in map(self._top_poisoned, self._poisoned)}
         for node in roots.values():
             if not self._in_tree(tree, node):
                 continue  # already gone: evicted, dropped, or the whole tree was reset (flush_cache)
