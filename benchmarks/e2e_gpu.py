@@ -82,13 +82,26 @@ def flush() -> None:
     raise RuntimeError("flush_cache kept failing")
 
 
+def admin(method: str, body: dict | None = None, tries: int = 30) -> None:
+    """Detach or attach the storage backend; SGLang refuses (400) until the scheduler is idle."""
+    for i in range(tries):
+        try:
+            http(method, "/hicache/storage-backend", body)
+            return
+        except urllib.error.HTTPError as e:
+            why = e.read().decode(errors="replace").strip()
+            if i == tries - 1:
+                raise RuntimeError(f"{method} /hicache/storage-backend: {e.code} {why}") from None
+            if i == 0:
+                print(f"  {method} refused ({why}); retrying", flush=True)
+            time.sleep(1)
+
+
 def attach(backend: str, extra: dict) -> None:
-    http("DELETE", "/hicache/storage-backend")
-    r = http("PUT", "/hicache/storage-backend", {
+    admin("DELETE")
+    admin("PUT", {
         "hicache_storage_backend": backend, "hicache_storage_backend_extra_config_json": json.dumps(extra),
         "hicache_storage_prefetch_policy": "wait_complete", "hicache_write_policy": "write_through_selective"})
-    if isinstance(r, dict) and r.get("success") is False:
-        raise RuntimeError(f"attach {backend} failed: {r}")
 
 
 class Bucket:
@@ -157,12 +170,14 @@ class Bucket:
                 "whole_gibps": asyncio.run(whole())}
 
 
-def engine_probe(srv, cfg: dict, pages: int = 128) -> dict:
+def engine_probe(srv, cfg: dict, pages: int = 256) -> dict:
     """The engine alone, in this process, on the same server: put then get `pages` Llama-8B pages
-    (256 KiB per layer), so a slow server-side rate can be told from a slow server."""
+    (256 KiB per layer; 2 GiB), so a slow server-side rate can be told from a slow server. The get
+    runs with the native verify-and-copy and with its per-piece Python fallback."""
     import numpy as np
     from transports import PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of
 
+    from sglang_objectcache import native
     from sglang_objectcache.config import parse_config
     from sglang_objectcache.engine.cache import ObjectCache
 
@@ -171,18 +186,25 @@ def engine_probe(srv, cfg: dict, pages: int = 128) -> dict:
     keys = page_keys(pages)
     cfg = dict(cfg, tiers=[dict(cfg["tiers"][0], prefix="probe")])
     cache = ObjectCache(parse_config(cfg), llama_fingerprint("probe"))
+    res = {"native": native.status()}
     try:
         t = time.perf_counter()
-        ok = cache.put(keys, segments_of(data))
-        put = pages * PAGE_BYTES / (time.perf_counter() - t) / 2**30
-        t = time.perf_counter()
-        got = cache.get(keys, segments_of(out))
-        get = pages * PAGE_BYTES / (time.perf_counter() - t) / 2**30
-        same = bool(np.array_equal(data, out))
+        res["stored"] = sum(cache.put(keys, segments_of(data)))
+        res["put_gibps"] = round(pages * PAGE_BYTES / (time.perf_counter() - t) / 2**30, 2)
+        for mode in ("native", "python"):
+            if mode == "python":
+                native._state.update(fn=None, why="probe")
+            for _ in range(2):
+                out[:] = 0
+                t = time.perf_counter()
+                n = sum(cache.get(keys, segments_of(out)))
+                rate = pages * PAGE_BYTES / (time.perf_counter() - t) / 2**30
+                res[f"get_{mode}_gibps"] = max(res.get(f"get_{mode}_gibps", 0), round(rate, 2))
+            res[f"get_{mode}_ok"] = n == pages and bool(np.array_equal(data, out))
     finally:
+        native._state.clear()
         cache.close()
-    return {"put_gibps": round(put, 2), "get_gibps": round(get, 2), "stored": sum(ok), "read": sum(got),
-            "equal": same}
+    return res
 
 
 def start_py_spy(pid: int, out: str) -> subprocess.Popen:
@@ -206,7 +228,9 @@ def launch(model: str, cfg_path: str, log_path: str) -> subprocess.Popen:
            "--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}",
            "--admin-api-key", ADMIN_KEY]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # DEBUG: one line per read call (pages, bytes, requests, ms, GiB/s, first layer ready)
+    env = dict(os.environ, OBJECTCACHE_LOG_LEVEL="DEBUG")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     t0 = time.time()
     while time.time() - t0 < 500:
         if proc.poll() is not None:
@@ -230,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--file-dir", default="/tmp/hicache-file")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "e2e.json"))
     ap.add_argument("--log", default="/tmp/sglang-e2e.log")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="after (c), also measure objectcache re-attached with these config keys changed, "
+                    "e.g. lw16='{\"read_range_bytes\": \"16MiB\"}' (repeatable)")
     ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
                     "while (d) runs: where the read path spends its time inside SGLang")
     args = ap.parse_args(argv)
@@ -268,9 +295,12 @@ def main(argv=None) -> int:
     def each(name):
         for sh in shapes:
             for L in lengths:
-                if name.startswith("oc_") or name == "file":
-                    flush()  # device and host emptied: the prefix can only come from storage
-                row(sh, L, name, *gen(cached[sh][L] + fresh(sh, L)))
+                try:
+                    if name.startswith("oc_") or name == "file":
+                        flush()  # device and host emptied: the prefix can only come from storage
+                    row(sh, L, name, *gen(cached[sh][L] + fresh(sh, L)))
+                except Exception as e:  # noqa: BLE001 - one failed row must not lose the sitting
+                    print(f"{sh:7s} L={L:6d} {name:12s} failed: {e}", flush=True)
     try:
         gen(new(512))  # warm-up
         for sh in shapes:
@@ -291,8 +321,18 @@ def main(argv=None) -> int:
         big = sorted(bucket.objects(), key=lambda o: o["path"])
         res["ceiling"] = bucket.ceiling(big[: max(1, max(lengths) * KV_PER_TOKEN // (64 << 20))])
         print(f"ceiling {res['ceiling']}", flush=True)
-        attach("objectcache", dict(oc, layerwise=False))
-        each("oc_classic")  # (c)
+        try:
+            attach("objectcache", dict(oc, layerwise=False))
+            each("oc_classic")  # (c)
+        except RuntimeError as e:
+            print(f"(c) skipped: {e}", flush=True)
+        for v in args.variant:
+            name, _, keys = v.partition("=")
+            try:
+                attach("objectcache", dict(oc, **json.loads(keys)))
+                each(name)
+            except RuntimeError as e:
+                print(f"variant {name} skipped: {e}", flush=True)
         if args.with_file:
             attach("file", {})  # its directory: SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR
             cached = {sh: {L: new(len(p)) for L, p in c.items()} for sh, c in cached.items()}
@@ -337,6 +377,12 @@ def finish(res: dict, cached: dict, out: str) -> None:
 
 def print_table(res: dict) -> None:
     names = ("recompute", "device", "host", "oc_classic", "oc_layerwise", "file")
+    extra = sorted({n for rows in res["rows"].values() for r in rows.values() for n, v in r.items()
+                    if isinstance(v, dict)} - set(names))
+    for sh, rows in res["rows"].items():
+        for L, r in rows.items():
+            if any(n in r for n in extra):
+                print(f"{sh:7s} {L:>6} " + "  ".join(f"{n} {r[n]['ms']:.1f} ms" for n in extra if n in r))
     nan = float("nan")
     print(f"\nceiling={res.get('ceiling_gbps', nan)} GB/s (8 MiB ranges, obstore); TTFT in ms")
     print(f"{'shape':7s} {'L':>6} " + " ".join(f"{n:>12}" for n in names)

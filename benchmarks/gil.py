@@ -1,11 +1,12 @@
 """The read path next to a thread that runs Python without pause (as SGLang's scheduler does).
 
 Every call that releases the GIL has to win it back from such a neighbour, which takes up to one
-switch interval (5 ms). This measures, in one run, on one local SeaweedFS:
-- the primitives (128 KiB copies, 256 KiB xxh3) that release the GIL against the ones in
-  `gil_held.py` that keep it;
-- a whole engine read of 64 Llama-3.1-8B pages (512 MiB) with each, alone and next to the busy
-  thread.
+switch interval (5 ms). This measures, in one run, on one local SeaweedFS, three ways to verify and copy:
+- `native`: the whole range in one `native.verify_and_copy` call (GIL released once per range);
+- `per piece, GIL held`: one call per piece that keeps the GIL (`gil_held.py`, the fallback);
+- `per piece, GIL released`: one call per piece that gives the GIL up (ctypes.memmove, xxhash);
+first the primitives over 64 MiB, then a whole engine read of 64 Llama-3.1-8B pages (512 MiB),
+each alone and next to the busy thread.
 
     python benchmarks/gil.py [--pages 64]
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from transports import LAYERS, PIECE, llama_fingerprint, page_keys, segments_of  # noqa: E402
 
-from sglang_objectcache import format as fmt  # noqa: E402
+from sglang_objectcache import native  # noqa: E402
 from sglang_objectcache import gil_held  # noqa: E402
 
 
@@ -53,42 +54,50 @@ class Busy:
         self._t.join()
 
 
-def releasing(on: bool) -> None:
-    """Point the read path at the GIL-releasing primitives (on) or the GIL-held ones (off)."""
-    fmt.memmove = ctypes.memmove if on else gil_held.memmove
-    fmt.xxh3_64 = (lambda a, n: xxhash.xxh3_64_intdigest((ctypes.c_char * n).from_address(a))) if on \
-        else gil_held.xxh3_64
+_RELEASING = (ctypes.memmove, lambda a, n: xxhash.xxh3_64_intdigest((ctypes.c_char * n).from_address(a)))
+_HELD = (gil_held.memmove, gil_held.xxh3_64)
+MODES = ("native", "per piece, GIL held", "per piece, GIL released")
+
+
+def use(mode: str) -> None:
+    """Point the read path at one way of verifying and copying."""
+    gil_held.memmove, gil_held.xxh3_64 = _RELEASING if mode.endswith("released") else _HELD
+    native._state.clear()
+    if mode != "native":
+        native._state.update(fn=None, why=mode)
+    elif native._load() is None:
+        raise SystemExit(f"native helper unavailable: {native.status()}")
 
 
 def primitives() -> None:
+    """Verify and copy 64 MiB as 256 KiB pieces of two 128 KiB segments."""
     src = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
     dst = np.empty_like(src)
-    s, d, piece = src.ctypes.data, dst.ctypes.data, 128 << 10
+    s, d, piece = src.ctypes.data, dst.ctypes.data, 256 << 10
+    pieces = list(range(s, s + len(src), piece))
+    copies = [(d + off, s + off, piece // 2) for off in range(0, len(src), piece // 2)]
+    use("native")
+    sums = native.copy_and_hash([], pieces, piece)
+    per = 32  # pieces per call: one 8 MiB range of 8 pages x 4 layers
 
-    def copy(f):
-        for off in range(0, len(src), piece):
-            f(d + off, s + off, piece)
+    def run():
+        for i in range(0, len(pieces), per):
+            assert native.verify_and_copy(pieces[i:i + per], piece, sums[i:i + per], copies[2 * i:2 * (i + per)]) == -1
 
-    def hash_(f):
-        for off in range(0, len(src), 2 * piece):
-            f(s + off, 2 * piece)
-
-    def rate(fn, busy):
-        fn()
+    def rate(busy):
+        run()
         with Busy() if busy else _Nothing():
             t = time.perf_counter()
             for _ in range(3):
-                fn()
+                run()
             return 3 * len(src) / (time.perf_counter() - t) / 2**30
 
-    xx_rel = lambda a, n: xxhash.xxh3_64_intdigest((ctypes.c_char * n).from_address(a))  # noqa: E731
-    for name, fn in (("copy 128 KiB, GIL released", lambda: copy(ctypes.memmove)),
-                     ("copy 128 KiB, GIL held", lambda: copy(gil_held.memmove)),
-                     ("xxh3 256 KiB, GIL released", lambda: hash_(xx_rel)),
-                     ("xxh3 256 KiB, GIL held", lambda: hash_(gil_held.xxh3_64))):
-        alone, busy = rate(fn, False), rate(fn, True)
-        print(f"{name:28s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  ({busy / alone:.2f})",
-              flush=True)
+    for mode in MODES:
+        use(mode)
+        alone, busy = rate(False), rate(True)
+        print(f"verify+copy, {mode:24s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  "
+              f"({busy / alone:.2f})", flush=True)
+    assert np.array_equal(src, dst)
 
 
 class _Nothing:
@@ -124,16 +133,15 @@ def engine(pages: int) -> None:
                     best = max(best, pages * LAYERS * PIECE / 2**30 / (time.perf_counter() - t))
             return best
 
-        for on in (True, False):
-            releasing(on)
+        for mode in MODES:
+            use(mode)
             alone, busy = rate(False), rate(True)
-            name = "engine read, GIL released" if on else "engine read, GIL held"
-            print(f"{name:28s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  ({busy / alone:.2f})",
-                  flush=True)
+            print(f"engine read, {mode:24s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  "
+                  f"({busy / alone:.2f})", flush=True)
         assert np.array_equal(dst, data)
         cache.close()
     finally:
-        releasing(False)
+        use("native")
         srv.stop()
 
 

@@ -1,16 +1,12 @@
-"""memmove and xxh3-64 that keep the GIL while they run.
+"""memmove and xxh3-64 that keep the GIL while they run: the fallback of `native/`.
 
-Why: inside SGLang the scheduler thread runs Python almost without pause. A call that releases the
-GIL (ctypes.memmove, xxhash for large inputs, numpy copies) must win it back afterwards, and with
-such a neighbour that waits up to a switch interval (5 ms) each time. The verify-and-copy path
-makes two such calls per 128-256 KiB, so it collapsed. Measured on the 2-core VM with one
-GIL-hogging thread (`benchmarks/gil.py`):
-- ctypes.memmove of 128 KiB pieces fell from 4.75 to 0.02 GiB/s;
-- a whole engine read fell from 0.66 to 0.08 GiB/s.
-
-Holding the GIL for ~20 µs per piece instead costs other threads nothing noticeable. The copy
-threads then take turns rather than run in parallel, but one core copies and hashes faster than
-the servers we read from deliver.
+The read and write paths verify and copy whole ranges in one native call that releases the GIL
+once (`native/copyhash.c`). Where that helper cannot be built (no C compiler), they work piece by
+piece with these instead. Why keep the GIL: inside SGLang the scheduler thread runs Python almost
+without pause, and a call that releases the GIL must then win it back, waiting up to a switch
+interval (5 ms). Per piece (128-256 KiB) that collapses the read rate (`benchmarks/gil.py`: 0.02
+GiB/s for GIL-releasing per-piece calls next to a busy thread). Holding it serialises the copy
+threads instead, which is slower than the native path on a many-core machine but never collapses.
 
 Both functions take raw addresses. The libc and the xxhash extension are loaded through
 `ctypes.PyDLL`, whose calls do not release the GIL. Where a symbol cannot be found, the

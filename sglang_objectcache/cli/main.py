@@ -92,6 +92,9 @@ def _version(_args) -> int:
                   "(objectcache patch-sglang)")
         except PatchError as e:
             print(f"layer-wise streaming patch: {e}")
+    from .. import native
+
+    print(f"copies and checksums: {native.status()}")
     return 0
 
 

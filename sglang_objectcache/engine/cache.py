@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Sequence
 
+from .. import native
 from ..config import DiskTierConfig, ObjectCacheConfig, S3TierConfig
 from ..format import SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
@@ -111,9 +112,9 @@ class ObjectCache:
         self._wb_bytes = 0
         self._wb_lock = threading.Lock()
         self._background: set[cf.Future] = set()
-        # Verifying and copying arrived ranges into SGLang's buffers: memmove leaves the GIL, so a
-        # few threads copy in parallel while the calling thread keeps dispatching.
-        self._copiers = cf.ThreadPoolExecutor(max_workers=cfg.copy_threads or min(4, os.cpu_count() or 1),
+        # Verifying and copying arrived ranges into SGLang's buffers: one native call per range
+        # that leaves the GIL (native/), so these threads copy in parallel.
+        self._copiers = cf.ThreadPoolExecutor(max_workers=cfg.copy_threads or min(8, os.cpu_count() or 1),
                                               thread_name_prefix="objectcache-copy")
         self._closed = False
         try:
@@ -129,8 +130,9 @@ class ObjectCache:
             self.runtime.close()
             self._copiers.shutdown(wait=False)
             raise
-        log.info("objectcache ready: %s; namespace %s; tiers %s", fp.describe(), self.ns.root,
-                 ", ".join(t.name for t in self.tiers))
+        # build or load the native copy helper now, not on the first read
+        log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s", fp.describe(), self.ns.root,
+                 ", ".join(t.name for t in self.tiers), native.status())
 
     async def _start_tier(self, i: int, tier: Tier) -> None:
         from ..stores.factory import probe
@@ -194,14 +196,15 @@ class ObjectCache:
                     _call(s.register, [(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer), timeout=5)
                 positions.update((id(r), n) for n, r in enumerate(mine))
 
-        def submit(o: PlannedObject, r: Read) -> cf.Future:
+        def submit(o: PlannedObject, r: Read):
+            """The coroutine of one read (run on the loop): through the tier's scheduler for S3."""
             whole = r.start == 0 and r.end == o.info.size
             def factory():
                 return o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end)
             tid = id(o.tier)
             if tid in rids:
-                return self.runtime.submit(sched[tid].read(rids[tid], positions[id(r)], factory))
-            return self.runtime.submit(factory())
+                return sched[tid].read(rids[tid], positions[id(r)], factory)
+            return factory()
 
         def promote_buffer(o: PlannedObject) -> bytearray | None:
             if o.tier is not self.tiers[0] and self._may_promote(o.info):
@@ -213,7 +216,7 @@ class ObjectCache:
                 self.runtime.loop.call_soon_threadsafe(sched[tid].close_request, rid)
 
         return Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
-                     submit=submit, copiers=self._copiers, promote_buffer=promote_buffer,
+                     submit=submit, loop=self.runtime.loop, copiers=self._copiers, promote_buffer=promote_buffer,
                      on_event=self._on_fetch_event, on_finish=finished).start()
 
     def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
@@ -225,6 +228,13 @@ class ObjectCache:
         `get` is fetch plus collect; a caller that needs the layers as they land uses the two."""
         ok = fetch.wait(self.cfg.timeout)
         hits = sum(ok)
+        if log.isEnabledFor(logging.DEBUG) and fetch.plan.reads:
+            took = time.monotonic() - fetch.started
+            first = fetch.readiness.ready_at[0]
+            log.debug("objectcache: read %d of %d pages, %.0f MiB in %d requests, %.1f ms (%.2f GiB/s); "
+                      "layer 0 ready after %s ms", hits, len(ok), fetch.plan.nbytes / 2**20,
+                      len(fetch.plan.reads), took * 1e3, fetch.plan.nbytes / max(took, 1e-9) / 2**30,
+                      f"{(first - fetch.started) * 1e3:.1f}" if first is not None else "-")
         self.stats.add(get_calls=1, get_pages=len(ok), get_hits=hits,
                        read_bytes=hits * self.fp.piece_bytes * self.fp.n_layers)
         return ok

@@ -1,16 +1,20 @@
 """Running one fetch plan: requests on the loop, verify-and-copy on the copy threads, per-layer
 readiness for whoever waits, per-page results at the end.
 
-Nothing here blocks the caller: `Fetch.start()` returns at once; `wait()` blocks with a deadline.
+Nothing here blocks the caller: `Fetch.start()` returns at once (one hand-over to the loop for all
+reads); `wait()` blocks with a deadline.
 After a deadline or `cancel()`, pending requests are cancelled, the request is marked failed (every
 waiter released), and `wait()` still returns only once no copy into the caller's buffers is running.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import functools
 import logging
 import threading
+import time
 from typing import Callable
 
 from ..format import CorruptObject, SegmentFn
@@ -23,13 +27,15 @@ log = logging.getLogger("sglang_objectcache")
 
 class Fetch:
     def __init__(self, plan: FetchPlan, n_keys: int, segments: SegmentFn, *, digest: str, verify: bool,
-                 submit: Callable, copiers: cf.Executor, promote_buffer: Callable, on_event: Callable,
-                 on_finish: Callable[[], None] = lambda: None):
+                 submit: Callable, loop: asyncio.AbstractEventLoop, copiers: cf.Executor,
+                 promote_buffer: Callable, on_event: Callable, on_finish: Callable[[], None] = lambda: None):
         self.plan = plan
         self.segments = segments
         self.ok = [False] * n_keys
         self.readiness = LayerReadiness(plan.n_layers, plan.pending_per_layer())
-        self._submit = submit  # (PlannedObject, Read) -> concurrent future of the bytes
+        self.started = time.monotonic()
+        self._submit = submit  # (PlannedObject, Read) -> coroutine giving the bytes, run on `loop`
+        self._loop = loop
         self._copiers = copiers
         self._on_event = on_event  # (kind, PlannedObject, detail) for stats, logs, bans, promotion
         self._on_finish = on_finish
@@ -39,36 +45,49 @@ class Fetch:
         self._lock = threading.Lock()
         self._left = len(plan.reads)
         self._finished = threading.Event()
-        # reads not yet landed; a landed read leaves at once, so that its bytes are freed as soon as
-        # they are copied (a future keeps its result, and the callback closure keeps this Fetch)
-        self._futs: set[cf.Future] = set()
+        self._cancelled = False
+        # reads not yet landed (loop thread only); a landed read leaves at once, so that its bytes
+        # are freed as soon as they are copied (a task keeps its result)
+        self._futs: set[asyncio.Task] = set()
         if not self._left:
             self._finished.set()
             on_finish()
 
     def start(self) -> "Fetch":
-        for read in self.plan.reads:
-            fut = self._submit(self.plan.objects[read.obj], read)
-            with self._lock:
-                self._futs.add(fut)
-            fut.add_done_callback(lambda f, r=read: self._fetched(r, f))
+        """Hand every read to the loop in one call: one cross-thread wake-up per fetch, not one per
+        read (each costs the caller a GIL hand-over, slow next to SGLang's busy threads)."""
+        if self._left:
+            try:
+                self._loop.call_soon_threadsafe(self._spawn)
+            except RuntimeError:  # the loop is closed: the cache is closing
+                for read in self.plan.reads:
+                    self._fail(read, "closing")
         return self
 
-    def _fetched(self, read: Read, fut: cf.Future) -> None:
+    def _spawn(self) -> None:
+        """On the loop thread: a task per read (the scheduler decides when each one goes)."""
+        for read in self.plan.reads:
+            if self._cancelled:  # cancelled before the reads were started
+                self._fail(read, "cancelled")
+                continue
+            task = self._loop.create_task(self._submit(self.plan.objects[read.obj], read))
+            self._futs.add(task)
+            task.add_done_callback(functools.partial(self._fetched, read))
+
+    def _fetched(self, read: Read, task: asyncio.Task) -> None:
         """On the loop thread: hand the bytes to a copy thread, or record the failure."""
-        with self._lock:
-            self._futs.discard(fut)
+        self._futs.discard(task)
         obj = self.plan.objects[read.obj]
-        if fut.cancelled():
+        if task.cancelled():
             self._fail(read, "cancelled")
             return
-        exc = fut.exception()
+        exc = task.exception()
         if exc is not None:
             self._on_event("io_error", obj, exc)
             self._fail(read, f"{type(exc).__name__}: {exc}")
             return
         try:
-            self._copiers.submit(self._copy, read, fut.result())
+            self._copiers.submit(self._copy, read, task.result())
         except RuntimeError:  # the copy pool is shut down: the cache is closing
             self._fail(read, "closing")
 
@@ -112,17 +131,21 @@ class Fetch:
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop what has not arrived; the request fails with `reason`."""
         self.readiness.fail(reason)
-        with self._lock:
-            futs = list(self._futs)
-        for f in futs:
-            f.cancel()
+        self._cancelled = True
+        try:
+            self._loop.call_soon_threadsafe(self._cancel_on_loop)
+        except RuntimeError:  # loop closed: its tasks are cancelled already
+            pass
+
+    def _cancel_on_loop(self) -> None:
+        for task in list(self._futs):
+            task.cancel()
 
     def wait(self, timeout: float) -> list[bool]:
         """Per-page results, once every read has landed or failed; after `timeout` seconds the rest
         is cancelled. Returns only when no copy into the caller's buffers is running."""
         if not self._finished.wait(timeout):
-            with self._lock:
-                pending = sum(1 for f in self._futs if not f.done())
+            pending = len(self._futs)
             self._on_event("timeout", None, pending)
             self.cancel(f"deadline of {timeout:.1f}s passed with {pending} reads pending")
             if not self._finished.wait(60.0):  # cancelled reads finish at once; copies are local

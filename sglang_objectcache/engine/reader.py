@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from ..format import CorruptObject, Header, decode_header, decode_meta, readonly_address, scatter, verify_piece
+from .. import native
+from ..format import CorruptObject, Header, decode_header, decode_meta, readonly_address
 from .index import ObjectInfo
 from .plan import META
 
@@ -84,13 +85,22 @@ class ObjectRead:
         return h
 
     def _apply(self, start: int, l0: int, l1: int, buf, segments) -> None:
+        """Verify the whole range, then copy it into place: one native call (GIL released once)."""
         h = self.header
-        address = readonly_address(buf)
-        if self.verify:  # verify the whole range before writing any of it
-            for layer in range(l0, l1):
-                for slot in self.slots:
-                    verify_piece(h, buf, start, layer, slot, address)
-        base = address - start
+        base = readonly_address(buf) - start
+        pieces, expect, copies = [], [], []
         for layer in range(l0, l1):
             for j, slot in enumerate(self.slots):
-                scatter(base + h.piece_offset(layer, slot), segments(layer, self.first + j))
+                off = h.piece_offset(layer, slot)
+                if off < start or off + h.piece_bytes > start + len(buf):
+                    raise CorruptObject(f"object truncated at layer {layer} page {slot}")
+                pieces.append(base + off)
+                expect.append(h.checksum(layer, slot))
+                src = base + off
+                for addr, length in segments(layer, self.first + j):
+                    copies.append((addr, src, length))
+                    src += length
+        bad = native.verify_and_copy(pieces, h.piece_bytes, expect if self.verify else None, copies)
+        if bad >= 0:
+            layer, j = l0 + bad // len(self.slots), bad % len(self.slots)
+            raise CorruptObject(f"checksum mismatch at layer {layer} page {self.slots[j]}")

@@ -11,6 +11,7 @@ scheduler process. Three hooks, all needed because SGLang hard-codes backend nam
 from __future__ import annotations
 
 import logging
+import os
 
 from .compat import BACKEND_NAME, UnsupportedSGLang, backend_arg, check_version
 
@@ -41,6 +42,12 @@ def _attach(orig, self, storage_backend, *a, **kw):
 
 
 def register() -> None:
+    level = os.environ.get("OBJECTCACHE_LOG_LEVEL")
+    if level:  # e.g. DEBUG: one line per read call with its size, rate and first-layer latency
+        try:
+            log.setLevel(level.upper())
+        except ValueError:
+            log.error("objectcache: OBJECTCACHE_LOG_LEVEL=%r is not a logging level (DEBUG, INFO, ...)", level)
     try:
         check_version()
     except UnsupportedSGLang as e:

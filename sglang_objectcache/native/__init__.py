@@ -1,0 +1,145 @@
+"""Batched copy-and-checksum: one native call per range or object, with the GIL released.
+
+Why: inside SGLang the scheduler thread runs Python almost without pause, so a thread that gives up
+the GIL may wait a whole switch interval (5 ms) to get it back. Copying and hashing piece by piece
+(two calls per 128-256 KiB) either gave the GIL up twice per piece, or, holding it, serialised every
+copy thread and starved the I/O loop. `copyhash.c` does all of a range's checksums and copies in one
+ctypes.CDLL call: the GIL is released once per range, and the copy threads run in parallel.
+
+The C file is compiled on first use with the system C compiler (`$CC`, else `cc`; SGLang's own
+JIT kernels need one too) into a cache directory (`$OBJECTCACHE_NATIVE_DIR`, else
+`$XDG_CACHE_HOME/sglang_objectcache` or `~/.cache/sglang_objectcache`), keyed by the source's hash.
+Without a compiler the same operations run piece by piece in Python (`gil_held`), with a warning:
+correct, slower under contention. The checksum is xxhash's own XXH3_64bits, passed in as a function
+pointer, so both paths give identical values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import gil_held
+
+log = logging.getLogger("sglang_objectcache")
+
+_lock = threading.Lock()
+_state: dict = {}  # "fn": the C function or None, "why": the reason it is missing
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("OBJECTCACHE_NATIVE_DIR"):
+        return Path(os.environ["OBJECTCACHE_NATIVE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sglang_objectcache"
+
+
+def _hash_pointer() -> int | None:
+    try:
+        import xxhash._xxhash as ext
+
+        return ctypes.cast(ctypes.CDLL(ext.__file__).XXH3_64bits, ctypes.c_void_p).value
+    except (AttributeError, OSError, ImportError):
+        return None
+
+
+def _compile(src: bytes, so: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC, or install cc)")
+    so.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        c = Path(tmp) / "copyhash.c"
+        c.write_bytes(src)
+        out = Path(tmp) / so.name
+        r = subprocess.run([*cc.split(), "-O3", "-shared", "-fPIC", "-std=c99", "-o", str(out), str(c)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:500]}")
+        os.replace(out, so)  # atomic: concurrent builders (TP ranks) each install a whole file
+
+
+def _load():
+    """The C function, built if needed; None (and the reason in _state) if it cannot be."""
+    with _lock:
+        if "fn" in _state:
+            return _state["fn"]
+        fn, why = None, None
+        try:
+            if os.environ.get("OBJECTCACHE_NATIVE", "1") == "0":
+                raise RuntimeError("disabled by OBJECTCACHE_NATIVE=0")
+            if _hash_pointer() is None:
+                raise RuntimeError("xxhash does not export XXH3_64bits")
+            src = resources.files(__name__).joinpath("copyhash.c").read_bytes()
+            tag = hashlib.sha256(src + sys.platform.encode() + os.uname().machine.encode()).hexdigest()[:16]
+            so = _cache_dir() / f"copyhash-{tag}.so"
+            if not so.exists():
+                _compile(src, so)
+            lib = ctypes.CDLL(str(so))  # CDLL: calls release the GIL
+            fn = lib.oc_copy_hash
+            fn.restype = ctypes.c_int64
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+        except Exception as e:  # noqa: BLE001 - any failure means the Python path
+            fn, why = None, str(e)
+            log.warning("objectcache: native copy helper unavailable (%s); copies and checksums run piece "
+                        "by piece in Python, slower inside SGLang", why)
+        _state.update(fn=fn, why=why, hash=_hash_pointer() if fn else None)
+        return fn
+
+
+def status() -> str:
+    """One line for `objectcache version` and the startup log."""
+    fn = _load()
+    return "native (one GIL release per range)" if fn else f"python fallback: {_state['why']}"
+
+
+def _u64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.uint64)
+
+
+def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int] | None,
+                    copies: Sequence[tuple[int, int, int]]) -> int:
+    """Check each piece (an address of piece_len bytes) against `expect` (None: no check), then do
+    the (dst, src, len) copies. Returns -1, or the index of the first bad piece (nothing copied)."""
+    fn = _load()
+    if fn is None:
+        if expect is not None:
+            for i, (addr, want) in enumerate(zip(pieces, expect)):
+                if gil_held.xxh3_64(addr, piece_len) != want:
+                    return i
+        for dst, src, n in copies:
+            gil_held.memmove(dst, src, n)
+        return -1
+    cp = _u64(copies)
+    if expect is None:
+        return fn(cp.ctypes.data, len(copies), None, 0, piece_len, None, None, None, 1)
+    pc, ex = _u64(pieces), _u64(expect)
+    return fn(cp.ctypes.data, len(copies), pc.ctypes.data, len(pieces), piece_len, ex.ctypes.data, None,
+              _state["hash"], 1)
+
+
+def copy_and_hash(copies: Sequence[tuple[int, int, int]], pieces: Sequence[int], piece_len: int) -> list[int]:
+    """Do the (dst, src, len) copies, then return each piece's xxh3-64."""
+    fn = _load()
+    if fn is None:
+        for dst, src, n in copies:
+            gil_held.memmove(dst, src, n)
+        return [gil_held.xxh3_64(a, piece_len) for a in pieces]
+    cp, pc = _u64(copies), _u64(pieces)
+    out = np.empty(len(pieces), dtype=np.uint64)
+    fn(cp.ctypes.data, len(copies), pc.ctypes.data, len(pieces), piece_len, None, out.ctypes.data,
+       _state["hash"], 0)
+    return out.tolist()
