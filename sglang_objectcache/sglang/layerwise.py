@@ -45,6 +45,7 @@ class Stream:
 
     def __init__(self, fetch, slots: torch.Tensor):
         self.readiness = fetch.readiness
+        self.started = fetch.started  # time.monotonic() when the fetch began
         self.slots = slots  # host token slots the fetch writes
         self.admitted = False  # set under the operation's lock by the scheduler
         self.closed = False  # set under the operation's lock by the IO thread when the fetch ended
@@ -63,7 +64,8 @@ class LayerGate:
         self.streams = streams
         self.n_layers = n_layers
         self.timeout = timeout
-        self.deadline = time.monotonic() + timeout  # one budget for all layers, not one per layer
+        self.created = time.monotonic()
+        self.deadline = self.created + timeout  # one budget for all layers, not one per layer
         self.failed: Optional[str] = None
         self.opened_at: list[Optional[float]] = [None] * n_layers  # when layer l's copy was released
         self._enqueued = [threading.Event() for _ in range(n_layers)]
@@ -122,6 +124,11 @@ class _Loader:
                 gate.release(f"loader error: {e}")
             else:
                 gate.release()
+            if log.isEnabledFor(logging.DEBUG) and gate.opened_at[-1] is not None:
+                log.debug("objectcache: gated load of %d layers: layer 0 copied %.1f ms after the load "
+                          "began, the last layer %.1f ms after%s", gate.n_layers,
+                          (gate.opened_at[0] - gate.created) * 1e3, (gate.opened_at[-1] - gate.created) * 1e3,
+                          f" (failed: {gate.failed})" if gate.failed else "")
 
 
 class Layerwise:
@@ -208,6 +215,10 @@ class Layerwise:
         if tree.enable_storage_metrics:
             tree.storage_metrics_collector.log_prefetched_tokens(loaded)
         self._active.append(stream)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("objectcache: admitted a streaming prefetch of %d pages %.1f ms after its fetch "
+                      "began, %d of %d layers in", len(op.hash_value), (time.monotonic() - stream.started) * 1e3,
+                      stream.readiness.ready_layers, stream.readiness.n_layers)
         self.counters["admitted"] += 1
         self.counters["streamed_pages"] += len(op.hash_value)
         return True
