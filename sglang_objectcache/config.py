@@ -148,7 +148,7 @@ class ObjectCacheConfig:
     tiers: tuple[TierConfig, ...]
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
-    read_range_bytes: int = 8 << 20  # objects are read as parallel, layer-aligned ranges this big
+    read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
     fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)

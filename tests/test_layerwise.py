@@ -288,13 +288,15 @@ def test_runtime_reattach_of_another_backend_drops_the_streaming_state(s3_env, p
     extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}]}
     t = build_tree(extra, layers=LAYERS, page_size=PAGE)
     cc = t.cache_controller
-    assert cc.oc_layerwise is not None
+    first = cc.oc_layerwise
+    assert first is not None and first._loader.alive
     ok, msg = t.detach_storage_backend()
     assert ok, msg
     monkeypatch.setenv("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", str(tmp_path))
     ok, msg = t.attach_storage_backend("file", "{}")
     assert ok, msg
     assert cc.oc_layerwise is None
+    assert not first._loader.alive, "the replaced streaming state's loader thread is stopped"
     ok, msg = t.detach_storage_backend()
     assert ok, msg
     ok, msg = t.attach_storage_backend("objectcache", __import__("json").dumps(dict(extra, layerwise=False)))

@@ -114,9 +114,21 @@ class _Loader:
     def submit(self, fn: Callable[[], None], gate: LayerGate) -> None:
         self._q.put((fn, gate))
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """After the loads already queued (SGLang re-attaches backends only when idle)."""
+        self._q.put(None)
+        self._t.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._t.is_alive()
+
     def _run(self) -> None:
         while True:
-            fn, gate = self._q.get()
+            item = self._q.get()
+            if item is None:
+                return
+            fn, gate = item
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - a dead loader would hang every forward
@@ -143,6 +155,10 @@ class Layerwise:
         self._poisoned: list = []  # roots of subtrees to drop once unlocked (scheduler thread)
         self._loader = _Loader()
         self.counters = dict(admitted=0, streamed_pages=0, failed=0, aborted=0, dropped_nodes=0)
+
+    def close(self) -> None:
+        """The backend is being replaced (a runtime re-attach): stop the loader thread."""
+        self._loader.stop()
 
     # ---- prefetch IO thread --------------------------------------------------------------
 

@@ -30,8 +30,11 @@ def _build(orig, cls, backend_name, backend_class, storage_config, mem_pool_host
 def _attach(orig, self, storage_backend, *a, **kw):
     result = orig(self, storage_backend, *a, **kw)
     # streaming state belongs to one attached objectcache: a runtime re-attach (of another
-    # backend, or objectcache with another config) must not keep the old one
+    # backend, or objectcache with another config) must not keep the old one, nor its thread
+    old = getattr(self, "oc_layerwise", None)
     self.oc_layerwise = None
+    if old is not None:
+        old.close()
     if storage_backend == BACKEND_NAME:
         from .layerwise import attach
 
