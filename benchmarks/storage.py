@@ -11,7 +11,8 @@ next to the server's raw ceilings from a plain obstore client (whole-object PUT/
 Bytes read back are checked against what was written.
 
 Backends: objectcache (obstore, 8 pages per object), objectcache-ppo1 (one object per page),
-objectcache-aioboto3, and SGLang 0.5.23's own `seaweedfs` (when installed).
+objectcache-aioboto3, objectcache-r8 (8 MiB read ranges, the default before 16 MiB), and SGLang
+0.5.23's own `seaweedfs` (when installed).
 
     python benchmarks/storage.py                         # starts its own SeaweedFS
     python benchmarks/storage.py --sizes 16k --backends objectcache,objectcache-ppo1,objectcache-aioboto3,seaweedfs
@@ -45,6 +46,7 @@ BACKENDS = {
     "objectcache": {"pages_per_object": 8, "transport": "obstore"},
     "objectcache-ppo1": {"pages_per_object": 1, "transport": "obstore"},
     "objectcache-aioboto3": {"pages_per_object": 8, "transport": "aioboto3"},
+    "objectcache-r8": {"pages_per_object": 8, "transport": "obstore", "read_range_bytes": "8MiB"},
     "seaweedfs": None,
 }
 
@@ -161,7 +163,8 @@ def make_backend(name: str, srv, prefix: str, pool):
     opts = BACKENDS[name]
     extra = {"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
                         "transport": opts["transport"]}],
-             "pages_per_object": opts["pages_per_object"]}
+             "pages_per_object": opts["pages_per_object"],
+             **{k: v for k, v in opts.items() if k not in ("transport", "pages_per_object")}}
     return Counted(name, ObjectCacheStorage(storage_config(extra=extra, **cfg_kw), pool))
 
 
