@@ -92,12 +92,17 @@ def primitives() -> None:
                 run()
             return 3 * len(src) / (time.perf_counter() - t) / 2**30
 
+    each_mode("verify+copy", rate)
+    assert np.array_equal(src, dst)
+
+
+def each_mode(what: str, rate) -> None:
+    """`rate(busy)` in GiB/s for every mode, alone and next to a busy thread."""
     for mode in MODES:
         use(mode)
         alone, busy = rate(False), rate(True)
-        print(f"verify+copy, {mode:24s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  "
+        print(f"{what}, {mode:24s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  "
               f"({busy / alone:.2f})", flush=True)
-    assert np.array_equal(src, dst)
 
 
 class _Nothing:
@@ -133,11 +138,7 @@ def engine(pages: int) -> None:
                     best = max(best, pages * LAYERS * PIECE / 2**30 / (time.perf_counter() - t))
             return best
 
-        for mode in MODES:
-            use(mode)
-            alone, busy = rate(False), rate(True)
-            print(f"engine read, {mode:24s} alone {alone:6.2f} GiB/s  next to a busy thread {busy:6.2f} GiB/s  "
-                  f"({busy / alone:.2f})", flush=True)
+        each_mode("engine read", rate)
         assert np.array_equal(dst, data)
         cache.close()
     finally:
