@@ -149,6 +149,7 @@ class ObjectCacheConfig:
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
+    first_range_layers: int = 0  # > 0: each object's first range holds only this many layers
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
     fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
@@ -258,6 +259,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
     if "read_range_bytes" in ours:
         kw["read_range_bytes"] = parse_size(ours["read_range_bytes"], "read_range_bytes")
+    if "first_range_layers" in ours:
+        kw["first_range_layers"] = _int(ours["first_range_layers"], "first_range_layers", 0, 1024)
     if "fetch_policy" in ours:
         kw["fetch_policy"] = _choice(ours["fetch_policy"], "fetch_policy", ("slack", "srpt", "fair"))
     if "bandwidth" in ours and ours["bandwidth"] not in (0, None):

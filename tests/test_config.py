@@ -33,6 +33,7 @@ def test_the_issue_example_parses():
     ({"tiers": [S3, DISK]}, r"^tiers: list the disk tier before the s3 tier"),
     ({"tiers": []}, r"^tiers: at least one tier"),
     ({"tiers": [{**S3, "max_connections": 4, "max_write_connections": 8}]}, r"max_write_connections: 8 exceeds"),
+    ({"tiers": [S3], "first_range_layers": -1}, r"^first_range_layers: -1 is out of range"),
     (None, r"^tiers: no configuration given"),
 ])
 def test_errors_name_the_key(raw, match):
@@ -50,9 +51,10 @@ def test_sglang_keys_pass_through_untouched():
 
 def test_units():
     cfg = parse_config({"tiers": [{**S3, "request_timeout": "250ms", "index_refresh_interval": "1m"}],
-                        "read_range_bytes": "4MiB", "timeout": 3})
+                        "read_range_bytes": "4MiB", "timeout": 3, "first_range_layers": 1})
     t = cfg.tiers[0]
     assert (t.request_timeout, t.index_refresh_interval, cfg.read_range_bytes, cfg.timeout) == (0.25, 60.0, 4 << 20, 3.0)
+    assert cfg.first_range_layers == 1 and parse_config({"tiers": [S3]}).first_range_layers == 0
 
 
 def test_files(tmp_path):

@@ -438,3 +438,25 @@ def test_concurrent_fetches_share_a_bandwidth_cap(s3_env, prefix, policy):
             assert first > 0.8 * second  # together
     finally:
         b.close()
+
+
+def test_a_small_first_range_reads_the_same_bytes(s3_env, prefix):
+    """`first_range_layers: 1`: each object's layer 0 comes in a range of its own, the rest in the
+    usual groups; every byte arrives once and equals what was written."""
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "64KiB",
+                        "first_range_layers": 1})
+    a = ObjectCache(cfg, fingerprint("m"))
+    src, ks = Pages(4, seed=21), keys(4)
+    assert all(a.put(ks, src.segments()))
+    a.close()
+    b = ObjectCache(cfg, fingerprint("m"))
+    try:
+        dst = Pages.empty_like(src)
+        f = b.fetch(ks, dst.segments())
+        # 32 KiB a layer block: layer 0 alone, then two layers a range
+        assert [(r.l0, r.l1) for r in f.plan.reads] == [(0, 1), (1, 3), (3, 4)]
+        assert f.wait(10) == [True] * 4
+        assert np.array_equal(dst.data, src.data)
+        assert b.tiers[0].requests["get"] == 1 + 3  # the manifest, then three ranges
+    finally:
+        b.close()

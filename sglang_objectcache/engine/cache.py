@@ -184,7 +184,7 @@ class ObjectCache:
                 o.slots.append(slot)
             else:
                 objects.append(PlannedObject(tier, info, i, [slot], info.name.startswith(self.ns.root)))
-        plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes)
+        plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes, self.cfg.first_range_layers)
         # S3 reads go through the tier's scheduler (disk reads need no sharing)
         sched = {id(t): t.scheduler for t in self.tiers if isinstance(t, S3Tier)}
         rids: dict[int, int] = {}  # tier -> its scheduler's id for this request

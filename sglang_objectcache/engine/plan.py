@@ -61,24 +61,30 @@ class FetchPlan:
         return sum(r.nbytes for r in self.reads)
 
 
-def object_ranges(info: ObjectInfo, range_bytes: int, footer: bool) -> list[tuple[int, int, int, int]]:
+def object_ranges(info: ObjectInfo, range_bytes: int, footer: bool,
+                  first_layers: int = 0) -> list[tuple[int, int, int, int]]:
     """(start, end, l0, l1) of one object: whole when its data fits one range (footer included),
-    else a footer read if asked, then layer groups of about range_bytes, aligned to layer blocks."""
+    else a footer read if asked, then layer groups of about range_bytes, aligned to layer blocks.
+    `first_layers` > 0 makes the first group that many layers only, so that layer 0 of every
+    object lands early (the forward pass can start while the larger groups are in flight)."""
     if info.data_bytes <= range_bytes:
         return [(0, info.size, 0, info.n_layers)]
     block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
     per = max(1, range_bytes // block)
     out = [(info.data_bytes, info.size, META, META)] if footer or not info.checksums else []
-    for l0 in range(0, info.n_layers, per):
-        l1 = min(info.n_layers, l0 + per)
+    starts = [0] + list(range(first_layers, info.n_layers, per)) if 0 < first_layers < per \
+        else list(range(0, info.n_layers, per))
+    for l0, l1 in zip(starts, starts[1:] + [info.n_layers]):
         out.append((l0 * block, l1 * block, l0, l1))
     return out
 
 
-def plan_fetch(objects: list[PlannedObject], n_layers: int, range_bytes: int) -> FetchPlan:
+def plan_fetch(objects: list[PlannedObject], n_layers: int, range_bytes: int,
+               first_layers: int = 0) -> FetchPlan:
     reads = []
     for i, o in enumerate(objects):
-        reads.extend(Read(i, s, e, a, b) for s, e, a, b in object_ranges(o.info, range_bytes, not o.trusted))
+        reads.extend(Read(i, s, e, a, b) for s, e, a, b in
+                     object_ranges(o.info, range_bytes, not o.trusted, first_layers))
     # Footers first (their object's data waits for them), then by first layer, then request order.
     reads.sort(key=lambda r: (r.l0 != META, r.l0, r.obj))
     return FetchPlan(objects, reads, n_layers)
