@@ -14,8 +14,9 @@ length it measures, in this order:
 (c) and (e) are runtime re-attachments of the storage backend (`PUT /hicache/storage-backend`).
 Shapes: `hit` (the whole context but a 64-token question is a cached prefix) and `compute` (half
 the context is a cached prefix, half is new). Also measured in the same sitting: the raw read
-ceiling of the server for a plain obstore client at the plan's range size (8 MiB ranges of the
-stored 64 MiB objects), and from it the layer-wise bound of the shared GPU notes.
+ceiling of the server for a plain obstore client at the plan's range size (`read_range_bytes` ranges
+of the stored 64 MiB objects; 8 MiB and whole objects too), and from it the layer-wise bound of the
+shared GPU notes.
 
     python benchmarks/e2e_gpu.py --model /tmp/m8b --out results/e2e.json
 
@@ -260,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
                     "while (d) runs: where the read path spends its time inside SGLang")
     args = ap.parse_args(argv)
+    from sglang_objectcache.config import parse_size
     from sglang_objectcache.testbed.servers import start_seaweedfs
 
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -319,7 +321,12 @@ def main(argv=None) -> int:
             spy.send_signal(2)  # py-spy writes its file on SIGINT
             spy.wait(60)
         big = sorted(bucket.objects(), key=lambda o: o["path"])
-        res["ceiling"] = bucket.ceiling(big[: max(1, max(lengths) * KV_PER_TOKEN // (64 << 20))])
+        objs = big[: max(1, max(lengths) * KV_PER_TOKEN // (64 << 20))]
+        res["ceiling"] = bucket.ceiling(objs)  # 8 MiB ranges, and whole objects
+        plan_range = parse_size(oc.get("read_range_bytes", "16MiB"), "read_range_bytes")
+        if plan_range != 8 << 20:  # the bound uses the ceiling at the plan's own range size
+            res["ceiling"].update(bucket.ceiling(objs, range_bytes=plan_range))
+        res["plan_range_mib"] = plan_range >> 20
         print(f"ceiling {res['ceiling']}", flush=True)
         try:
             attach("objectcache", dict(oc, layerwise=False))
@@ -355,8 +362,9 @@ def main(argv=None) -> int:
 
 def finish(res: dict, cached: dict, out: str) -> None:
     """Bounds, break-even, JSON and the table, from whatever was measured."""
-    if res.get("ceiling", {}).get("range_8mib_gibps", 0) > 0:
-        ceil = res["ceiling"]["range_8mib_gibps"] * 2**30 / 1e3  # bytes per ms
+    key = f"range_{res.get('plan_range_mib', 8)}mib_gibps"
+    if res.get("ceiling", {}).get(key, 0) > 0:
+        ceil = res["ceiling"][key] * 2**30 / 1e3  # bytes per ms
         res["ceiling_gbps"] = round(ceil * 1e3 / 1e9, 2)
         for sh, rows in res["rows"].items():
             for L, r in rows.items():
@@ -384,7 +392,8 @@ def print_table(res: dict) -> None:
             if any(n in r for n in extra):
                 print(f"{sh:7s} {L:>6} " + "  ".join(f"{n} {r[n]['ms']:.1f} ms" for n in extra if n in r))
     nan = float("nan")
-    print(f"\nceiling={res.get('ceiling_gbps', nan)} GB/s (8 MiB ranges, obstore); TTFT in ms")
+    print(f"\nceiling={res.get('ceiling_gbps', nan)} GB/s ({res.get('plan_range_mib', 8)} MiB ranges, obstore); "
+          "TTFT in ms")
     print(f"{'shape':7s} {'L':>6} " + " ".join(f"{n:>12}" for n in names)
           + f" {'bound':>8} {'d/bound':>8} {'d/b':>6} {'d/c':>6} {'d/a':>6} {'b-even':>7}")
     for sh, rows in res["rows"].items():
