@@ -460,3 +460,25 @@ def test_a_small_first_range_reads_the_same_bytes(s3_env, prefix):
         assert b.tiers[0].requests["get"] == 1 + 3  # the manifest, then three ranges
     finally:
         b.close()
+
+
+def test_a_fetch_that_cannot_register_fails_at_once_with_a_reason(s3_env, prefix, monkeypatch):
+    """The scheduler's registration runs on the loop when the reads start; if it raises, the fetch
+    fails (every page a miss, waiters released) instead of hanging until its deadline."""
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "timeout": 30})
+    c = ObjectCache(cfg, fingerprint("m"))
+    try:
+        src, ks = Pages(2, seed=22), keys(2)
+        assert all(c.put(ks, src.segments()))
+
+        def broken(*a, **kw):
+            raise ValueError("no registration today")
+
+        monkeypatch.setattr(c.tiers[0].scheduler, "register", broken)
+        t = time.monotonic()
+        f = c.fetch(ks, Pages.empty_like(src).segments())
+        assert f.wait(30) == [False, False]
+        assert time.monotonic() - t < 5
+        assert "no registration today" in (f.readiness.failed or "")
+    finally:
+        c.close()

@@ -39,11 +39,6 @@ PUT_INFLIGHT_BYTES = 512 << 20
 WRITE_BACK_BUFFER_BYTES = 1 << 30
 
 
-async def _call(fn, *args):
-    """Run a plain function on the loop thread (for state the loop owns)."""
-    return fn(*args)
-
-
 class StartupError(RuntimeError):
     """A tier cannot be used: unreachable server, missing bucket, rejected credentials."""
 
@@ -189,12 +184,14 @@ class ObjectCache:
         sched = {id(t): t.scheduler for t in self.tiers if isinstance(t, S3Tier)}
         rids: dict[int, int] = {}  # tier -> its scheduler's id for this request
         positions: dict[int, int] = {}  # read -> its place in its tier's registered sequence
-        for tier_id, s in sched.items():
-            mine = [r for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
-            if mine:
-                rids[tier_id] = self.runtime.run(
-                    _call(s.register, [(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer), timeout=5)
-                positions.update((id(r), n) for n, r in enumerate(mine))
+
+        def register() -> None:
+            """On the loop, just before the reads start: no round trip from the calling thread."""
+            for tier_id, s in sched.items():
+                mine = [r for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
+                if mine:
+                    rids[tier_id] = s.register([(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer)
+                    positions.update((id(r), n) for n, r in enumerate(mine))
 
         def submit(o: PlannedObject, r: Read):
             """The coroutine of one read (run on the loop): through the tier's scheduler for S3."""
@@ -217,7 +214,7 @@ class ObjectCache:
 
         return Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
                      submit=submit, loop=self.runtime.loop, copiers=self._copiers, promote_buffer=promote_buffer,
-                     on_event=self._on_fetch_event, on_finish=finished).start()
+                     on_event=self._on_fetch_event, on_finish=finished, prepare=register).start()
 
     def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
         """Fill pages from storage; one bool per key, within the configured deadline."""

@@ -28,7 +28,8 @@ log = logging.getLogger("sglang_objectcache")
 class Fetch:
     def __init__(self, plan: FetchPlan, n_keys: int, segments: SegmentFn, *, digest: str, verify: bool,
                  submit: Callable, loop: asyncio.AbstractEventLoop, copiers: cf.Executor,
-                 promote_buffer: Callable, on_event: Callable, on_finish: Callable[[], None] = lambda: None):
+                 promote_buffer: Callable, on_event: Callable, on_finish: Callable[[], None] = lambda: None,
+                 prepare: Callable[[], None] = lambda: None):
         self.plan = plan
         self.segments = segments
         self.ok = [False] * n_keys
@@ -39,6 +40,7 @@ class Fetch:
         self._copiers = copiers
         self._on_event = on_event  # (kind, PlannedObject, detail) for stats, logs, bans, promotion
         self._on_finish = on_finish
+        self._prepare = prepare  # on the loop, before the first read (the scheduler's registration)
         self._jobs = [ObjectRead(o.info, o.slots, o.first, plan.reads_of(i), digest, verify,
                                  promote_buffer(o), trusted=o.trusted)
                       for i, o in enumerate(plan.objects)]
@@ -66,6 +68,11 @@ class Fetch:
 
     def _spawn(self) -> None:
         """On the loop thread: a task per read (the scheduler decides when each one goes)."""
+        try:
+            self._prepare()
+        except Exception as e:  # noqa: BLE001 - a failed registration fails the fetch, not the loop
+            self._cancelled = True
+            self.readiness.fail(f"cannot start: {e}")
         for read in self.plan.reads:
             if self._cancelled:  # cancelled before the reads were started
                 self._fail(read, "cancelled")
