@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 
 from . import native
-from .gil_held import memmove, xxh3_64
+from .gil_held import xxh3_64
 
 MAGIC = b"OCKV"
 VERSION = 1
@@ -170,20 +170,11 @@ def decode_header(obj) -> Header:
     return h
 
 
-def verify_piece(header: Header, buf, buf_offset: int, layer: int, slot: int, address: int | None = None) -> None:
-    """Check piece (layer, slot) of `buf`, which holds object bytes from buf_offset; `address`, the
-    address of buf's first byte, saves looking it up per piece."""
+def verify_piece(header: Header, buf, buf_offset: int, layer: int, slot: int) -> None:
+    """Check piece (layer, slot) of `buf`, which holds object bytes from buf_offset (one piece at a
+    time, for inspection; the read path checks whole ranges in `native.verify_and_copy`)."""
     start = header.piece_offset(layer, slot) - buf_offset
     if start < 0 or start + header.piece_bytes > len(buf):
         raise CorruptObject(f"object truncated at layer {layer} page {slot}")
-    if address is None:
-        address = readonly_address(buf)
-    if xxh3_64(address + start, header.piece_bytes) != header.checksum(layer, slot):
+    if xxh3_64(readonly_address(buf) + start, header.piece_bytes) != header.checksum(layer, slot):
         raise CorruptObject(f"checksum mismatch at layer {layer} page {slot}")
-
-
-def scatter(src_addr: int, segments: Segments) -> None:
-    """Copy one verified piece starting at src_addr into its target segments."""
-    for addr, length in segments:
-        memmove(addr, src_addr, length)
-        src_addr += length

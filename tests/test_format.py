@@ -6,7 +6,7 @@ import pytest
 from engine_util import PIECE, Pages, keys
 
 from sglang_objectcache.format import (TRAILER, CorruptObject, decode_header, decode_meta, encode, meta_bytes_for,
-                                       readonly_address, scatter, verify_piece)
+                                       readonly_address, verify_piece)
 
 
 def obj(n=3):
@@ -63,14 +63,24 @@ def test_bad_footers(damage):
 
 
 def test_scatter_round_trip():
+    """An encoded object, checked against its own footer and copied back into page buffers."""
+    from sglang_objectcache import native
+
     src, _, data = obj(2)
     h = decode_header(data)
     dst = Pages.empty_like(src)
     raw = bytes(data)
     base = readonly_address(raw)
+    pieces, expect, copies = [], [], []
     for layer in range(4):
         for j in range(2):
-            scatter(base + h.piece_offset(layer, j), dst.segments()(layer, j))
+            pieces.append(base + h.piece_offset(layer, j))
+            expect.append(h.checksum(layer, j))
+            at = pieces[-1]
+            for addr, length in dst.segments()(layer, j):
+                copies.append((addr, at, length))
+                at += length
+    assert native.verify_and_copy(pieces, h.piece_bytes, expect, copies) == -1
     assert (dst.data == src.data).all()
 
 

@@ -76,11 +76,12 @@ def _load():
     with _lock:
         if "fn" in _state:
             return _state["fn"]
-        fn, why = None, None
+        fn, why, hash_fn = None, None, None
         try:
             if os.environ.get("OBJECTCACHE_NATIVE", "1") == "0":
                 raise RuntimeError("disabled by OBJECTCACHE_NATIVE=0")
-            if _hash_pointer() is None:
+            hash_fn = _hash_pointer()
+            if hash_fn is None:
                 raise RuntimeError("xxhash does not export XXH3_64bits")
             src = resources.files(__name__).joinpath("copyhash.c").read_bytes()
             tag = hashlib.sha256(src + sys.platform.encode() + os.uname().machine.encode()).hexdigest()[:16]
@@ -96,7 +97,7 @@ def _load():
             fn, why = None, str(e)
             log.warning("objectcache: native copy helper unavailable (%s); copies and checksums run piece "
                         "by piece in Python, slower inside SGLang", why)
-        _state.update(fn=fn, why=why, hash=_hash_pointer() if fn else None)
+        _state.update(fn=fn, why=why, hash=hash_fn if fn else None)
         return fn
 
 
@@ -104,6 +105,12 @@ def status() -> str:
     """One line for `objectcache version` and the startup log."""
     fn = _load()
     return "native (one GIL release per range)" if fn else f"python fallback: {_state['why']}"
+
+
+def _copy_piecewise(copies: Sequence[tuple[int, int, int]]) -> None:
+    """The fallback's copies: one GIL-held memmove per segment."""
+    for dst, src, n in copies:
+        gil_held.memmove(dst, src, n)
 
 
 def _u64(values) -> np.ndarray:
@@ -120,8 +127,7 @@ def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int]
             for i, (addr, want) in enumerate(zip(pieces, expect)):
                 if gil_held.xxh3_64(addr, piece_len) != want:
                     return i
-        for dst, src, n in copies:
-            gil_held.memmove(dst, src, n)
+        _copy_piecewise(copies)
         return -1
     cp = _u64(copies)
     if expect is None:
@@ -135,8 +141,7 @@ def copy_and_hash(copies: Sequence[tuple[int, int, int]], pieces: Sequence[int],
     """Do the (dst, src, len) copies, then return each piece's xxh3-64."""
     fn = _load()
     if fn is None:
-        for dst, src, n in copies:
-            gil_held.memmove(dst, src, n)
+        _copy_piecewise(copies)
         return [gil_held.xxh3_64(a, piece_len) for a in pieces]
     cp, pc = _u64(copies), _u64(pieces)
     out = np.empty(len(pieces), dtype=np.uint64)
