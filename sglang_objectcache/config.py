@@ -149,8 +149,12 @@ class ObjectCacheConfig:
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
-    first_range_layers: int = 0  # > 0: each object's first range holds only this many layers
+    first_range_layers: int = 1  # > 0: each object's first range holds only this many layers
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
+    # Python's GIL switch interval while the cache is open (sys.setswitchinterval); 0 leaves
+    # Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy scheduler
+    # thread; a waiting thread gets it back after at most this long.
+    switch_interval: float = 0.0005
     fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
@@ -267,6 +271,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["bandwidth"] = parse_size(ours["bandwidth"], "bandwidth")
     if "copy_threads" in ours:
         kw["copy_threads"] = _int(ours["copy_threads"], "copy_threads", 0, 64)
+    if "switch_interval" in ours:
+        kw["switch_interval"] = parse_duration(ours["switch_interval"], "switch_interval", allow_zero=True)
+        if kw["switch_interval"] > 0.1:
+            raise ConfigError("switch_interval: at most 100ms; Python's default is 5ms, try '0.5ms'")
     if "timeout" in ours:
         kw["timeout"] = parse_duration(ours["timeout"], "timeout")
     if "verify_checksums" in ours:

@@ -34,6 +34,8 @@ def test_the_issue_example_parses():
     ({"tiers": []}, r"^tiers: at least one tier"),
     ({"tiers": [{**S3, "max_connections": 4, "max_write_connections": 8}]}, r"max_write_connections: 8 exceeds"),
     ({"tiers": [S3], "first_range_layers": -1}, r"^first_range_layers: -1 is out of range"),
+    ({"tiers": [S3], "switch_interval": "1s"}, r"^switch_interval: at most 100ms"),
+    ({"tiers": [S3], "switch_interval": "soon"}, r"^switch_interval: cannot read"),
     (None, r"^tiers: no configuration given"),
 ])
 def test_errors_name_the_key(raw, match):
@@ -54,7 +56,9 @@ def test_units():
                         "read_range_bytes": "4MiB", "timeout": 3, "first_range_layers": 1})
     t = cfg.tiers[0]
     assert (t.request_timeout, t.index_refresh_interval, cfg.read_range_bytes, cfg.timeout) == (0.25, 60.0, 4 << 20, 3.0)
-    assert cfg.first_range_layers == 1 and parse_config({"tiers": [S3]}).first_range_layers == 0
+    assert parse_config({"tiers": [S3], "first_range_layers": 0}).first_range_layers == 0
+    assert parse_config({"tiers": [S3], "switch_interval": "0.2ms"}).switch_interval == 0.0002
+    assert parse_config({"tiers": [S3], "switch_interval": 0}).switch_interval == 0.0  # Python's own
 
 
 def test_files(tmp_path):

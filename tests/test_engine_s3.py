@@ -462,6 +462,22 @@ def test_a_small_first_range_reads_the_same_bytes(s3_env, prefix):
         b.close()
 
 
+def test_switch_interval_is_set_while_open_and_restored_on_close(s3_env, prefix):
+    was = sys.getswitchinterval()
+    c = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": "0.2ms"}),
+                    fingerprint("m"))
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+    finally:
+        c.close()
+    assert sys.getswitchinterval() == was
+    c = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": 0}), fingerprint("m"))
+    try:
+        assert sys.getswitchinterval() == was  # 0: Python's own, untouched
+    finally:
+        c.close()
+
+
 def test_a_fetch_that_cannot_register_fails_at_once_with_a_reason(s3_env, prefix, monkeypatch):
     """The scheduler's registration runs on the loop when the reads start; if it raises, the fetch
     fails (every page a miss, waiters released) instead of hanging until its deadline."""

@@ -26,13 +26,14 @@ pytestmark = [
 
 PAGE, LAYERS, TOKENS = 16, 8, 512  # 32 pages of 16 KiB per layer: 4 MiB in all
 PATCHED = ("sglang/srt/managers/cache_controller.py", "sglang/srt/mem_cache/hiradix_cache.py",
-           "sglang/srt/managers/scheduler_components/batch_result_processor.py")
+           "sglang/srt/managers/scheduler_components/batch_result_processor.py",
+           "sglang/srt/managers/schedule_batch.py")
 
 
 # ---- the patch itself ----------------------------------------------------------------------
 
 def _pristine_copy(tmp_path: Path) -> Path:
-    """The three files as SGLang ships them, in a fake site-packages under tmp_path."""
+    """The patched files as SGLang ships them, in a fake site-packages under tmp_path."""
     from sglang_objectcache.sglang import patcher
 
     site = patcher._site()
@@ -50,12 +51,12 @@ def test_patch_applies_cleanly_is_idempotent_and_reverts(tmp_path):
 
     site = _pristine_copy(tmp_path)
     before = {rel: (site / rel).read_text() for rel in PATCHED}
-    assert len(patcher.apply("0.5.17", site)) == 3
+    assert len(patcher.apply("0.5.17", site)) == len(PATCHED)
     assert patcher.state("0.5.17", site) == "applied"
     assert patcher.apply("0.5.17", site) == []  # idempotent
     for rel in PATCHED:
         compile((site / rel).read_text(), rel, "exec")  # the patched modules are valid Python
-    assert len(patcher.apply("0.5.17", site, reverse=True)) == 3
+    assert len(patcher.apply("0.5.17", site, reverse=True)) == len(PATCHED)
     assert {rel: (site / rel).read_text() for rel in PATCHED} == before
     assert not list(site.rglob("*" + patcher.BACKUP_SUFFIX))
 
@@ -86,13 +87,45 @@ def test_patch_from_an_older_release_is_replaced_from_the_backups(tmp_path):
     fresh = {rel: (site / rel).read_text() for rel in PATCHED}
     old = site / PATCHED[0]  # what an older patch might have left: an added line that differs
     old.write_text(old.read_text().replace("# objectcache: layer i is in host memory", "# objectcache v0"))
-    with pytest.raises(patcher.PatchError):
-        patcher.state("0.5.17", site)
-    assert len(patcher.apply("0.5.17", site)) == 3
+    assert patcher.state("0.5.17", site) == "outdated"
+    assert len(patcher.apply("0.5.17", site)) == len(PATCHED)
     assert {rel: (site / rel).read_text() for rel in PATCHED} == fresh
     old.write_text(old.read_text().replace("# objectcache: layer i is in host memory", "# objectcache v0"))
-    assert len(patcher.apply("0.5.17", site, reverse=True)) == 3
+    assert len(patcher.apply("0.5.17", site, reverse=True)) == len(PATCHED)
     assert {rel: (site / rel).read_text() for rel in PATCHED} == before
+
+
+def test_an_upgrade_that_patches_one_more_file_applies_it(tmp_path):
+    """The previous release patched three files; this one also patches schedule_batch.py, which
+    is still SGLang's own (no backup). The upgrade patches it and keeps the others."""
+    from sglang_objectcache.sglang import patcher
+
+    site = _pristine_copy(tmp_path)
+    before = {rel: (site / rel).read_text() for rel in PATCHED}
+    patcher.apply("0.5.17", site)
+    fresh = {rel: (site / rel).read_text() for rel in PATCHED}
+    newer = site / PATCHED[-1]
+    newer.write_text(before[PATCHED[-1]])  # as the previous release left it: untouched
+    newer.with_name(newer.name + patcher.BACKUP_SUFFIX).unlink()
+    assert patcher.state("0.5.17", site) == "outdated"
+    patcher.apply("0.5.17", site)
+    assert {rel: (site / rel).read_text() for rel in PATCHED} == fresh
+    assert patcher.state("0.5.17", site) == "applied"
+    patcher.apply("0.5.17", site, reverse=True)
+    assert {rel: (site / rel).read_text() for rel in PATCHED} == before
+
+
+def test_the_batch_copy_for_result_processing_keeps_the_load_index():
+    """With overlap scheduling, results are processed on `batch.copy()`; `abort_failed` finds the
+    batch's gated load through `hicache_consumer_index`, so the copy must keep it (04 hunk)."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    b = ScheduleBatch(reqs=[])
+    b.hicache_consumer_index = 2
+    for name in ("extend_num_tokens", "launch_ts", "forward_iter", "fpm_start_time"):
+        if not hasattr(b, name):
+            setattr(b, name, None)
+    assert b.copy().hicache_consumer_index == 2
 
 
 def test_patch_sglang_cli_checks_the_version(capsys):

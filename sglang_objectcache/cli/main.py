@@ -88,8 +88,8 @@ def _version(_args) -> int:
 
     if v in available_versions():
         try:
-            print(f"layer-wise streaming patch: {'applied' if state(v) == 'applied' else 'not applied'} "
-                  "(objectcache patch-sglang)")
+            st = state(v)
+            print(f"layer-wise streaming patch: {'not applied' if st == 'clean' else st} (objectcache patch-sglang)")
         except PatchError as e:
             print(f"layer-wise streaming patch: {e}")
     from .. import native

@@ -25,7 +25,9 @@ def run(args) -> int:
         version = sglang_version()
         st = state(version)
         if args.check:
-            print(f"sglang {version}: layer-wise patch {'applied' if st == 'applied' else 'not applied'}")
+            what = {"applied": "applied", "clean": "not applied",
+                    "outdated": "from another release of sglang-objectcache; run `objectcache patch-sglang`"}
+            print(f"sglang {version}: layer-wise patch {what[st]}")
             return 0 if st == "applied" else 1
         written = apply(version, reverse=args.revert)
     except (PatchError, UnsupportedSGLang, ImportError) as e:

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures as cf
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Sequence
@@ -112,6 +113,7 @@ class ObjectCache:
         self._copiers = cf.ThreadPoolExecutor(max_workers=cfg.copy_threads or min(8, os.cpu_count() or 1),
                                               thread_name_prefix="objectcache-copy")
         self._closed = False
+        self._switch_was: float | None = None
         try:
             self.tiers = build_tiers(cfg, self.ns)
             for i, tier in enumerate(self.tiers):
@@ -125,9 +127,13 @@ class ObjectCache:
             self.runtime.close()
             self._copiers.shutdown(wait=False)
             raise
+        if cfg.switch_interval:
+            self._switch_was = sys.getswitchinterval()
+            sys.setswitchinterval(cfg.switch_interval)
         # build or load the native copy helper now, not on the first read
-        log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s", fp.describe(), self.ns.root,
-                 ", ".join(t.name for t in self.tiers), native.status())
+        log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s; GIL switch interval %.2g ms",
+                 fp.describe(), self.ns.root, ", ".join(t.name for t in self.tiers), native.status(),
+                 sys.getswitchinterval() * 1e3)
 
     async def _start_tier(self, i: int, tier: Tier) -> None:
         from ..stores.factory import probe
@@ -422,3 +428,5 @@ class ObjectCache:
                 pass
         self.runtime.close()
         self._copiers.shutdown(wait=True)
+        if self._switch_was is not None:
+            sys.setswitchinterval(self._switch_was)

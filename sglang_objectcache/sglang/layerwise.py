@@ -46,6 +46,7 @@ class Stream:
     def __init__(self, fetch, slots: torch.Tensor):
         self.readiness = fetch.readiness
         self.started = fetch.started  # time.monotonic() when the fetch began
+        self.op_started: Optional[float] = None  # when SGLang queued the prefetch (timeline)
         self.slots = slots  # host token slots the fetch writes
         self.admitted = False  # set under the operation's lock by the scheduler
         self.closed = False  # set under the operation's lock by the IO thread when the fetch ended
@@ -68,6 +69,8 @@ class LayerGate:
         self.deadline = self.created + timeout  # one budget for all layers, not one per layer
         self.failed: Optional[str] = None
         self.opened_at: list[Optional[float]] = [None] * n_layers  # when layer l's copy was released
+        self.stalled = [0.0] * n_layers  # seconds the forward waited for layer l's copy (timeline)
+        self.asked_at: Optional[float] = None  # when the forward first asked for a layer
         self._enqueued = [threading.Event() for _ in range(n_layers)]
         self._all = threading.Event()
 
@@ -97,7 +100,13 @@ class LayerGate:
 
     def wait_enqueued(self, layer: int) -> None:
         """Forward thread, in the KV accessor of layer `layer`."""
-        self._enqueued[layer].wait()
+        e = self._enqueued[layer]
+        if self.asked_at is None:
+            self.asked_at = time.monotonic()
+        if not e.is_set():
+            t = time.monotonic()
+            e.wait()
+            self.stalled[layer] += time.monotonic() - t
 
     def join(self) -> None:
         self._all.wait()
@@ -174,6 +183,7 @@ class Layerwise:
             return
         planned = sum(len(o.slots) for o in fetch.plan.objects)
         stream = Stream(fetch, slots)
+        stream.op_started = getattr(op, "start_time", None)
         if planned == len(keys):  # stream only what will arrive in full; else the classic path
             with op._lock:
                 op.oc_stream = stream
@@ -312,6 +322,20 @@ class Layerwise:
         self._poisoned = keep
 
     @staticmethod
+    def _log_timeline(gate: LayerGate) -> None:
+        """One line per streamed prefill, at its result: where the time between the request's
+        prefetch and its first token went (ms)."""
+        now, t0 = time.monotonic(), gate.created
+        st = gate.streams[0]
+        worst = max(range(gate.n_layers), key=gate.stalled.__getitem__)
+        log.debug("objectcache: streamed prefill: prefetch queued %.1f ms and fetch began %.1f ms before the "
+                  "load began; forward asked for KV at +%.1f ms, stalled %.1f ms in all (layer 0: %.1f, "
+                  "worst layer %d: %.1f); result at +%.1f ms",
+                  (t0 - st.op_started) * 1e3 if st.op_started else float("nan"), (t0 - st.started) * 1e3,
+                  ((gate.asked_at or now) - t0) * 1e3, sum(gate.stalled) * 1e3, gate.stalled[0] * 1e3,
+                  worst, gate.stalled[worst] * 1e3, (now - t0) * 1e3)
+
+    @staticmethod
     def _read_failed_stream(req, failed: set[int]) -> bool:
         """Whether the request's prefix holds a node of a failed stream (poisoned already, or still
         marked with its stream). Without a tree position, any request that loaded from host or
@@ -366,6 +390,8 @@ class Layerwise:
         if gate is None:
             return
         gate.join()
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_timeline(gate)
         if gate.failed is None:
             return
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
@@ -389,6 +415,16 @@ def attach(controller, backend) -> Optional[Layerwise]:
         if sglang_version() in available_versions():
             log.info("objectcache: SGLang is not patched, so storage hits load whole before admission; "
                      "`objectcache patch-sglang` enables layer-wise streaming")
+        return None
+    from .patcher import PatchError, state
+
+    try:
+        st = state()
+    except (PatchError, OSError) as e:
+        st = str(e)
+    if st != "applied":  # e.g. an older release's patch, without a later fix: do not stream on it
+        log.warning("objectcache: layer-wise streaming is off: the installed patch is not this release's "
+                    "(%s); run `objectcache patch-sglang`", st)
         return None
     cfg = getattr(backend, "config", None)
     if cfg is None or not cfg.layerwise:

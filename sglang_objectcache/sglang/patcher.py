@@ -133,7 +133,8 @@ def _load(version: str) -> list[FilePatch]:
 
 
 def state(version: str | None = None, site: Path | None = None) -> str:
-    """'applied', 'clean' (applies cleanly), or raises PatchError (neither: a different source)."""
+    """'applied', 'clean' (applies cleanly), 'outdated' (patched by another release of this package:
+    re-patched from the backups), or raises PatchError (neither: a different source)."""
     version = version or sglang_version()
     site = site or _site()
     applied = clean = True
@@ -151,20 +152,23 @@ def state(version: str | None = None, site: Path | None = None) -> str:
         return "applied"
     if clean:
         return "clean"
+    if _from_backups(version, site, reverse=False) is not None:
+        return "outdated"
     raise PatchError(f"SGLang {version} at {site} is neither unpatched nor patched by this package "
                      "(another patch or a local edit?); reinstall SGLang, then run again")
 
 
 def _from_backups(version: str, site: Path, reverse: bool) -> list[tuple[Path, str]] | None:
-    """Files patched by another release of this package: when every file still has its backup and
-    the backups are SGLang's originals, rebuild from them. None when that is not the case."""
+    """Files patched by another release of this package: rebuild from the backups of SGLang's
+    originals. A file without a backup is one that release did not patch: it must be SGLang's own.
+    None when that is not the case (a local edit, another patch)."""
     staged = []
     for fp in _load(version):
         target = site / fp.path
         backup = target.with_name(target.name + BACKUP_SUFFIX)
-        if not backup.exists():
-            return None
-        orig = backup.read_text()
+        orig = (backup if backup.exists() else target).read_text()
+        if not backup.exists() and reverse:
+            continue  # never patched: nothing to revert
         try:
             staged.append((target, orig if reverse else _apply(orig, fp.hunks, reverse=False, name=fp.path)))
         except PatchError:
@@ -176,12 +180,10 @@ def apply(version: str | None = None, site: Path | None = None, reverse: bool = 
     """Apply (or revert) every file; idempotent. Returns the files written."""
     version = version or sglang_version()
     site = site or _site()
-    try:
-        st = state(version, site)
-    except PatchError:
+    st = state(version, site)
+    if st == "outdated":
         staged = _from_backups(version, site, reverse)
-        if staged is None:
-            raise
+        assert staged is not None
     else:
         if st == ("clean" if reverse else "applied"):
             return []
