@@ -154,7 +154,7 @@ class ObjectCacheConfig:
     # Python's GIL switch interval while the cache is open (sys.setswitchinterval); 0 leaves
     # Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy scheduler
     # thread; a waiting thread gets it back after at most this long.
-    switch_interval: float = 0.0005
+    switch_interval: float = 0.0002
     fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
@@ -274,7 +274,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
     if "switch_interval" in ours:
         kw["switch_interval"] = parse_duration(ours["switch_interval"], "switch_interval", allow_zero=True)
         if kw["switch_interval"] > 0.1:
-            raise ConfigError("switch_interval: at most 100ms; Python's default is 5ms, try '0.5ms'")
+            raise ConfigError("switch_interval: at most 100ms; Python's default is 5ms, ours 0.2ms")
     if "timeout" in ours:
         kw["timeout"] = parse_duration(ours["timeout"], "timeout")
     if "verify_checksums" in ours:

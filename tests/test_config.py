@@ -57,7 +57,7 @@ def test_units():
     t = cfg.tiers[0]
     assert (t.request_timeout, t.index_refresh_interval, cfg.read_range_bytes, cfg.timeout) == (0.25, 60.0, 4 << 20, 3.0)
     assert parse_config({"tiers": [S3], "first_range_layers": 0}).first_range_layers == 0
-    assert parse_config({"tiers": [S3], "switch_interval": "0.2ms"}).switch_interval == 0.0002
+    assert parse_config({"tiers": [S3], "switch_interval": "0.3ms"}).switch_interval == 0.0003
     assert parse_config({"tiers": [S3], "switch_interval": 0}).switch_interval == 0.0  # Python's own
 
 

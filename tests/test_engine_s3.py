@@ -464,10 +464,10 @@ def test_a_small_first_range_reads_the_same_bytes(s3_env, prefix):
 
 def test_switch_interval_is_set_while_open_and_restored_on_close(s3_env, prefix):
     was = sys.getswitchinterval()
-    c = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": "0.2ms"}),
+    c = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": "0.3ms"}),
                     fingerprint("m"))
     try:
-        assert sys.getswitchinterval() == pytest.approx(0.0002)
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
     finally:
         c.close()
     assert sys.getswitchinterval() == was
