@@ -291,6 +291,44 @@ def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix
 
 
 @seaweedfs_only
+def test_a_copy_that_raises_opens_the_gates_and_still_acks_the_load(tree, s3_env, monkeypatch):
+    """A host-to-device copy that raises on the loader thread: every gate opens with the failure,
+    the batch is aborted, and the load is still acknowledged, so SGLang unlocks its nodes."""
+    from sglang_objectcache.testbed.hiradix import store_prefix
+
+    cc = tree.cache_controller
+    lw = cc.oc_layerwise
+    tokens = list(range(1, TOKENS + 1))
+    store_prefix(tree, tokens, seed=2)
+    _admit(tree, tokens)
+    real = cc.mem_pool_host.load_to_device_per_layer
+
+    def broken(device_pool, host_indices, device_indices, layer_id, io_backend):
+        if layer_id == 2:
+            raise RuntimeError("copy engine fault")
+        return real(device_pool, host_indices, device_indices, layer_id, io_backend)
+
+    monkeypatch.setattr(cc.mem_pool_host, "load_to_device_per_layer", broken)
+    dev, last, pid = _load(tree, tokens)
+    counter = cc.layer_done_counter
+    counter.set_consumer(pid)
+    for layer in range(LAYERS):
+        counter.wait_until(layer)  # no gate stays closed
+    gate = counter.events[pid].oc_gate
+    gate.join()
+    assert gate.failed and "copy engine fault" in gate.failed
+    req = types.SimpleNamespace(host_hit_length=TOKENS, storage_hit_length=0, to_finish=None, last_node=last)
+    fresh = types.SimpleNamespace(host_hit_length=0, storage_hit_length=0, to_finish=None, last_node=tree.root_node)
+    lw.abort_failed(types.SimpleNamespace(hicache_consumer_index=pid, reqs=[req, fresh]))
+    assert req.to_finish is not None and req.skip_radix_cache_insert  # every request that loaded
+    assert fresh.to_finish is None  # a request that loaded nothing computed over its own KV
+    assert tree.ongoing_load_back  # the load holds its nodes until it is acknowledged
+    tree.loading_check()
+    assert not tree.ongoing_load_back and not cc.ack_load_queue  # acknowledged: nodes unlocked
+    tree.dec_lock_ref(last)
+
+
+@seaweedfs_only
 def test_layerwise_false_keeps_the_classic_path(s3_env, prefix):
     from sglang_objectcache.testbed.hiradix import build_tree
 

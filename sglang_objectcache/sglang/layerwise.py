@@ -120,8 +120,8 @@ class _Loader:
         self._t = threading.Thread(target=self._run, name="objectcache-layer-loader", daemon=True)
         self._t.start()
 
-    def submit(self, fn: Callable[[], None], gate: LayerGate) -> None:
-        self._q.put((fn, gate))
+    def submit(self, fn: Callable[[], None], gate: LayerGate, on_error: Optional[Callable[[], None]] = None) -> None:
+        self._q.put((fn, gate, on_error))
 
     def stop(self, timeout: float = 5.0) -> None:
         """After the loads already queued (SGLang re-attaches backends only when idle)."""
@@ -137,12 +137,17 @@ class _Loader:
             item = self._q.get()
             if item is None:
                 return
-            fn, gate = item
+            fn, gate, on_error = item
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - a dead loader would hang every forward
                 log.exception("objectcache: layer-wise load failed")
                 gate.release(f"loader error: {e}")
+                if on_error is not None:
+                    try:
+                        on_error()  # e.g. ack the load, so that SGLang unlocks its nodes
+                    except Exception:  # noqa: BLE001
+                        log.exception("objectcache: cleaning up a failed layer-wise load failed")
             else:
                 gate.release()
             if log.isEnabledFor(logging.DEBUG) and gate.opened_at[-1] is not None:
@@ -269,8 +274,10 @@ class Layerwise:
             return None
         return LayerGate(hit, self.cc.layer_num, self.timeout)
 
-    def run_gated(self, fn: Callable[[], None], gate: LayerGate) -> None:
-        self._loader.submit(fn, gate)
+    def run_gated(self, fn: Callable[[], None], gate: LayerGate,
+                  on_error: Optional[Callable[[], None]] = None) -> None:
+        """Run a gated copy loop on the loader thread; `on_error` runs if it raises."""
+        self._loader.submit(fn, gate, on_error)
 
     def on_split(self, new_node, child) -> None:
         """`_split_node` made `new_node` the head of `child`: it shares the stream and the poison."""
@@ -397,8 +404,11 @@ class Layerwise:
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
         failed = {id(st) for st in gate.streams if st.readiness.failed is not None or st.ok is False}
+        # no stream failed: the copy itself did, and left every request that loaded incomplete
+        copy_failed = not failed
         for req in batch.reqs:
-            if self._read_failed_stream(req, failed):
+            loaded = getattr(req, "host_hit_length", 0) > 0 or getattr(req, "storage_hit_length", 0) > 0
+            if (copy_failed and loaded) or self._read_failed_stream(req, failed):
                 req.to_finish = FINISH_ABORT(f"{ABORT_MESSAGE} ({gate.failed})", 503, "ServiceUnavailable")
                 req.skip_radix_cache_insert = True
                 self.counters["aborted"] += 1
