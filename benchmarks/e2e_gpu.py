@@ -221,6 +221,40 @@ def engine_probe(srv, cfg: dict, pages: int = 256) -> dict:
     return res
 
 
+def fault_check(bucket: "Bucket", ids: list[int], fresh: list[int]) -> dict:
+    """A storage failure after admission, end to end: store a prefix, overwrite its last object
+    with garbage of the same size, flush, and ask again. The stream is admitted, the object fails
+    its checksums mid-stream, and the request must end in an abort (never an answer over unwritten
+    KV); the same request once more must then succeed (a recompute, or the pages before the bad
+    object from storage)."""
+    import obstore as obs
+
+    before = {o["path"] for o in bucket.objects()}
+    gen(ids + fresh)
+    gen(ids + fresh)  # the second hit backs the prefix up
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        new = sorted(o["path"] for o in bucket.objects() if o["path"] not in before)
+        if len(new) * (64 << 20) >= len(ids) * KV_PER_TOKEN:
+            break
+        time.sleep(1)
+    victim = new[-1]
+    size = next(o["size"] for o in bucket.objects() if o["path"] == victim)
+    obs.put(bucket.store, victim, b"\x5a" * size)
+    flush()
+    res = {"objects": len(new), "corrupted": victim.rsplit("/", 1)[-1]}
+    try:
+        ms, det = gen(ids + fresh)
+        res["first"] = {"ms": round(ms, 1), "detail": det}
+    except RuntimeError as e:  # the abort gen() reports
+        res["first"] = {"aborted": str(e)[:300]}
+    except urllib.error.HTTPError as e:
+        res["first"] = {"aborted": f"HTTP {e.code}: {e.read().decode(errors='replace')[:300]}"}
+    ms, det = gen(ids + fresh)
+    res["again"] = {"ms": round(ms, 1), "detail": det}
+    return res
+
+
 def start_py_spy(pid: int, out: str) -> subprocess.Popen:
     """py-spy on the launcher and its children (the scheduler process), GIL holders and idle
     threads alike, so that waits show too."""
@@ -272,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="after (c), also measure objectcache re-attached with these config keys changed, "
                     "e.g. lw16='{\"read_range_bytes\": \"16MiB\"}' (repeatable)")
+    ap.add_argument("--fault", action="store_true", help="also check a storage failure after admission "
+                    "(a 16K prefix whose last object is overwritten with garbage): abort, then success")
     ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
                     "while (d) runs: where the read path spends its time inside SGLang")
     args = ap.parse_args(argv)
@@ -366,6 +402,10 @@ def main(argv=None) -> int:
                 each(name)
             except RuntimeError as e:
                 print(f"variant {name} skipped: {e}", flush=True)
+        if args.fault:
+            attach("objectcache", oc)
+            res["fault"] = fault_check(bucket, new(16384), new(args.question))
+            print(f"fault after admission: {res['fault']}", flush=True)
         if args.with_file:
             attach("file", {})  # its directory: SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR
             cached = {sh: {L: new(len(p)) for L, p in c.items()} for sh, c in cached.items()}
