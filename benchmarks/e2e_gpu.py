@@ -305,7 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--log", default="/tmp/sglang-e2e.log")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="after (c), also measure objectcache re-attached with these config keys changed, "
-                    "e.g. lw16='{\"read_range_bytes\": \"16MiB\"}' (repeatable)")
+                    "e.g. lw8='{\"read_range_bytes\": \"8MiB\"}', c64='{\"tier\": {\"max_connections\": 64}}' "
+                    "(repeatable)")
     ap.add_argument("--fault", action="store_true", help="also check a storage failure after admission "
                     "(a 16K prefix whose last object is overwritten with garbage): abort, then success")
     ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
@@ -398,7 +399,9 @@ def main(argv=None) -> int:
         for v in args.variant:
             name, _, keys = v.partition("=")
             try:
-                attach("objectcache", dict(oc, **json.loads(keys)))
+                keys = json.loads(keys)
+                tier = keys.pop("tier", {})  # changes to the s3 tier's own keys
+                attach("objectcache", dict(oc, tiers=[dict(oc["tiers"][0], **tier)], **keys))
                 each(name)
             except RuntimeError as e:
                 print(f"variant {name} skipped: {e}", flush=True)

@@ -4,14 +4,14 @@ Inside SGLang the layer-wise read runs at about the engine's own rate, well belo
 client gets from the same server. This reads the same planned ranges five ways, each alone and
 next to a thread that runs Python without pause (as SGLang's scheduler does):
 
-- `plain async`: obstore `get_range_async`, 32 in flight on one loop, bytes dropped (the ceiling);
-- `plain threads`: 32 threads, each a blocking obstore `get_range`, bytes dropped;
+- `plain async`: obstore `get_range_async`, `--conc` in flight on one loop, bytes dropped (the ceiling);
+- `plain threads`: `--conc` threads, each a blocking obstore `get_range`, bytes dropped;
 - `threads + copy`: the same threads, each verifying and copying its range into the pages
   (`ObjectRead.deliver`, the engine's native call) before it takes the next: no loop, no hand-over;
 - `engine`: `ObjectCache.get` (loop, scheduler, copy threads), as SGLang calls it;
 - `engine, no verify`: the same with `verify_checksums: false`.
 
-    python benchmarks/pull_probe.py --pages 256
+    python benchmarks/pull_probe.py --pages 256 [--conc 32,64]
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from gil import Busy  # noqa: E402
 from transports import LAYERS, PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of  # noqa: E402
 
-CONC = 32
 
 
-def plain_async(store, reads) -> None:
+def plain_async(store, reads, conc: int) -> None:
     import obstore as obs
 
     async def run():
-        sem = asyncio.Semaphore(CONC)
+        sem = asyncio.Semaphore(conc)
 
         async def one(path, s, e):
             async with sem:
@@ -50,8 +49,8 @@ def plain_async(store, reads) -> None:
     asyncio.run(run())
 
 
-def threads(reads, work) -> None:
-    """CONC threads take reads in plan order and run `work(read)` each."""
+def threads(reads, work, conc: int) -> None:
+    """`conc` threads take reads in plan order and run `work(read)` each."""
     q: queue.SimpleQueue = queue.SimpleQueue()
     for r in reads:
         q.put(r)
@@ -67,7 +66,7 @@ def threads(reads, work) -> None:
                 work(r)
             except Exception as e:  # noqa: BLE001 - reported after the run
                 errors.append(e)
-    ts = [threading.Thread(target=loop) for _ in range(CONC)]
+    ts = [threading.Thread(target=loop) for _ in range(conc)]
     for t in ts:
         t.start()
     for t in ts:
@@ -80,7 +79,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=256, help="8 MiB Llama-3.1-8B pages (256 = 2 GiB)")
     ap.add_argument("--reps", type=int, default=2, help="best of")
+    ap.add_argument("--conc", default="32", help="requests in flight (the engine's max_connections); "
+                    "a comma-separated list runs each")
     args = ap.parse_args(argv)
+    for conc in (int(c) for c in args.conc.split(",")):
+        probe(args, conc)
+    return 0
+
+
+def probe(args, conc: int) -> None:
     import obstore as obs
 
     from sglang_objectcache.config import parse_config
@@ -90,7 +97,8 @@ def main(argv=None) -> int:
 
     srv = servers.start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
     os.environ.update(srv.env())
-    tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "pull"}
+    tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "pull",
+            "max_connections": conc}
     fp = llama_fingerprint("pull")
     data = np.random.default_rng(0).integers(0, 256, size=(args.pages, LAYERS, PIECE), dtype=np.uint8)
     keys = page_keys(args.pages)
@@ -115,16 +123,16 @@ def main(argv=None) -> int:
                 o = plan.objects[r.obj]
                 buf = obs.get_range(store, o.info.name, start=r.start, end=r.end)
                 jobs[r.obj].deliver(r.start, r.end, r.l0, r.l1, buf, segs)
-            threads(plan.reads, work)
+            threads(plan.reads, work, conc)
 
         ways = {
-            "plain async": lambda: plain_async(store, reads),
-            "plain threads": lambda: threads(reads, lambda r: obs.get_range(store, r[0], start=r[1], end=r[2])),
+            "plain async": lambda: plain_async(store, reads, conc),
+            "plain threads": lambda: threads(reads, lambda r: obs.get_range(store, r[0], start=r[1], end=r[2]), conc),
             "threads + copy": copy_run,
             "engine": lambda: caches[True].get(keys, segments_of(out)),
             "engine, no verify": lambda: caches[False].get(keys, segments_of(out)),
         }
-        print(f"{os.cpu_count()} cores; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
+        print(f"{os.cpu_count()} cores; {conc} in flight; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
               f"{sys.getswitchinterval() * 1e3:.2f} ms; GiB/s, best of {args.reps}", flush=True)
         for name, fn in ways.items():
             rates = []
@@ -144,7 +152,6 @@ def main(argv=None) -> int:
         for c in caches.values():
             c.close()
         srv.stop()
-    return 0
 
 
 if __name__ == "__main__":

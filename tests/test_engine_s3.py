@@ -307,10 +307,15 @@ def test_startup_errors_name_the_cause_and_hide_the_secret(seaweedfs, monkeypatc
         make([{**base, "endpoint": "http://127.0.0.1:9"}])
     with pytest.raises(StartupError, match=r"tiers\[0\]\.bucket: bucket 'no-such-bucket' does not exist"):
         make([{**base, "bucket": "no-such-bucket"}])
+    # names that hold the other status code: the probe's own object name is echoed in the error
+    with pytest.raises(StartupError, match=r"bucket 'no-such-bucket' does not exist"):
+        make([{**base, "bucket": "no-such-bucket", "prefix": "p403p"}])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
     with pytest.raises(StartupError, match="rejected the credentials") as e:
         make([base])
     assert "definitely-wrong-secret" not in str(e.value)
+    with pytest.raises(StartupError, match="rejected the credentials"):
+        make([{**base, "prefix": "p404p"}])
 
 
 def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog):

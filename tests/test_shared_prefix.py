@@ -89,7 +89,10 @@ def two_passes(groups: int, prefix: int, question: int) -> list[Request]:
 
 @pytest.mark.usefixtures("sglang_cpu")
 def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch):
-    pytest.importorskip("sglang.srt.mem_cache.unified_radix_cache", reason="replay drives SGLang 0.5.23's tree")
+    from sglang_objectcache.sglang.compat import sglang_version
+
+    if sglang_version() != "0.5.23":  # 0.5.17 has the module but not the API the replay drives
+        pytest.skip("replay drives SGLang 0.5.23's tree")
     from sglang_objectcache.bench import replay
 
     for k, v in seaweedfs.env().items():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+import urllib.parse
 
 from ..config import ConfigError, DiskTierConfig, S3TierConfig, TierConfig
 from .base import ObjectStore, StoreError, Unavailable
@@ -71,6 +73,9 @@ def _create_bucket(t: S3TierConfig) -> None:
         pass
 
 
+_STATUS = re.compile(r"status code: (\d{3})\b|\((\d{3})\)")
+
+
 async def probe(store: ObjectStore, t: TierConfig, where: str, root: str) -> None:
     """One LIST under a name that never exists: an empty answer means endpoint, bucket and
     credentials work (a HEAD could not tell a missing bucket from a missing key)."""
@@ -90,17 +95,21 @@ async def probe(store: ObjectStore, t: TierConfig, where: str, root: str) -> Non
                 "start the server or fix the endpoint") from None
         except StoreError as e:
             text = str(e)
-            low = text.lower()
+            # the message echoes the listed name, whose hex digest may hold "404" or "403": drop it,
+            # and read the HTTP status only where the transport states it
+            path = f"{root}.probe"
+            low = text.replace(path, "").replace(urllib.parse.quote(path + "/", safe=""), "").lower()
+            status = (m.group(1) or m.group(2)) if (m := _STATUS.search(low)) else None
             # A LIST answers 404 only when the bucket itself is missing.
-            if "nosuchbucket" in low or "404" in low:
+            if "nosuchbucket" in low or status == "404":
                 if t.create_bucket and attempt == 1:
                     _create_bucket(t)
                     continue
                 raise StartupError(
                     f"{where}.bucket: bucket {t.bucket!r} does not exist at {t.endpoint}; create it "
                     "or set create_bucket: true") from None
-            if any(s in low for s in ("403", "forbidden", "accessdenied", "signature", "invalidaccesskey",
-                                      "unauthenticated", "permission")):
+            if status == "403" or any(s in low for s in ("forbidden", "accessdenied", "signature",
+                                                         "invalidaccesskey", "unauthenticated", "permission")):
                 raise StartupError(
                     f"{where}: the server rejected the credentials (from the AWS chain: "
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or profile); fix them") from None
