@@ -5,13 +5,15 @@ write_through, prefetch policy wait_complete), SeaweedFS on the same machine. Fo
 length it measures, in this order:
 
   (a) recompute        the prefix is new
-  dev                  the prefix is on the GPU (SGLang's fixed per-request cost)
+  dev                  the prefix is on the GPU (SGLang's fixed per-request cost: the lower of the
+                       second hit, which starts the backup, and a third)
   (b) host             device evicted by fillers, the prefix in HiCache host memory (L2)
   (d) objectcache      device and host flushed, the prefix in S3, layer-wise streaming (patched SGLang)
   (c) objectcache      the same, with `layerwise: false` (whole prefetch, then load)
   (e) file             SGLang's own `file` backend on local disk, same flush-then-hit
 
 (c) and (e) are runtime re-attachments of the storage backend (`PUT /hicache/storage-backend`).
+Storage rows take the median of `--repeat` samples (one for rows over 3 s), each after a flush.
 Shapes: `hit` (the whole context but a 64-token question is a cached prefix) and `compute` (half
 the context is a cached prefix, half is new). Also measured in the same sitting: the raw read
 ceiling of the server for a plain obstore client at the plan's range size (`read_range_bytes` ranges
