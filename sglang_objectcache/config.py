@@ -151,9 +151,9 @@ class ObjectCacheConfig:
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
     first_range_layers: int = 1  # > 0: each object's first range holds only this many layers
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
-    # Python's GIL switch interval while the cache is open (sys.setswitchinterval); 0 leaves
-    # Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy scheduler
-    # thread; a waiting thread gets it back after at most this long.
+    # Python's GIL switch interval while reads are in flight (sys.setswitchinterval; engine/switch.py);
+    # 0 leaves Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy
+    # scheduler thread; a waiting thread gets it back after at most this long.
     switch_interval: float = 0.0002
     fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)

@@ -467,20 +467,42 @@ def test_a_small_first_range_reads_the_same_bytes(s3_env, prefix):
         b.close()
 
 
-def test_switch_interval_is_set_while_open_and_restored_on_close(s3_env, prefix):
+def test_switch_interval_is_lowered_only_while_reads_are_in_flight(s3_env, prefix):
+    """`switch_interval` is process-wide: it holds while a fetch runs and is Python's own again
+    once the fetch has ended (before `wait` returns), and 0 never touches it."""
     was = sys.getswitchinterval()
-    c = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": "0.3ms"}),
-                    fingerprint("m"))
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": "0.3ms", "bandwidth": "1MiB"})
+    c = ObjectCache(cfg, fingerprint("m"))
     try:
+        assert sys.getswitchinterval() == was  # open, idle: untouched
+        src, ks = Pages(8, seed=23), keys(8)
+        assert all(c.put(ks, src.segments()))
+        dst = Pages.empty_like(src)
+        f = c.fetch(ks, dst.segments())  # 256 KiB at 1 MiB/s: about a quarter of a second
         assert sys.getswitchinterval() == pytest.approx(0.0003)
+        assert f.wait(30) == [True] * 8 and np.array_equal(dst.data, src.data)
+        assert sys.getswitchinterval() == was
     finally:
         c.close()
-    assert sys.getswitchinterval() == was
     c = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix)], "switch_interval": 0}), fingerprint("m"))
     try:
-        assert sys.getswitchinterval() == was  # 0: Python's own, untouched
+        f = c.fetch(ks, Pages.empty_like(src).segments())
+        assert sys.getswitchinterval() == was
+        assert all(f.wait(30))
     finally:
         c.close()
+
+
+def test_switch_interval_nests_across_fetches():
+    from sglang_objectcache.engine import switch
+
+    was = sys.getswitchinterval()
+    switch.enter(0.0003)
+    switch.enter(0.0003)
+    switch.leave(0.0003)
+    assert sys.getswitchinterval() == pytest.approx(0.0003)  # one fetch still reads
+    switch.leave(0.0003)
+    assert sys.getswitchinterval() == was
 
 
 def test_a_fetch_that_cannot_register_fails_at_once_with_a_reason(s3_env, prefix, monkeypatch):

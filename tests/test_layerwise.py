@@ -10,6 +10,7 @@ end in an abort with the tree cleaned, never in garbage KV being kept.
 from __future__ import annotations
 
 import shutil
+import sys
 import threading
 import time
 import types
@@ -202,6 +203,7 @@ def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
     assert lw is not None
     tokens = list(range(1, TOKENS + 1))
     want = store_prefix(tree, tokens)
+    python_own = sys.getswitchinterval()
 
     _admit(tree, tokens)
     assert lw.counters["admitted"] == 1
@@ -219,6 +221,8 @@ def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
         seen.append((time.monotonic(), stream.readiness.ready_layers))
         assert kv.k_buffer[layer][dev].equal(want[0, layer]), f"K of layer {layer}"
         assert kv.v_buffer[layer][dev].equal(want[1, layer]), f"V of layer {layer}"
+        if layer == 0:  # reads and gated copies in flight: the GIL changes hands sooner
+            assert sys.getswitchinterval() == pytest.approx(0.0002)
     # layer 0 was handed to the forward while the last layer was still on the wire
     assert seen[0][1] < LAYERS, seen
     assert gate.opened_at[0] < stream.readiness.ready_at[LAYERS - 1]
@@ -229,6 +233,11 @@ def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
         tree.check_hicache_events()
         time.sleep(0.01)
     assert not lw._active and stream.ok
+    gate.join()
+    deadline = time.monotonic() + 5  # the loader leaves just after its last layer
+    while sys.getswitchinterval() != python_own and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sys.getswitchinterval() == python_own
     tree.dec_lock_ref(last)
     tree.loading_check()
 

@@ -13,7 +13,6 @@ import collections
 import concurrent.futures as cf
 import logging
 import os
-import sys
 import threading
 import time
 from typing import Sequence
@@ -29,6 +28,7 @@ from .policy import POLICIES
 from .scheduler import ReadScheduler
 from .plan import PlannedObject, Read, plan_fetch
 from .runtime import Runtime
+from . import switch
 from .tiers import DiskTier, S3Tier, Tier
 
 log = logging.getLogger("sglang_objectcache")
@@ -113,7 +113,6 @@ class ObjectCache:
         self._copiers = cf.ThreadPoolExecutor(max_workers=cfg.copy_threads or min(8, os.cpu_count() or 1),
                                               thread_name_prefix="objectcache-copy")
         self._closed = False
-        self._switch_was: float | None = None
         try:
             self.tiers = build_tiers(cfg, self.ns)
             for i, tier in enumerate(self.tiers):
@@ -127,13 +126,10 @@ class ObjectCache:
             self.runtime.close()
             self._copiers.shutdown(wait=False)
             raise
-        if cfg.switch_interval:
-            self._switch_was = sys.getswitchinterval()
-            sys.setswitchinterval(cfg.switch_interval)
         # build or load the native copy helper now, not on the first read
-        log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s; GIL switch interval %.2g ms",
-                 fp.describe(), self.ns.root, ", ".join(t.name for t in self.tiers), native.status(),
-                 sys.getswitchinterval() * 1e3)
+        log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s; GIL switch interval while "
+                 "reading: %s", fp.describe(), self.ns.root, ", ".join(t.name for t in self.tiers),
+                 native.status(), f"{cfg.switch_interval * 1e3:.2g} ms" if cfg.switch_interval else "Python's")
 
     async def _start_tier(self, i: int, tier: Tier) -> None:
         from ..stores.factory import probe
@@ -214,13 +210,31 @@ class ObjectCache:
                 return bytearray(o.info.size)
             return None
 
-        def finished() -> None:
-            for tid, rid in rids.items():
-                self.runtime.loop.call_soon_threadsafe(sched[tid].close_request, rid)
+        interval, left = self.cfg.switch_interval, threading.Event()
 
-        return Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
-                     submit=submit, loop=self.runtime.loop, copiers=self._copiers, promote_buffer=promote_buffer,
-                     on_event=self._on_fetch_event, on_finish=finished, prepare=register).start()
+        def leave() -> None:
+            if not left.is_set():
+                left.set()
+                switch.leave(interval)
+
+        def finished() -> None:
+            leave()
+            for tid, rid in rids.items():
+                try:
+                    self.runtime.loop.call_soon_threadsafe(sched[tid].close_request, rid)
+                except RuntimeError:  # the loop is closed: so is the scheduler
+                    pass
+
+        switch.enter(interval)  # until `finished`: the GIL hand-overs of the reads are short
+        try:
+            fetch = Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
+                          submit=submit, loop=self.runtime.loop, copiers=self._copiers,
+                          promote_buffer=promote_buffer, on_event=self._on_fetch_event, on_finish=finished,
+                          prepare=register)
+        except BaseException:
+            leave()
+            raise
+        return fetch.start()
 
     def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
         """Fill pages from storage; one bool per key, within the configured deadline."""
@@ -428,5 +442,3 @@ class ObjectCache:
                 pass
         self.runtime.close()
         self._copiers.shutdown(wait=True)
-        if self._switch_was is not None:
-            sys.setswitchinterval(self._switch_was)

@@ -132,8 +132,8 @@ class Fetch:
         with self._lock:
             self._left -= 1
             if self._left == 0:
+                self._on_finish()  # before waiters wake: they see its effects done
                 self._finished.set()
-                self._on_finish()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop what has not arrived; the request fails with `reason`."""

@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..engine import switch
+
 log = logging.getLogger("sglang_objectcache")
 
 ABORT_MESSAGE = "objectcache: KV streamed from storage failed after admission; request aborted"
@@ -168,6 +170,8 @@ class Layerwise:
         self._active: list[Stream] = []  # admitted streams not yet retired by `poll` (scheduler thread)
         self._poisoned: list = []  # roots of subtrees to drop once unlocked (scheduler thread)
         self._loader = _Loader()
+        # the gated copies hand the GIL to and fro with the forward: as short as the reads' hand-overs
+        self.switch_interval = getattr(getattr(backend, "config", None), "switch_interval", 0.0)
         self.counters = dict(admitted=0, streamed_pages=0, failed=0, aborted=0, dropped_nodes=0)
 
     def close(self) -> None:
@@ -277,7 +281,16 @@ class Layerwise:
     def run_gated(self, fn: Callable[[], None], gate: LayerGate,
                   on_error: Optional[Callable[[], None]] = None) -> None:
         """Run a gated copy loop on the loader thread; `on_error` runs if it raises."""
-        self._loader.submit(fn, gate, on_error)
+        interval = self.switch_interval
+
+        def lowered() -> None:
+            switch.enter(interval)
+            try:
+                fn()
+            finally:
+                switch.leave(interval)
+
+        self._loader.submit(lowered, gate, on_error)
 
     def on_split(self, new_node, child) -> None:
         """`_split_node` made `new_node` the head of `child`: it shares the stream and the poison."""
