@@ -210,15 +210,10 @@ class ObjectCache:
                 return bytearray(o.info.size)
             return None
 
-        interval, left = self.cfg.switch_interval, threading.Event()
+        interval = self.cfg.switch_interval
 
-        def leave() -> None:
-            if not left.is_set():
-                left.set()
-                switch.leave(interval)
-
-        def finished() -> None:
-            leave()
+        def finished() -> None:  # called once, by the Fetch
+            switch.leave(interval)
             for tid, rid in rids.items():
                 try:
                     self.runtime.loop.call_soon_threadsafe(sched[tid].close_request, rid)
@@ -231,8 +226,8 @@ class ObjectCache:
                           submit=submit, loop=self.runtime.loop, copiers=self._copiers,
                           promote_buffer=promote_buffer, on_event=self._on_fetch_event, on_finish=finished,
                           prepare=register)
-        except BaseException:
-            leave()
+        except BaseException:  # it never called `finished`: that is its last step
+            switch.leave(interval)
             raise
         return fetch.start()
 

@@ -52,8 +52,8 @@ class Fetch:
         # are freed as soon as they are copied (a task keeps its result)
         self._futs: set[asyncio.Task] = set()
         if not self._left:
-            self._finished.set()
             on_finish()
+            self._finished.set()
 
     def start(self) -> "Fetch":
         """Hand every read to the loop in one call: one cross-thread wake-up per fetch, not one per
