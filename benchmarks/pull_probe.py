@@ -8,10 +8,20 @@ next to a thread that runs Python without pause (as SGLang's scheduler does):
 - `plain threads`: `--conc` threads, each a blocking obstore `get_range`, bytes dropped;
 - `threads + copy`: the same threads, each verifying and copying its range into the pages
   (`ObjectRead.deliver`, the engine's native call) before it takes the next: no loop, no hand-over;
-- `engine`: `ObjectCache.get` (loop, scheduler, copy threads), as SGLang calls it;
+- `native threads`: the same threads, each a blocking native range GET (`stores/rawhttp.py`) into
+  its own buffer, bytes dropped;
+- `native + copy`: those, each verifying and copying its range into the pages before the next;
+- `engine, obstore`: `ObjectCache.get` with `native_reads: off` (loop, scheduler, copy threads);
+- `engine`: `ObjectCache.get` as configured by default (native reads on pull threads), as SGLang
+  calls it;
 - `engine, no verify`: the same with `verify_checksums: false`.
 
-    python benchmarks/pull_probe.py --pages 256 [--conc 32,64]
+`--order` then asks what the plan's shape does to the layer order: for ranges of 16, 8, 4 and 2 MiB
+(the first of each object one layer), each read by the thread-pulled ways, it prints when layers
+0, 1 and the last are in place (ms after the first request) and what a forward pass of `--t-layer`
+ms per layer, started with the load, would stall in all.
+
+    python benchmarks/pull_probe.py --pages 256 [--conc 32,64] [--order --t-layer 13]
 """
 
 from __future__ import annotations
@@ -49,21 +59,22 @@ def plain_async(store, reads, conc: int) -> None:
     asyncio.run(run())
 
 
-def threads(reads, work, conc: int) -> None:
-    """`conc` threads take reads in plan order and run `work(read)` each."""
+def threads(reads, work, conc: int) -> list[float]:
+    """`conc` threads take reads in plan order and run `work(read)` each; when each one ended."""
     q: queue.SimpleQueue = queue.SimpleQueue()
-    for r in reads:
-        q.put(r)
-    errors = []
+    for i, r in enumerate(reads):
+        q.put((i, r))
+    errors, ended = [], [0.0] * len(reads)
 
     def loop():
         while True:
             try:
-                r = q.get_nowait()
+                i, r = q.get_nowait()
             except queue.Empty:
                 return
             try:
                 work(r)
+                ended[i] = time.perf_counter()
             except Exception as e:  # noqa: BLE001 - reported after the run
                 errors.append(e)
     ts = [threading.Thread(target=loop) for _ in range(conc)]
@@ -73,6 +84,24 @@ def threads(reads, work, conc: int) -> None:
         t.join()
     if errors:
         raise errors[0]
+    return ended
+
+
+def layer_times(reads, ended, t0: float, n_layers: int) -> list[float]:
+    """When each layer was in place: the last of the reads that carry it (ms after t0)."""
+    ready = [0.0] * n_layers
+    for r, t in zip(reads, ended):
+        for layer in range(max(r.l0, 0), r.l1):
+            ready[layer] = max(ready[layer], (t - t0) * 1e3)
+    return ready
+
+
+def stall(ready: list[float], t_layer: float) -> float:
+    """What a forward pass of t_layer ms per layer, started with the load, waits in all (ms)."""
+    f = 0.0
+    for r in ready:
+        f = max(f, r) + t_layer
+    return f - t_layer * len(ready)
 
 
 def main(argv=None) -> int:
@@ -81,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="best of")
     ap.add_argument("--conc", default="32", help="requests in flight (the engine's max_connections); "
                     "a comma-separated list runs each")
+    ap.add_argument("--order", action="store_true", help="also sweep the plan's range size (layer order)")
+    ap.add_argument("--t-layer", type=float, default=13.0, help="forward ms per layer for --order's stall")
     args = ap.parse_args(argv)
     for conc in (int(c) for c in args.conc.split(",")):
         probe(args, conc)
@@ -92,7 +123,10 @@ def probe(args, conc: int) -> None:
 
     from sglang_objectcache.config import parse_config
     from sglang_objectcache.engine.cache import ObjectCache
+    from sglang_objectcache.engine.plan import plan_fetch
     from sglang_objectcache.engine.reader import ObjectRead
+    from sglang_objectcache.stores.credentials import Credentials
+    from sglang_objectcache.stores.rawhttp import RawRangeReader
     from sglang_objectcache.testbed import servers
 
     srv = servers.start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
@@ -102,11 +136,12 @@ def probe(args, conc: int) -> None:
     fp = llama_fingerprint("pull")
     data = np.random.default_rng(0).integers(0, 256, size=(args.pages, LAYERS, PIECE), dtype=np.uint8)
     keys = page_keys(args.pages)
-    caches = {v: ObjectCache(parse_config({"tiers": [tier], "verify_checksums": v}), fp) for v in (True, False)}
+    caches = {(v, n): ObjectCache(parse_config({"tiers": [{**tier, "native_reads": n}], "verify_checksums": v}), fp)
+              for v, n in ((True, "auto"), (False, "auto"), (True, "off"))}
     try:
-        assert all(caches[True].put(keys, segments_of(data)))
-        caches[True].flush()
-        cache = caches[True]
+        cache = caches[True, "off"]
+        assert all(cache.put(keys, segments_of(data)))
+        cache.flush()
         out = np.zeros_like(data)
         f = cache.fetch(keys, segments_of(out))
         assert all(f.wait(120)) and np.array_equal(out, data)
@@ -114,23 +149,41 @@ def probe(args, conc: int) -> None:
         reads = [(plan.objects[r.obj].info.name, r.start, r.end) for r in plan.reads]
         nbytes = sum(e - s for _, s, e in reads)
 
-        def copy_run():
-            jobs = [ObjectRead(o.info, o.slots, o.first, plan.reads_of(i), cache.digest, True, None,
-                               trusted=o.trusted) for i, o in enumerate(plan.objects)]
+        raw = RawRangeReader(endpoint=srv.endpoint, bucket=srv.bucket, region=srv.region,
+                             creds=Credentials(srv.access_key, srv.secret_key), request_timeout=30,
+                             connect_timeout=5, max_idle=conc)
+        biggest = max(r.nbytes for r in plan.reads)
+        staging = threading.local()
+
+        def native_get(path, s, e):
+            if not hasattr(staging, "buf"):
+                staging.buf = np.empty(max(biggest, 64 << 20), dtype=np.uint8)
+            view = staging.buf[: e - s]
+            raw.read_into(path, s, e, view)
+            return view
+
+        def copy_run(get, p=plan):
+            jobs = [ObjectRead(o.info, o.slots, o.first, p.reads_of(i), cache.digest, True, None,
+                               trusted=o.trusted) for i, o in enumerate(p.objects)]
             segs = segments_of(out)
 
             def work(r):
-                o = plan.objects[r.obj]
-                buf = obs.get_range(store, o.info.name, start=r.start, end=r.end)
-                jobs[r.obj].deliver(r.start, r.end, r.l0, r.l1, buf, segs)
-            threads(plan.reads, work, conc)
+                o = p.objects[r.obj]
+                jobs[r.obj].deliver(r.start, r.end, r.l0, r.l1, get(o.info.name, r.start, r.end), segs)
+            return threads(p.reads, work, conc)
+
+        def obstore_get(path, s, e):
+            return obs.get_range(store, path, start=s, end=e)
 
         ways = {
             "plain async": lambda: plain_async(store, reads, conc),
             "plain threads": lambda: threads(reads, lambda r: obs.get_range(store, r[0], start=r[1], end=r[2]), conc),
-            "threads + copy": copy_run,
-            "engine": lambda: caches[True].get(keys, segments_of(out)),
-            "engine, no verify": lambda: caches[False].get(keys, segments_of(out)),
+            "threads + copy": lambda: copy_run(obstore_get),
+            "native threads": lambda: threads(reads, lambda r: native_get(*r), conc),
+            "native + copy": lambda: copy_run(native_get),
+            "engine, obstore": lambda: caches[True, "off"].get(keys, segments_of(out)),
+            "engine": lambda: caches[True, "auto"].get(keys, segments_of(out)),
+            "engine, no verify": lambda: caches[False, "auto"].get(keys, segments_of(out)),
         }
         print(f"{os.cpu_count()} cores; {conc} in flight; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
               f"{sys.getswitchinterval() * 1e3:.2f} ms; GiB/s, best of {args.reps}", flush=True)
@@ -144,10 +197,32 @@ def probe(args, conc: int) -> None:
                         t = time.perf_counter()
                         fn()
                         best = max(best, nbytes / (time.perf_counter() - t) / 2**30)
-                if name not in ("plain async", "plain threads"):
+                if name not in ("plain async", "plain threads", "native threads"):
                     assert np.array_equal(out, data), name
                 rates.append(best)
             print(f"  {name:18s} alone {rates[0]:5.2f}  next to a busy thread {rates[1]:5.2f}", flush=True)
+        if args.order:
+            sys.setswitchinterval(2e-4)  # as the engine sets it while it reads (switch_interval)
+            print(f"layer order, next to a busy thread, 0.2 ms switch interval: GiB/s, ms to layers 0 / 1 / last, stall of a "
+                  f"{args.t_layer:g} ms/layer forward (ms); median of {args.reps + 1}", flush=True)
+            for mib in (16, 8, 4, 2):
+                p = plan_fetch(plan.objects, plan.n_layers, mib << 20, 1 if mib > 2 else 0)
+                for name, get in (("obstore + copy", obstore_get), ("native + copy", native_get)):
+                    rows = []
+                    with Busy():
+                        for _ in range(args.reps + 1):
+                            out[:] = 0
+                            t0 = time.perf_counter()
+                            ended = copy_run(get, p)
+                            took = time.perf_counter() - t0
+                            assert np.array_equal(out, data), name
+                            ready = layer_times(p.reads, ended, t0, plan.n_layers)
+                            rows.append((nbytes / took / 2**30, ready[0], ready[1], ready[-1],
+                                         stall(ready, args.t_layer)))
+                    med = [sorted(col)[len(col) // 2] for col in zip(*rows)]
+                    print(f"  {mib:2d} MiB ranges ({len(p.reads):3d} reads)  {name:15s} {med[0]:5.2f} GiB/s  "
+                          f"{med[1]:6.1f} / {med[2]:6.1f} / {med[3]:6.1f} ms  stall {med[4]:6.1f} ms", flush=True)
+        raw.close()
     finally:
         for c in caches.values():
             c.close()

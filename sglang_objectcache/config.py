@@ -124,6 +124,7 @@ class S3TierConfig:
     prefix: str = ""
     region: str = "us-east-1"
     transport: str = "auto"  # auto | obstore | aioboto3
+    native_reads: str = "auto"  # auto | on | off: range reads by stores/rawhttp.py (http:// only)
     profile: str | None = None
     max_connections: int = 32
     max_write_connections: int = 8
@@ -202,6 +203,11 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
             kw[k] = _expect(d[k], str, f"{where}{k}", "a string")
     if "transport" in d:
         kw["transport"] = _choice(d["transport"], f"{where}transport", ("auto", "obstore", "aioboto3"))
+    if "native_reads" in d:
+        v = d["native_reads"]
+        if isinstance(v, bool):  # YAML 1.1 reads a bare on/off as a bool
+            v = "on" if v else "off"
+        kw["native_reads"] = _choice(v, f"{where}native_reads", ("auto", "on", "off"))
     if "max_connections" in d:
         kw["max_connections"] = _int(d["max_connections"], f"{where}max_connections", 1, 1024)
     if "max_write_connections" in d:
@@ -216,6 +222,9 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
     if "create_bucket" in d:
         kw["create_bucket"] = _expect(d["create_bucket"], bool, f"{where}create_bucket", "true or false")
     cfg = S3TierConfig(**kw)
+    if cfg.native_reads == "on" and not (cfg.endpoint or "").startswith("http://"):
+        raise ConfigError(f"{where}native_reads: 'on' needs a plain http:// endpoint (the native reader has "
+                          "no TLS); use 'auto' to fall back to the transport elsewhere")
     if cfg.max_write_connections > cfg.max_connections:
         raise ConfigError(
             f"{where}max_write_connections: {cfg.max_write_connections} exceeds max_connections "

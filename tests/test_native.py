@@ -92,7 +92,7 @@ def test_it_builds_into_its_cache_dir_once(tmp_path, monkeypatch):
     monkeypatch.setenv("OBJECTCACHE_NATIVE_DIR", str(tmp_path))
     if native._load() is None:
         pytest.skip(f"no C compiler here: {native.status()}")
-    built = list(tmp_path.glob("copyhash-*.so"))
+    built = list(tmp_path.glob("objectcache-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import functools
 import logging
 import os
 import threading
@@ -76,11 +77,12 @@ class _RateLimitedLog:
 
 
 def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
-    from ..stores.factory import build_store
+    from ..stores.factory import build_range_reader, build_store
 
     tiers: list[Tier] = []
     for i, t in enumerate(cfg.tiers):
         store = build_store(t, f"tiers[{i}]")
+        reader = build_range_reader(t, f"tiers[{i}]") if isinstance(t, S3TierConfig) else None
         if isinstance(t, DiskTierConfig):
             tiers.append(DiskTier(t.name, store, ns, t.capacity))
         else:
@@ -91,7 +93,8 @@ def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
                                 flush_interval=t.manifest_flush_interval,
                                 startup_timeout=max(cfg.timeout, 3 * t.request_timeout),
                                 scheduler=ReadScheduler(POLICIES[cfg.fetch_policy], cfg.bandwidth,
-                                                        t.max_connections)))
+                                                        t.max_connections),
+                                range_reader=reader, staging_bytes=cfg.read_range_bytes))
     return tiers
 
 
@@ -195,10 +198,13 @@ class ObjectCache:
                     rids[tier_id] = s.register([(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer)
                     positions.update((id(r), n) for n, r in enumerate(mine))
 
-        def submit(o: PlannedObject, r: Read):
-            """The coroutine of one read (run on the loop): through the tier's scheduler for S3."""
+        def submit(o: PlannedObject, r: Read, pulled):
+            """The coroutine of one read (run on the loop): through the tier's scheduler for S3; on a
+            pull thread where the tier has the native reader (`pulled` copies the bytes there)."""
             whole = r.start == 0 and r.end == o.info.size
             def factory():
+                if getattr(o.tier, "range_reader", None) is not None and o.trusted:
+                    return o.tier.pull(o.info.name, r.start, r.end, functools.partial(pulled, r))
                 return o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end)
             tid = id(o.tier)
             if tid in rids:

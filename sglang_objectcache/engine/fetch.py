@@ -1,5 +1,7 @@
 """Running one fetch plan: requests on the loop, verify-and-copy on the copy threads, per-layer
-readiness for whoever waits, per-page results at the end.
+readiness for whoever waits, per-page results at the end. Where a tier reads on its own pull
+threads (the native reader), each read is received, verified and copied on one of them instead:
+`pulled` is that thread's part.
 
 Nothing here blocks the caller: `Fetch.start()` returns at once (one hand-over to the loop for all
 reads); `wait()` blocks with a deadline.
@@ -24,6 +26,9 @@ from .reader import ObjectRead
 
 log = logging.getLogger("sglang_objectcache")
 
+DELIVERED = object()  # a pulled read's result: its bytes are in place (or it failed and said so)
+SKIPPED = object()  # a pulled read that never started: the fetch was cancelled first
+
 
 class Fetch:
     def __init__(self, plan: FetchPlan, n_keys: int, segments: SegmentFn, *, digest: str, verify: bool,
@@ -35,7 +40,7 @@ class Fetch:
         self.ok = [False] * n_keys
         self.readiness = LayerReadiness(plan.n_layers, plan.pending_per_layer())
         self.started = time.monotonic()
-        self._submit = submit  # (PlannedObject, Read) -> coroutine giving the bytes, run on `loop`
+        self._submit = submit  # (PlannedObject, Read, pulled) -> coroutine giving the bytes or DELIVERED
         self._loop = loop
         self._copiers = copiers
         self._on_event = on_event  # (kind, PlannedObject, detail) for stats, logs, bans, promotion
@@ -46,12 +51,16 @@ class Fetch:
                       for i, o in enumerate(plan.objects)]
         self._lock = threading.Lock()
         self._left = len(plan.reads)
+        self._settled: set[int] = set()  # id() of reads counted done: each counts once
+        self._copying = 0  # pull threads copying into the caller's buffers: not finished while any is
+        self._signalled = False
         self._finished = threading.Event()
         self._cancelled = False
         # reads not yet landed (loop thread only); a landed read leaves at once, so that its bytes
         # are freed as soon as they are copied (a task keeps its result)
         self._futs: set[asyncio.Task] = set()
         if not self._left:
+            self._signalled = True
             on_finish()
             self._finished.set()
 
@@ -77,7 +86,7 @@ class Fetch:
             if self._cancelled:  # cancelled before the reads were started
                 self._fail(read, "cancelled")
                 continue
-            task = self._loop.create_task(self._submit(self.plan.objects[read.obj], read))
+            task = self._loop.create_task(self._submit(self.plan.objects[read.obj], read, self.pulled))
             self._futs.add(task)
             task.add_done_callback(functools.partial(self._fetched, read))
 
@@ -93,10 +102,38 @@ class Fetch:
             self._on_event("io_error", obj, exc)
             self._fail(read, f"{type(exc).__name__}: {exc}")
             return
+        if task.result() is DELIVERED:
+            return
+        if task.result() is SKIPPED:
+            self._fail(read, "cancelled")
+            return
         try:
             self._copiers.submit(self._copy, read, task.result())
         except RuntimeError:  # the copy pool is shut down: the cache is closing
             self._fail(read, "closing")
+
+    def pulled(self, read: Read, filled) -> object:
+        """On a pull thread: receive the read's bytes (`filled()`, a context manager that blocks
+        until they are in a buffer of its own) and copy them into place there. Returns DELIVERED,
+        or SKIPPED once the fetch is cancelled; a transport error propagates. A cancelled fetch
+        does not wait for the network (its reads only fill buffers of their own), only for copies
+        that began before it was cancelled: `wait()` never returns with one of those running."""
+        if self._cancelled:
+            return SKIPPED
+        with filled() as data:
+            with self._lock:
+                if self._cancelled:
+                    return SKIPPED
+                self._copying += 1
+            try:
+                self._copy(read, data)
+            finally:
+                with self._lock:
+                    self._copying -= 1
+                    finish = self._finishing_locked()
+                if finish:
+                    self._signal()
+        return DELIVERED
 
     def _copy(self, read: Read, data) -> None:
         obj, job = self.plan.objects[read.obj], self._jobs[read.obj]
@@ -122,18 +159,35 @@ class Fetch:
                 self.ok[obj.first + j] = True
             if job.promote is not None:
                 self._on_event("promote", obj, job.promote)
-        self._one_done()
+        self._one_done(read)
 
     def _fail(self, read: Read, reason: str) -> None:
-        self.readiness.fail(reason)
-        self._one_done()
-
-    def _one_done(self) -> None:
         with self._lock:
+            settled = id(read) in self._settled
+        if not settled:
+            self.readiness.fail(reason)
+        self._one_done(read)
+
+    def _one_done(self, read: Read) -> None:
+        with self._lock:
+            if id(read) in self._settled:  # a pulled read whose task was cancelled, then landed
+                return
+            self._settled.add(id(read))
             self._left -= 1
-            if self._left == 0:
-                self._on_finish()  # before waiters wake: they see its effects done
-                self._finished.set()
+            finish = self._finishing_locked()
+        if finish:
+            self._signal()
+
+    def _finishing_locked(self) -> bool:
+        """Under the lock: True exactly once, when every read is settled and no pulled copy runs."""
+        if self._left == 0 and self._copying == 0 and not self._signalled:
+            self._signalled = True
+            return True
+        return False
+
+    def _signal(self) -> None:
+        self._on_finish()  # before waiters wake: they see its effects done
+        self._finished.set()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop what has not arrived; the request fails with `reason`."""

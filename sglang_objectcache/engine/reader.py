@@ -58,8 +58,8 @@ class ObjectRead:
                 self.header = h
                 todo = [(start, end, l0, l1, data), *self.stash]
                 self.stash = []
-            elif self.header is None:
-                self.stash.append((start, end, l0, l1, data))
+            elif self.header is None:  # a private copy: the caller may reuse its buffer
+                self.stash.append((start, end, l0, l1, bytes(data)))
                 return [], False
             else:
                 todo = [(start, end, l0, l1, data)]

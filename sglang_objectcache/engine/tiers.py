@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures as cf
+import functools
 import logging
 import os
 import time
@@ -173,8 +175,16 @@ class S3Tier(Tier):
 
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, *, max_connections: int,
                  max_write_connections: int, refresh_interval: float, flush_interval: float,
-                 startup_timeout: float, scheduler=None):
+                 startup_timeout: float, scheduler=None, range_reader=None, staging_bytes: int = 16 << 20):
         super().__init__(name, store, ns, PrioritySlots(max_connections, max_write_connections))
+        # stores/rawhttp.py: range reads on pull threads, each received, verified and copied there
+        self.range_reader = range_reader
+        self._pullers = None
+        if range_reader is not None:
+            from ..stores.rawhttp import StagingBuffers
+
+            self._pullers = cf.ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="objectcache-pull")
+            self._staging = StagingBuffers(max_connections, staging_bytes)
         self.refresh_interval = refresh_interval
         self.flush_interval = flush_interval
         self.startup_timeout = startup_timeout
@@ -189,6 +199,15 @@ class S3Tier(Tier):
         self._last_nudge = 0.0
         self._tasks: list[asyncio.Task] = []
         self.last_refresh = 0.0
+
+    async def pull(self, name: str, start: int, end: int, run):
+        """A range read on a pull thread: `run(filled)` gets a context manager that gives the range's
+        bytes (a reused buffer, valid inside it) and does what the caller needs with them there,
+        so the bytes are copied into place on the thread that received them."""
+        async with self.slots.acquire(write=False):
+            self.requests["get"] += 1
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pullers, run, functools.partial(self._staging.filled, self.range_reader, name, start, end))
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -296,4 +315,7 @@ class S3Tier(Tier):
             await self.flush()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+        if self._pullers is not None:
+            self._pullers.shutdown(wait=False, cancel_futures=True)
+            self.range_reader.close()
         await super().stop()

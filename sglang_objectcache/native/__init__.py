@@ -55,16 +55,21 @@ def _hash_pointer() -> int | None:
         return None
 
 
-def _compile(src: bytes, so: Path) -> None:
+SOURCES = ("copyhash.c", "httpget.c")
+
+
+def _compile(srcs: dict[str, bytes], so: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install cc)")
     so.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-        c = Path(tmp) / "copyhash.c"
-        c.write_bytes(src)
+        files = []
+        for name, src in srcs.items():
+            files.append(Path(tmp) / name)
+            files[-1].write_bytes(src)
         out = Path(tmp) / so.name
-        r = subprocess.run([*cc.split(), "-O3", "-shared", "-fPIC", "-std=c99", "-o", str(out), str(c)],
+        r = subprocess.run([*cc.split(), "-O3", "-shared", "-fPIC", "-std=c99", "-o", str(out), *map(str, files)],
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:500]}")
@@ -83,22 +88,35 @@ def _load():
             hash_fn = _hash_pointer()
             if hash_fn is None:
                 raise RuntimeError("xxhash does not export XXH3_64bits")
-            src = resources.files(__name__).joinpath("copyhash.c").read_bytes()
-            tag = hashlib.sha256(src + sys.platform.encode() + os.uname().machine.encode()).hexdigest()[:16]
-            so = _cache_dir() / f"copyhash-{tag}.so"
+            srcs = {n: resources.files(__name__).joinpath(n).read_bytes() for n in SOURCES}
+            tag = hashlib.sha256(b"".join(srcs.values()) + sys.platform.encode()
+                                 + os.uname().machine.encode()).hexdigest()[:16]
+            so = _cache_dir() / f"objectcache-{tag}.so"
             if not so.exists():
-                _compile(src, so)
+                _compile(srcs, so)
             lib = ctypes.CDLL(str(so))  # CDLL: calls release the GIL
             fn = lib.oc_copy_hash
             fn.restype = ctypes.c_int64
             fn.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+            get = lib.oc_http_get
+            get.restype = ctypes.c_int64
+            get.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+            _state["http_get"] = get
         except Exception as e:  # noqa: BLE001 - any failure means the Python path
             fn, why = None, str(e)
             log.warning("objectcache: native copy helper unavailable (%s); copies and checksums run piece "
                         "by piece in Python, slower inside SGLang", why)
+        if fn is None:
+            _state.pop("http_get", None)
         _state.update(fn=fn, why=why, hash=hash_fn if fn else None)
         return fn
+
+
+def http_get():
+    """The native range GET (`httpget.c`), or None where the helper cannot be built."""
+    return _state.get("http_get") if _load() is not None else None
 
 
 def status() -> str:

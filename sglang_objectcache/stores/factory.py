@@ -55,6 +55,25 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
     return Aioboto3S3Store(**kw)
 
 
+def build_range_reader(t: S3TierConfig, where: str):
+    """The native range reader for this tier (stores/rawhttp.py), or None: `native_reads: off`, an
+    https:// or default AWS endpoint, or no native helper (auto only; `on` makes those errors)."""
+    if t.native_reads == "off" or not (t.endpoint or "").startswith("http://"):
+        return None
+    from .. import native
+    from .credentials import resolve
+    from .rawhttp import RawRangeReader
+
+    if native.http_get() is None:
+        if t.native_reads == "on":
+            raise ConfigError(f"{where}.native_reads: the native helper cannot be built ({native.status()}); "
+                              "install a C compiler or set native_reads: auto")
+        return None
+    return RawRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region, creds=resolve(t.profile),
+                          request_timeout=t.request_timeout, connect_timeout=t.connect_timeout,
+                          max_idle=t.max_connections, max_retries=t.max_retries)
+
+
 def _create_bucket(t: S3TierConfig) -> None:
     import boto3
     from botocore.config import Config

@@ -1,0 +1,182 @@
+"""Range GETs over plain HTTP, each body received by native code straight into a caller's buffer.
+
+The read path's fast transport for `http://` endpoints (on-premises Ceph RGW, SeaweedFS, MinIO):
+a blocking call, made from the engine's read threads, that releases the GIL once per range
+(`native/httpget.c`). Connections are kept alive in a small pool; a reused connection that the
+server had closed is retried once on a fresh one. Anything else that goes wrong closes the
+connection and raises the store vocabulary (NotFound, Unavailable, StoreError), never with the
+credentials in it. TLS endpoints and everything but ranged GETs stay with obstore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as _errno
+import re
+import socket
+import struct
+import threading
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .. import native
+from .base import NotFound, StoreError, Unavailable
+from .credentials import Credentials
+from .sigv4 import GetSigner
+
+_HDR_CAP = 16 << 10
+_MESSAGES = {-1: "connection failed or timed out", -2: "malformed HTTP response", -4: "wrong body length",
+             -5: "chunked body"}
+
+
+class RawRangeReader:
+    def __init__(self, *, endpoint: str, bucket: str, region: str, creds: Credentials,
+                 request_timeout: float, connect_timeout: float, max_idle: int, max_retries: int = 2):
+        u = urlsplit(endpoint)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"the native reader speaks plain HTTP only, not {endpoint!r}")
+        self.addr = (u.hostname, u.port or 80)
+        host = u.hostname if u.port in (None, 80) else f"{u.hostname}:{u.port}"
+        self.bucket = bucket
+        self.signer = GetSigner(host, region, creds)
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.max_retries = max_retries
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread header buffer and info array
+        self._fn = native.http_get()
+        if self._fn is None:
+            raise RuntimeError(f"native helper unavailable: {native.status()}")
+        self.closed = False
+
+    def read_into(self, key: str, start: int, end: int, dst) -> int:
+        """Bytes [start, end) of object `key` into `dst` (a writable buffer of exactly end - start
+        bytes); returns how many came: fewer where the object ends sooner (truncated), for the
+        caller's checks to catch. Blocking; releases the GIL while the bytes move."""
+        view = np.frombuffer(dst, dtype=np.uint8)
+        if view.nbytes != end - start or end <= start:
+            raise ValueError(f"buffer of {view.nbytes} bytes for range {start}-{end}")
+        path = self.signer.path(self.bucket, key)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {self.signer.host}", f"Range: bytes={start}-{end - 1}",
+                 *(f"{n}: {v}" for n, v in self.signer.headers(path)), "", ""]
+        req = "\r\n".join(lines).encode()
+        stale_retried, retries = False, 0
+        while True:
+            try:
+                sock, reused = self._take()
+            except Unavailable as e:
+                err = e
+            else:
+                rc, info, hdr = self._call(sock, req, view)
+                if rc == 0 and info[0] in (200, 206):
+                    self._give(sock, bool(info[3]) and info[0] == 206)
+                    return info[2]
+                sock.close()
+                if rc == -1 and reused and not stale_retried and info[4] in (0, _errno.ECONNRESET, _errno.EPIPE):
+                    stale_retried = True  # the server closed an idle keep-alive connection: once more
+                    continue
+                err = self._error(rc, info, hdr, key, start, end)
+            # a server error or a refused connection may pass; a timeout has used its time already
+            if isinstance(err, Unavailable) and "timed out" not in str(err) and retries < self.max_retries:
+                time.sleep(0.05 * 2 ** retries)
+                retries += 1
+                continue
+            raise err
+
+    def _call(self, sock, req: bytes, view):
+        loc = self._local
+        if not hasattr(loc, "hdr"):
+            loc.hdr = ctypes.create_string_buffer(_HDR_CAP)
+            loc.info = (ctypes.c_int64 * 6)()
+        rc = self._fn(sock.fileno(), req, len(req), view.ctypes.data, view.nbytes, loc.hdr, _HDR_CAP, loc.info)
+        return rc, list(loc.info), loc.hdr
+
+    def _error(self, rc: int, info, hdr, key: str, start: int, end: int) -> StoreError:
+        what = f"GET {key} bytes {start}-{end - 1}"
+        if rc == -3:  # an error status, with the body's start after the header block
+            status, body = info[0], hdr.raw[info[1]:info[1] + info[5]].decode("latin-1")
+            code = re.search(r"<Code>([^<]{1,64})</Code>", body)
+            text = f"HTTP {status}" + (f" {code.group(1)}" if code else "")
+            if status == 404 or (code and code.group(1) in ("NoSuchKey", "NoSuchBucket")):
+                return NotFound(f"{what}: {text}")
+            if status in (500, 502, 503, 504):
+                return Unavailable(f"{what}: {text}")
+            return StoreError(f"{what}: {text}")
+        if rc == -1:
+            why = _errno.errorcode.get(info[4], "closed by the server") if info[4] else "closed by the server"
+            if info[4] in (_errno.EAGAIN, _errno.EWOULDBLOCK):
+                why = f"timed out after {self.request_timeout:g} s"
+            return Unavailable(f"{what}: {why}")
+        if rc == -4:
+            return StoreError(f"{what}: server announced {info[2]} bytes for {end - start}")
+        return StoreError(f"{what}: {_MESSAGES.get(rc, f'error {rc}')}")
+
+    def _take(self) -> tuple[socket.socket, bool]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        try:
+            sock = socket.create_connection(self.addr, timeout=self.connect_timeout)
+        except socket.timeout:
+            raise Unavailable(f"connect {self.addr[0]}:{self.addr[1]}: timed out after "
+                              f"{self.connect_timeout:g} s") from None
+        except OSError as e:
+            raise Unavailable(f"connect {self.addr[0]}:{self.addr[1]}: {e.strerror or e}") from None
+        sock.setblocking(True)  # the native call blocks; SO_RCVTIMEO/SO_SNDTIMEO bound each wait
+        tv = struct.pack("ll", int(self.request_timeout), int(self.request_timeout % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, False
+
+    def _give(self, sock: socket.socket, keep: bool) -> None:
+        with self._lock:
+            if keep and not self.closed and len(self._idle) < self.max_idle:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+        for s in idle:
+            s.close()
+
+
+class StagingBuffers:
+    """Receive buffers for the native reader, reused across reads: at most `keep` are held
+    between reads (about max_connections x read_range_bytes), so a steady stream of reads neither
+    allocates nor page-faults, and an idle server holds a bounded amount."""
+
+    def __init__(self, keep: int, min_bytes: int):
+        self.keep = keep
+        self.min_bytes = min_bytes
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def filled(self, reader: RawRangeReader, key: str, start: int, end: int):
+        """A view of exactly the range's bytes, valid inside the block."""
+        n = end - start
+        with self._lock:
+            i = next((i for i, b in enumerate(self._free) if b.nbytes >= n), None)
+            buf = self._free.pop(i) if i is not None else None
+        if buf is None:
+            buf = np.empty(max(n, self.min_bytes), dtype=np.uint8)
+        try:
+            yield memoryview(buf[: reader.read_into(key, start, end, buf[:n])])
+        finally:
+            with self._lock:
+                if len(self._free) < self.keep:
+                    self._free.append(buf)
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes for b in self._free)
