@@ -5,10 +5,11 @@
 # ceph-mgr is deliberately left out: the test bed runs without a mgr (saves ~300 MB RSS and start
 # time; the cluster still serves S3). curl (>= 7.75, for --aws-sigv4) creates the bucket.
 # --no-install-recommends keeps this to ~100 packages / ~75 MB instead of pulling in the dashboard,
-# smartmontools, etc.
+# smartmontools, etc. gcc builds the package's native helper (copies, checksums, range reads), so
+# the tests exercise that path, not only its Python fallback.
 set -euo pipefail
 
-PKGS=(ceph-mon ceph-osd radosgw ceph-common curl)
+PKGS=(ceph-mon ceph-osd radosgw ceph-common curl gcc)
 
 missing=()
 for p in "${PKGS[@]}"; do

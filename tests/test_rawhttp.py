@@ -30,6 +30,13 @@ def reader(srv, secret=None, **kw) -> RawRangeReader:
     return RawRangeReader(**args)
 
 
+def reader_at(port: int, **kw) -> RawRangeReader:
+    """A reader of a local port that is no S3 server, with half-second timeouts."""
+    return RawRangeReader(**{"endpoint": f"http://127.0.0.1:{port}", "bucket": "kv-cache", "region": "us-east-1",
+                             "creds": Credentials("a", "b"), "request_timeout": 0.5, "connect_timeout": 0.5,
+                             "max_idle": 1, **kw})
+
+
 @pytest.fixture
 def obj(s3, prefix):
     """A 3 MiB object with a key that needs escaping; its name and bytes."""
@@ -93,9 +100,7 @@ def test_errors_are_the_store_vocabulary_without_secrets(s3, obj, prefix):
         with pytest.raises(StoreError, match="403") as e:
             bad.read_into(key, 0, 10, bytearray(10))
         assert "not-the-secret-XYZ" not in str(e.value) and s3.secret_key not in str(e.value)
-        other = RawRangeReader(endpoint=s3.endpoint, bucket="no-such-bucket-oc", region=s3.region,
-                               creds=Credentials(s3.access_key, s3.secret_key), request_timeout=5,
-                               connect_timeout=2, max_idle=1)
+        other = reader(s3, bucket="no-such-bucket-oc", max_idle=1)
         with pytest.raises(NotFound):
             other.read_into(key, 0, 10, bytearray(10))
         r.read_into(key, 0, 10, bytearray(10))  # the reader still works after errors
@@ -122,9 +127,7 @@ def test_unreachable_and_stalled_servers_are_unavailable_within_the_timeouts():
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = RawRangeReader(endpoint=f"http://127.0.0.1:{port}", bucket="b", region="us-east-1",
-                       creds=Credentials("a", "b"), request_timeout=0.5, connect_timeout=0.5, max_idle=1,
-                       max_retries=0)
+    r = reader_at(port, max_retries=0)
     with pytest.raises(Unavailable, match="connect"):
         r.read_into("k", 0, 10, bytearray(10))
     # a server that accepts and never answers
@@ -134,8 +137,7 @@ def test_unreachable_and_stalled_servers_are_unavailable_within_the_timeouts():
     held = []
     t = threading.Thread(target=lambda: held.append(lsn.accept()), daemon=True)
     t.start()
-    r = RawRangeReader(endpoint=f"http://127.0.0.1:{lsn.getsockname()[1]}", bucket="b", region="us-east-1",
-                       creds=Credentials("a", "b"), request_timeout=0.5, connect_timeout=0.5, max_idle=1)
+    r = reader_at(lsn.getsockname()[1])
     t0 = time.monotonic()
     with pytest.raises(Unavailable, match="timed out"):
         r.read_into("k", 0, 10, bytearray(10))

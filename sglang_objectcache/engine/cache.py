@@ -203,7 +203,7 @@ class ObjectCache:
             pull thread where the tier has the native reader (`pulled` copies the bytes there)."""
             whole = r.start == 0 and r.end == o.info.size
             def factory():
-                if getattr(o.tier, "range_reader", None) is not None and o.trusted:
+                if o.tier.range_reader is not None and o.trusted:
                     return o.tier.pull(o.info.name, r.start, r.end, functools.partial(pulled, r))
                 return o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end)
             tid = id(o.tier)

@@ -34,6 +34,7 @@ MANIFEST_SKEW_MS = 60_000
 
 class Tier:
     kind = "tier"
+    range_reader = None  # S3 tiers with the native reader (stores/rawhttp.py) read on pull threads
 
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, slots: PrioritySlots):
         self.name = name

@@ -108,8 +108,6 @@ def _load():
             fn, why = None, str(e)
             log.warning("objectcache: native copy helper unavailable (%s); copies and checksums run piece "
                         "by piece in Python, slower inside SGLang", why)
-        if fn is None:
-            _state.pop("http_get", None)
         _state.update(fn=fn, why=why, hash=hash_fn if fn else None)
         return fn
 

@@ -30,26 +30,11 @@ enum {
     OC_ECHUNKED = -5,   /* a chunked body: not expected for ranges, not handled here */
 };
 
-static int64_t send_all(int fd, const char *p, int64_t n, int64_t *info)
+/* Send or receive exactly n bytes: EINTR resumed, a timeout or a closed peer is OC_EIO. */
+static int64_t xfer_all(int fd, char *p, int64_t n, int sending, int64_t *info)
 {
     while (n > 0) {
-        ssize_t k = send(fd, p, (size_t)n, MSG_NOSIGNAL);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0) {
-            info[4] = k < 0 ? errno : 0;
-            return OC_EIO;
-        }
-        p += k;
-        n -= k;
-    }
-    return OC_OK;
-}
-
-static int64_t recv_all(int fd, char *p, int64_t n, int64_t *info)
-{
-    while (n > 0) {
-        ssize_t k = recv(fd, p, (size_t)n, MSG_WAITALL);
+        ssize_t k = sending ? send(fd, p, (size_t)n, MSG_NOSIGNAL) : recv(fd, p, (size_t)n, MSG_WAITALL);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {
@@ -91,7 +76,7 @@ int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t
     info[0] = info[1] = info[4] = info[5] = 0;
     info[2] = -1;
     info[3] = 1;
-    if ((rc = send_all(fd, req, req_len, info)) != OC_OK)
+    if ((rc = xfer_all(fd, (char *)req, req_len, 1, info)) != OC_OK)
         return rc;
     /* the header block: read what comes until its blank line */
     while (eoh == NULL) {
@@ -136,7 +121,7 @@ int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t
         int64_t room = hdr_cap - have, left = info[2] > extra ? info[2] - extra : 0;
         if (left > room)
             left = room;
-        if (left > 0 && recv_all(fd, hdr + have, left, info) != OC_OK)
+        if (left > 0 && xfer_all(fd, hdr + have, left, 0, info) != OC_OK)
             left = 0;
         info[5] = (extra < hdr_cap - info[1] ? extra : hdr_cap - info[1]) + (left > 0 ? left : 0);
         return OC_ESTATUS;
@@ -147,5 +132,5 @@ int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t
     if (info[2] < 0 || info[2] > want || extra > info[2])
         return OC_ELENGTH;
     memcpy(dst, eoh, (size_t)extra);
-    return recv_all(fd, dst + extra, info[2] - extra, info);
+    return xfer_all(fd, dst + extra, info[2] - extra, 0, info);
 }

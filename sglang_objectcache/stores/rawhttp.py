@@ -28,8 +28,7 @@ from .credentials import Credentials
 from .sigv4 import GetSigner
 
 _HDR_CAP = 16 << 10
-_MESSAGES = {-1: "connection failed or timed out", -2: "malformed HTTP response", -4: "wrong body length",
-             -5: "chunked body"}
+_MESSAGES = {-2: "malformed HTTP response", -5: "chunked body"}  # -1, -3, -4 are told apart below
 
 
 class RawRangeReader:
@@ -108,7 +107,7 @@ class RawRangeReader:
                 return Unavailable(f"{what}: {text}")
             return StoreError(f"{what}: {text}")
         if rc == -1:
-            why = _errno.errorcode.get(info[4], "closed by the server") if info[4] else "closed by the server"
+            why = _errno.errorcode.get(info[4]) or "closed by the server"
             if info[4] in (_errno.EAGAIN, _errno.EWOULDBLOCK):
                 why = f"timed out after {self.request_timeout:g} s"
             return Unavailable(f"{what}: {why}")
@@ -175,8 +174,3 @@ class StagingBuffers:
             with self._lock:
                 if len(self._free) < self.keep:
                     self._free.append(buf)
-
-    @property
-    def held_bytes(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._free)
