@@ -33,6 +33,13 @@ class Pages:
 
         return seg
 
+    def only_verified_from(self, src: "Pages") -> bool:
+        """Every (page, layer) piece is untouched (zero) or exactly src's: a failed read may have
+        copied pieces it checked, never bytes it had not."""
+        same = (self.data == src.data).all(axis=2)
+        empty = ~self.data.any(axis=2)
+        return bool((same | empty).all())
+
     @classmethod
     def empty_like(cls, other: "Pages") -> "Pages":
         p = cls.__new__(cls)

@@ -1,5 +1,5 @@
-"""The native copy-and-checksum helper: same bytes and checksums as the Python path, nothing copied
-from a range that fails its check, the GIL released for the call, and a clean fallback when it
+"""The native copy-and-checksum helper: same bytes and checksums as the Python path, no bad piece
+(nor any after it) copied from a range that fails its check, the GIL released for the call, and a clean fallback when it
 cannot be built."""
 
 import ctypes
@@ -60,11 +60,40 @@ def test_verify_and_copy(path):
     assert dst == want
 
 
-def test_a_bad_piece_is_named_and_nothing_is_copied(path):
+def test_a_bad_piece_is_named_and_neither_it_nor_later_ones_are_copied(path):
     src, dst, copies, pieces, sums, want = _case(seed=2)
     src[7 * PIECE + 1000] ^= 0xFF
     assert native.verify_and_copy(pieces, PIECE, sums, copies) == 7
+    for i in range(7, len(pieces)):  # where pieces 7.. go: untouched
+        k = (copies[2 * i][0] - buffer_address(dst)) // PIECE
+        assert dst[k * PIECE:(k + 1) * PIECE] == bytes(PIECE)
+    for i in range(7):  # those before: checked, so either in place or not copied at all
+        k = (copies[2 * i][0] - buffer_address(dst)) // PIECE
+        assert dst[k * PIECE:(k + 1) * PIECE] in (want[k * PIECE:(k + 1) * PIECE], bytes(PIECE))
+
+
+def test_copies_not_grouped_by_piece_are_checked_before_any_copy(path):
+    """Copies in another order than their pieces cannot be done piece by piece: all pieces are
+    checked first, so a bad one leaves every target untouched."""
+    src, dst, copies, pieces, sums, want = _case(seed=3)
+    shuffled = copies[1::2] + copies[0::2]
+    assert native.verify_and_copy(pieces, PIECE, sums, shuffled) == -1
+    assert dst == want
+    dst[:] = bytes(len(dst))
+    src[11 * PIECE + 5] ^= 0xFF
+    assert native.verify_and_copy(pieces, PIECE, sums, shuffled) == 11
     assert dst == bytearray(len(dst))
+
+
+def test_per_piece_grouping_is_found_only_where_it_holds():
+    src, dst, copies, pieces, sums, want = _case(n_pieces=4, seed=4)
+    cp, pc = np.asarray(copies, dtype=np.uint64), np.asarray(pieces, dtype=np.uint64)
+    assert native._per_piece(cp, pc, PIECE).tolist() == [0, 2, 4, 6, 8]
+    assert native._per_piece(cp[::-1].copy(), pc, PIECE) is None  # out of order
+    assert native._per_piece(cp[:-1], pc, PIECE) is None  # a piece not wholly copied
+    straddle = cp.copy()
+    straddle[1, 2] += 1  # the second segment of piece 0 runs into piece 1
+    assert native._per_piece(straddle, pc, PIECE) is None
 
 
 def test_the_native_call_releases_the_gil():

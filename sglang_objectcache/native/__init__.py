@@ -98,7 +98,7 @@ def _load():
             fn = lib.oc_copy_hash
             fn.restype = ctypes.c_int64
             fn.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
             get = lib.oc_http_get
             get.restype = ctypes.c_int64
             get.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -133,10 +133,28 @@ def _u64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.uint64)
 
 
+def _per_piece(cp: np.ndarray, pieces: np.ndarray, piece_len: int) -> np.ndarray | None:
+    """Index of each piece's first copy (and the end), where the copies are grouped by piece in
+    piece order and read each piece front to back, as the read path builds them; None otherwise."""
+    if not len(cp) or not len(pieces):
+        return None
+    lengths = cp[:, 2].astype(np.int64)
+    at = np.concatenate(([0], np.cumsum(lengths)))  # offset of each copy in the pieces laid end to end
+    if at[-1] != len(pieces) * piece_len:
+        return None
+    first = np.searchsorted(at, np.arange(len(pieces) + 1, dtype=np.int64) * piece_len)
+    if not (at[first] == np.arange(len(pieces) + 1) * piece_len).all():
+        return None  # a copy straddles two pieces
+    owner = np.searchsorted(first, np.arange(len(cp)), side="right") - 1
+    want = pieces[owner].astype(np.int64) + (at[:-1] - owner * piece_len)
+    return first if (cp[:, 1].astype(np.int64) == want).all() else None
+
+
 def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int] | None,
                     copies: Sequence[tuple[int, int, int]]) -> int:
-    """Check each piece (an address of piece_len bytes) against `expect` (None: no check), then do
-    the (dst, src, len) copies. Returns -1, or the index of the first bad piece (nothing copied)."""
+    """Check each piece (an address of piece_len bytes) against `expect` (None: no check) and do
+    the (dst, src, len) copies. Returns -1, or the index of the first bad piece: it and the pieces
+    after it are not copied (those before it may have been, each checked first)."""
     fn = _load()
     if fn is None:
         if expect is not None:
@@ -147,10 +165,12 @@ def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int]
         return -1
     cp = _u64(copies)
     if expect is None:
-        return fn(cp.ctypes.data, len(copies), None, 0, piece_len, None, None, None, 1)
+        return fn(cp.ctypes.data, len(copies), None, 0, piece_len, None, None, None, 1, None)
     pc, ex = _u64(pieces), _u64(expect)
+    # copies grouped by piece: each piece is copied right after its check, still in cache
+    first = _per_piece(cp.reshape(-1, 3), pc, piece_len)
     return fn(cp.ctypes.data, len(copies), pc.ctypes.data, len(pieces), piece_len, ex.ctypes.data, None,
-              _state["hash"], 1)
+              _state["hash"], 1, None if first is None else first.ctypes.data)
 
 
 def copy_and_hash(copies: Sequence[tuple[int, int, int]], pieces: Sequence[int], piece_len: int) -> list[int]:
@@ -162,5 +182,5 @@ def copy_and_hash(copies: Sequence[tuple[int, int, int]], pieces: Sequence[int],
     cp, pc = _u64(copies), _u64(pieces)
     out = np.empty(len(pieces), dtype=np.uint64)
     fn(cp.ctypes.data, len(copies), pc.ctypes.data, len(pieces), piece_len, None, out.ctypes.data,
-       _state["hash"], 0)
+       _state["hash"], 0, None)
     return out.tolist()
