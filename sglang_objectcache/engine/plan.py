@@ -65,21 +65,17 @@ def object_ranges(info: ObjectInfo, range_bytes: int, footer: bool,
                   first_layers: int = 0) -> list[tuple[int, int, int, int]]:
     """(start, end, l0, l1) of one object: whole when its data fits one range (footer included),
     else a footer read if asked, then layer groups of about range_bytes, aligned to layer blocks.
-
-    `first_layers` > 0 ramps the groups up: the first holds that many layers, the second as many,
-    and each later one as many as all before it, until a group reaches range_bytes (1 layer, 1, 2,
-    4, 8, 8, ...). The forward pass needs layers at a steady pace from the start; with one big group
-    after layer 0, layer 1 waits for the whole group (and every object's group shares the link)."""
+    `first_layers` > 0 makes the first group that many layers only, so that layer 0 of every
+    object lands early (the forward pass can start while the larger groups are in flight). More
+    small groups cost more than they give: ranges of 1, 1, 2, 4, then 8 layers read 20-25% slower
+    inside SGLang on the H200 than plain 8-layer groups (each read costs the engine GIL time)."""
     if info.data_bytes <= range_bytes:
         return [(0, info.size, 0, info.n_layers)]
     block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
     per = max(1, range_bytes // block)
     out = [(info.data_bytes, info.size, META, META)] if footer or not info.checksums else []
-    starts = [0]
-    step = first_layers if 0 < first_layers < per else per
-    while starts[-1] + step < info.n_layers:
-        starts.append(starts[-1] + step)
-        step = min(per, starts[-1])  # the next group is as big as everything before it
+    starts = [0] + list(range(first_layers, info.n_layers, per)) if 0 < first_layers < per \
+        else list(range(0, info.n_layers, per))
     for l0, l1 in zip(starts, starts[1:] + [info.n_layers]):
         out.append((l0 * block, l1 * block, l0, l1))
     return out
