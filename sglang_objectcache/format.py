@@ -60,6 +60,11 @@ class Header:
         return (layer * self.n_pages + slot) * self.piece_bytes
 
     @functools.cached_property
+    def sums_array(self) -> np.ndarray:
+        """All checksums as uint64 [layer, slot]."""
+        return np.frombuffer(self.checksums, dtype="<u8").reshape(self.n_layers, self.n_pages)
+
+    @functools.cached_property
     def sums(self) -> tuple[int, ...]:
         """All checksums as ints, in data order (decoded once per header)."""
         return struct.unpack(f"<{len(self.checksums) // 8}Q", self.checksums)
@@ -88,6 +93,20 @@ def readonly_address(buf) -> int:
 # A piece source/target: the (address, length) segments that make up one (layer, page) piece.
 Segments = Sequence[tuple[int, int]]
 SegmentFn = Callable[[int, int], Segments]  # (layer, index in the call's key list) -> segments
+
+
+class SegmentTable:
+    """A SegmentFn backed by an array: `table[layer, page, part]` is (address, length). The read
+    path slices it per range with numpy instead of calling per piece: that Python ran with the GIL
+    held, once per piece, competing with SGLang's scheduler thread."""
+
+    def __init__(self, table: np.ndarray):
+        if table.ndim != 4 or table.shape[3] != 2:
+            raise ValueError(f"a segment table is [layers, pages, parts, 2], not {list(table.shape)}")
+        self.table = np.ascontiguousarray(table, dtype=np.int64)
+
+    def __call__(self, layer: int, i: int) -> Segments:
+        return [(int(a), int(n)) for a, n in self.table[layer, i]]
 
 
 def encode(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sglang_objectcache.format import SegmentTable
 from sglang_objectcache.keys import Fingerprint
 
 LAYERS, PIECE = 4, 8192
@@ -22,10 +23,15 @@ class Pages:
         rng = np.random.default_rng(seed)
         self.data = rng.integers(0, 256, size=(n, LAYERS, PIECE), dtype=np.uint8)
 
-    def segments(self, order=None):
-        """K half and V half of each piece as two segments, like an MHA host pool."""
+    def segments(self, order=None, table: bool = False):
+        """K half and V half of each piece as two segments, like an MHA host pool; `table`: as
+        an array (format.SegmentTable, what the SGLang backend passes), else a plain function."""
         order = list(range(len(self.data))) if order is None else order
         d, half = self.data, PIECE // 2
+        if table:
+            base = np.array([[d[o, layer].ctypes.data for o in order] for layer in range(LAYERS)], dtype=np.int64)
+            addr = np.stack([base, base + half], axis=-1)  # [layer, page, part]
+            return SegmentTable(np.stack([addr, np.full_like(addr, half)], axis=-1))
 
         def seg(layer, i):
             base = d[order[i], layer].ctypes.data

@@ -117,8 +117,9 @@ def _only_data_object(srv, prefix):
     return data[0]
 
 
+@pytest.mark.parametrize("table", [False, True], ids=["fn", "table"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
-def test_damaged_object_is_a_logged_miss(s3_env, prefix, caplog, damage):
+def test_damaged_object_is_a_logged_miss(s3_env, prefix, caplog, damage, table):
     a = make([s3_tier(s3_env, prefix)])
     src, ks = Pages(4, seed=5), keys(4)
     assert all(a.put(ks, src.segments()))
@@ -136,7 +137,7 @@ def test_damaged_object_is_a_logged_miss(s3_env, prefix, caplog, damage):
     try:
         dst = Pages.empty_like(src)
         with caplog.at_level(logging.WARNING, logger="sglang_objectcache"):
-            assert b.get(ks, dst.segments()) == [False] * 4
+            assert b.get(ks, dst.segments(table=table)) == [False] * 4
         assert dst.only_verified_from(src), "a damaged object must not write unchecked bytes into the targets"
         assert "corrupt" in caplog.text
         assert b.snapshot()["counters"]["corrupt"] == 1
@@ -319,7 +320,8 @@ def test_startup_errors_name_the_cause_and_hide_the_secret(seaweedfs, monkeypatc
         make([{**base, "prefix": "p404p"}])
 
 
-def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog):
+@pytest.mark.parametrize("table", [False, True], ids=["fn", "table"])
+def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog, table):
     """Objects larger than read_range_bytes are read in ranges verified against the index's
     checksums; a flipped byte in any range fails the whole object's pages."""
     cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "16KiB"})
@@ -334,8 +336,10 @@ def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog):
     b = ObjectCache(cfg, fingerprint("m"))
     try:
         with caplog.at_level(logging.WARNING, logger="sglang_objectcache"):
-            assert b.get(ks, Pages.empty_like(src).segments()) == [False] * 4
+            dst = Pages.empty_like(src)
+            assert b.get(ks, dst.segments(table=table)) == [False] * 4
         assert "checksum mismatch at layer 3" in caplog.text
+        assert dst.only_verified_from(src)
         # one manifest GET at start, then one range per 32 KiB layer block; no footer GET
         assert b.tiers[0].requests["get"] == 1 + 4
     finally:
@@ -539,3 +543,66 @@ def test_a_fetch_that_cannot_register_fails_at_once_with_a_reason(s3_env, prefix
         assert "no registration today" in (f.readiness.failed or "")
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("native", ["off", "on"])
+def test_table_targets_read_the_same_bytes(s3_env, prefix, native):
+    """Targets given as an array (what the SGLang backend passes) are filled by numpy-built copy
+    lists: the same bytes as the per-piece path, into pages in any order, over ranged reads."""
+    src, ks, b = _reader_with_four_pages(s3_env, prefix, seed=31, native=native, first_range_layers=1)
+    try:
+        order = [2, 0, 3, 1]
+        dst = Pages.empty_like(src)
+        assert b.get([ks[i] for i in order], dst.segments(table=True)) == [True] * 4
+        assert np.array_equal(dst.data, src.data[order])
+        assert b.tiers[0].requests["get"] >= 1 + 3  # ranged: the manifest, then a range per layer block
+    finally:
+        b.close()
+
+
+def test_a_cancelled_fetch_frees_its_grants_and_skips_reads_never_granted(s3_env, prefix):
+    """Under a tight bandwidth cap most reads wait for a grant; at the deadline those are skipped
+    without a request, the one on the network settles at once, and the next fetch of the same
+    engine gets the link and reads every byte."""
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "32KiB",
+                        "bandwidth": "64KiB", "timeout": 1})
+    a = ObjectCache(cfg, fingerprint("m"))
+    src, ks = Pages(8, seed=33), keys(8)
+    assert all(a.put(ks, src.segments()))
+    a.close()
+    b = ObjectCache(cfg, fingerprint("m"))
+    try:
+        dst = Pages.empty_like(src)
+        f = b.fetch(ks, dst.segments())
+        t0 = time.monotonic()
+        assert f.wait(0.5) == [False] * 8
+        assert time.monotonic() - t0 < 2.0
+        assert "deadline" in f.readiness.failed
+        started = b.tiers[0].requests["get"]
+        assert started < 1 + len(f.plan.reads), "reads never granted must not be sent"
+        time.sleep(0.3)
+        assert b.tiers[0].requests["get"] == started  # and are not sent later either
+        dst2 = Pages.empty_like(src)  # now with time enough for 256 KiB at 64 KiB/s
+        assert b.fetch(ks, dst2.segments(table=True)).wait(30) == [True] * 8
+        assert np.array_equal(dst2.data, src.data)
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("cap", [None, "16KiB"], ids=["in-flight", "waiting-for-grants"])
+def test_closing_during_a_fetch_ends_it_with_misses(s3_env, prefix, cap):
+    """The engine closes while reads are in flight on the pull threads, or still wait for their
+    grant under a cap: the fetch ends at once, not at its deadline, and reports misses or whole
+    pages, never partial ones."""
+    top = {"bandwidth": cap} if cap else {}
+    src, ks, b = _reader_with_four_pages(s3_env, prefix, seed=34, native="on", timeout=30, **top)
+    _delay_reads(b.tiers[0], lambda start: 0.5)
+    dst = Pages.empty_like(src)
+    f = b.fetch(ks, dst.segments())
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    b.close()
+    ok = f.wait(30)
+    assert time.monotonic() - t0 < 10
+    assert ok == [False] * 4 or ok == [True] * 4
+    assert dst.only_verified_from(src)

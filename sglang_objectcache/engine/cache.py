@@ -26,7 +26,7 @@ from ..stores.base import StoreError
 from .index import ObjectInfo
 from .fetch import Fetch
 from .policy import POLICIES
-from .scheduler import ReadScheduler
+from .scheduler import DirectRead, ReadScheduler
 from .plan import PlannedObject, Read, plan_fetch
 from .runtime import Runtime
 from . import switch
@@ -198,18 +198,47 @@ class ObjectCache:
                     rids[tier_id] = s.register([(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer)
                     positions.update((id(r), n) for n, r in enumerate(mine))
 
-        def submit(o: PlannedObject, r: Read, pulled):
-            """The coroutine of one read (run on the loop): through the tier's scheduler for S3; on a
-            pull thread where the tier has the native reader (`pulled` copies the bytes there)."""
+        def submit(o: PlannedObject, r: Read):
+            """The coroutine of one read (run on the loop), through the tier's scheduler for S3."""
             whole = r.start == 0 and r.end == o.info.size
             def factory():
-                if o.tier.range_reader is not None and o.trusted:
-                    return o.tier.pull(o.info.name, r.start, r.end, functools.partial(pulled, r))
                 return o.tier.read(o.info) if whole else o.tier.read_range(o.info.name, r.start, r.end)
             tid = id(o.tier)
             if tid in rids:
                 return sched[tid].read(rids[tid], positions[id(r)], factory)
             return factory()
+
+        loop = self.runtime.loop
+
+        def direct(o: PlannedObject, r: Read, run, skip) -> bool:
+            """Where the tier has the native reader: the read goes to a pull thread at its grant,
+            which receives, verifies and copies it there (`run(filled, end)`), and only its end
+            comes back to the loop, to free the grant."""
+            if o.tier.range_reader is None or not o.trusted:
+                return False
+            filled = o.tier.filled(o.info.name, r.start, r.end)
+            tid = id(o.tier)
+            if tid not in rids:
+                o.tier.start_pull(functools.partial(run, filled, lambda landed: None), skip)
+                return True
+            s, rid, index = sched[tid], rids[tid], positions[id(r)]
+
+            def end(landed: bool) -> None:
+                try:
+                    loop.call_soon_threadsafe(s.finished, rid, index, landed)
+                except RuntimeError:  # the loop is closed: so is the scheduler
+                    pass
+
+            def never_ran() -> None:  # granted, then the pull threads shut down
+                skip()
+                end(False)
+            s.submit(rid, index, DirectRead(
+                lambda: o.tier.start_pull(functools.partial(run, filled, end), never_ran), skip))
+            return True
+
+        def drop() -> None:
+            for tid, rid in rids.items():
+                sched[tid].drop_waiting(rid)
 
         def promote_buffer(o: PlannedObject) -> bytearray | None:
             if o.tier is not self.tiers[0] and self._may_promote(o.info):
@@ -231,7 +260,7 @@ class ObjectCache:
             fetch = Fetch(plan, len(keys), segments, digest=self.digest, verify=self.cfg.verify_checksums,
                           submit=submit, loop=self.runtime.loop, copiers=self._copiers,
                           promote_buffer=promote_buffer, on_event=self._on_fetch_event, on_finish=finished,
-                          prepare=register)
+                          prepare=register, direct=direct, drop=drop)
         except BaseException:  # it never called `finished`: that is its last step
             switch.leave(interval)
             raise

@@ -1,7 +1,8 @@
 """Running one fetch plan: requests on the loop, verify-and-copy on the copy threads, per-layer
 readiness for whoever waits, per-page results at the end. Where a tier reads on its own pull
-threads (the native reader), each read is received, verified and copied on one of them instead:
-`pulled` is that thread's part.
+threads (the native reader), each read is handed to one of them at its grant, with no task of its
+own, and received, verified and copied there (`_pull`, `pulled`): only its end comes back to the
+loop.
 
 Nothing here blocks the caller: `Fetch.start()` returns at once (one hand-over to the loop for all
 reads); `wait()` blocks with a deadline.
@@ -34,19 +35,28 @@ class Fetch:
     def __init__(self, plan: FetchPlan, n_keys: int, segments: SegmentFn, *, digest: str, verify: bool,
                  submit: Callable, loop: asyncio.AbstractEventLoop, copiers: cf.Executor,
                  promote_buffer: Callable, on_event: Callable, on_finish: Callable[[], None] = lambda: None,
-                 prepare: Callable[[], None] = lambda: None):
+                 prepare: Callable[[], None] = lambda: None, direct: Callable | None = None,
+                 drop: Callable[[], None] = lambda: None):
         self.plan = plan
         self.segments = segments
         self.ok = [False] * n_keys
         self.readiness = LayerReadiness(plan.n_layers, plan.pending_per_layer())
         self.started = time.monotonic()
-        self._submit = submit  # (PlannedObject, Read, pulled) -> coroutine giving the bytes or DELIVERED
+        self._submit = submit  # (PlannedObject, Read) -> coroutine giving the bytes
         self._loop = loop
         self._copiers = copiers
         self._on_event = on_event  # (kind, PlannedObject, detail) for stats, logs, bans, promotion
         self._on_finish = on_finish
         self._prepare = prepare  # on the loop, before the first read (the scheduler's registration)
-        self._jobs = [ObjectRead(o.info, o.slots, o.first, plan.reads_of(i), digest, verify,
+        # (PlannedObject, Read, run, skip) -> True where the read goes to a pull thread at its grant,
+        # with no task of its own (`run(filled, end)` there; `skip()` if it never starts)
+        self._direct = direct
+        self._drop = drop  # on the loop, at cancel: skip the direct reads not granted yet
+        self._handed: list[Read] = []  # direct reads (loop thread only)
+        per_object = [0] * len(plan.objects)
+        for r in plan.reads:
+            per_object[r.obj] += 1
+        self._jobs = [ObjectRead(o.info, o.slots, o.first, per_object[i], digest, verify,
                                  promote_buffer(o), trusted=o.trusted)
                       for i, o in enumerate(plan.objects)]
         self._lock = threading.Lock()
@@ -86,7 +96,12 @@ class Fetch:
             if self._cancelled:  # cancelled before the reads were started
                 self._fail(read, "cancelled")
                 continue
-            task = self._loop.create_task(self._submit(self.plan.objects[read.obj], read, self.pulled))
+            if self._direct is not None and self._direct(
+                    self.plan.objects[read.obj], read, functools.partial(self._pull, read),
+                    functools.partial(self._fail, read, "cancelled")):
+                self._handed.append(read)
+                continue
+            task = self._loop.create_task(self._submit(self.plan.objects[read.obj], read))
             self._futs.add(task)
             task.add_done_callback(functools.partial(self._fetched, read))
 
@@ -111,6 +126,19 @@ class Fetch:
             self._copiers.submit(self._copy, read, task.result())
         except RuntimeError:  # the copy pool is shut down: the cache is closing
             self._fail(read, "closing")
+
+    def _pull(self, read: Read, filled, end: Callable[[bool], None]) -> None:
+        """On a pull thread: one direct read, start to end; `end(landed)` frees its grant."""
+        landed = False
+        try:
+            landed = self.pulled(read, filled) is DELIVERED
+            if not landed:
+                self._fail(read, "cancelled")
+        except Exception as e:  # noqa: BLE001 - a transport error is this read's miss, never a crash
+            self._on_event("io_error", self.plan.objects[read.obj], e)
+            self._fail(read, f"{type(e).__name__}: {e}")
+        finally:
+            end(landed)
 
     def pulled(self, read: Read, filled) -> object:
         """On a pull thread: receive the read's bytes (`filled()`, a context manager that blocks
@@ -195,12 +223,18 @@ class Fetch:
         self._cancelled = True
         try:
             self._loop.call_soon_threadsafe(self._cancel_on_loop)
-        except RuntimeError:  # loop closed: its tasks are cancelled already
-            pass
+        except RuntimeError:  # loop closed: its tasks are cancelled already, but reads waiting in
+            for read in self.plan.reads:  # a scheduler or on a pull thread settle here
+                self._fail(read, reason)
 
     def _cancel_on_loop(self) -> None:
         for task in list(self._futs):
             task.cancel()
+        self._drop()
+        # direct reads still on the network settle now: their bytes only fill staging buffers,
+        # and `pulled` starts no copy once cancelled (those begun are waited for)
+        for read in self._handed:
+            self._fail(read, "cancelled")
 
     def wait(self, timeout: float) -> list[bool]:
         """Per-page results, once every read has landed or failed; after `timeout` seconds the rest

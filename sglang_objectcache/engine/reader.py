@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .. import native
 from ..format import CorruptObject, Header, decode_header, decode_meta, readonly_address
 from .index import ObjectInfo
@@ -85,7 +87,10 @@ class ObjectRead:
         return h
 
     def _apply(self, start: int, l0: int, l1: int, buf, segments) -> None:
-        """Verify the whole range, then copy it into place: one native call (GIL released once)."""
+        """Verify the range and copy it into place: one native call (GIL released once)."""
+        table = getattr(segments, "table", None)
+        if table is not None and self._apply_table(start, l0, l1, buf, table):
+            return
         h = self.header
         base = readonly_address(buf) - start
         pieces, expect, copies = [], [], []
@@ -103,5 +108,36 @@ class ObjectRead:
                     src += length
         bad = native.verify_and_copy(pieces, h.piece_bytes, expect if self.verify else None, copies)
         if bad >= 0:
-            layer, j = l0 + bad // len(self.slots), bad % len(self.slots)
-            raise CorruptObject(f"checksum mismatch at layer {layer} page {self.slots[j]}")
+            self._mismatch(l0, bad)
+
+    def _mismatch(self, l0: int, bad: int) -> None:
+        layer, j = l0 + bad // len(self.slots), bad % len(self.slots)
+        raise CorruptObject(f"checksum mismatch at layer {layer} page {self.slots[j]}")
+
+    def _apply_table(self, start: int, l0: int, l1: int, buf, table: np.ndarray) -> bool:
+        """`_apply` with the targets as an array (format.SegmentTable): the pieces, checksums and
+        copies of the range are a few numpy operations, not a Python loop per piece. False where
+        the native helper is unavailable (the caller takes the per-piece path)."""
+        h = self.header
+        slots = np.asarray(self.slots, dtype=np.int64)
+        off = (np.arange(l0, l1, dtype=np.int64)[:, None] * h.n_pages + slots[None, :]) * h.piece_bytes
+        outside = (off < start) | (off + h.piece_bytes > start + len(buf))
+        if outside.any():
+            k = int(np.flatnonzero(outside)[0])
+            raise CorruptObject(f"object truncated at layer {l0 + k // len(slots)} page {self.slots[k % len(slots)]}")
+        seg = table[l0:l1, self.first:self.first + len(slots)]  # [layer, page, part, (address, length)]
+        lengths = seg[..., 1]
+        if seg.shape[:2] != off.shape or (lengths.sum(axis=-1) != h.piece_bytes).any():
+            raise ValueError(f"targets of layers {l0}-{l1} do not hold {h.piece_bytes}-byte pieces")
+        pieces = (off + (readonly_address(buf) - start)).ravel()
+        src = pieces.reshape(off.shape + (1,)) + np.cumsum(lengths, axis=-1) - lengths
+        copies = np.stack([seg[..., 0], src, lengths], axis=-1).reshape(-1, 3).astype(np.uint64)
+        parts = seg.shape[2]
+        first = np.arange(0, pieces.size * parts + 1, parts, dtype=np.int64)
+        expect = np.ascontiguousarray(h.sums_array[l0:l1][:, slots]).ravel() if self.verify else None
+        bad = native.verify_and_copy_arrays(pieces.astype(np.uint64), h.piece_bytes, expect, copies, first)
+        if bad is None:
+            return False
+        if bad >= 0:
+            self._mismatch(l0, bad)
+        return True

@@ -15,7 +15,21 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 from .policy import Policy, RequestState
+
+
+@dataclass(frozen=True)
+class DirectRead:
+    """A read started by a call at its grant instead of a woken task (the native reader's pull
+    threads): `start()` runs on the loop and must not block; `skip()` settles a read dropped before
+    its grant. Its end is reported with `ReadScheduler.finished`. No task and no future per read:
+    each loop step a read costs waits for the GIL, which SGLang's scheduler thread holds most of
+    the time."""
+
+    start: Callable[[], None]
+    skip: Callable[[], None]
 
 
 class _View(RequestState):
@@ -33,7 +47,7 @@ class _View(RequestState):
 @dataclass
 class _Req:
     view: _View
-    waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    waiting: dict[int, "asyncio.Future | DirectRead"] = field(default_factory=dict)
     pending_per_layer: list[int] = field(default_factory=list)
     last_grant: int = -1
 
@@ -87,6 +101,32 @@ class ReadScheduler:
             raise
         self._finished(rid, index, landed=True)
         return result
+
+    def submit(self, rid: int, index: int, read: DirectRead) -> None:
+        """Queue read `index` of request `rid` to be started by `read.start()` at its grant. On the
+        loop."""
+        self._reqs[rid].waiting[index] = read
+        self._kick()
+
+    def finished(self, rid: int, index: int, landed: bool) -> None:
+        """A started DirectRead has ended (landed: its bytes came). On the loop."""
+        self._finished(rid, index, landed)
+
+    def drop_waiting(self, rid: int) -> None:
+        """Skip the request's DirectReads not granted yet (its fetch was cancelled). On the loop."""
+        req = self._reqs.get(rid)
+        if req is None:
+            return
+        for index, w in list(req.waiting.items()):
+            if isinstance(w, DirectRead):
+                del req.waiting[index]
+                w.skip()
+
+    def close(self) -> None:
+        """The engine is closing: skip every DirectRead not granted yet (a waiting task is
+        cancelled with the loop, a DirectRead has no task). On the loop."""
+        for rid in list(self._reqs):
+            self.drop_waiting(rid)
 
     def close_request(self, rid: int) -> None:
         self._reqs.pop(rid, None)
@@ -145,7 +185,9 @@ class ReadScheduler:
                 self.inflight += 1
                 self.granted_bytes += nbytes
                 fut = best.waiting.pop(index)
-                if not fut.done():
+                if isinstance(fut, DirectRead):
+                    fut.start()
+                elif not fut.done():
                     fut.set_result(None)
                 else:
                     self.inflight -= 1

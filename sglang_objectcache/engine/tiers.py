@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from typing import Callable
 
 import msgpack
 
@@ -201,14 +202,21 @@ class S3Tier(Tier):
         self._tasks: list[asyncio.Task] = []
         self.last_refresh = 0.0
 
-    async def pull(self, name: str, start: int, end: int, run):
-        """A range read on a pull thread: `run(filled)` gets a context manager that gives the range's
-        bytes (a reused buffer, valid inside it) and does what the caller needs with them there,
-        so the bytes are copied into place on the thread that received them."""
-        async with self.slots.acquire(write=False):
-            self.requests["get"] += 1
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pullers, run, functools.partial(self._staging.filled, self.range_reader, name, start, end))
+    def filled(self, name: str, start: int, end: int):
+        """The context manager a pull thread enters to receive a range: it gives the range's bytes
+        in a reused buffer, valid inside it (stores/rawhttp.py)."""
+        return functools.partial(self._staging.filled, self.range_reader, name, start, end)
+
+    def start_pull(self, job: Callable[[], None], dropped: Callable[[], None]) -> None:
+        """Run `job` (one range read, received, verified and copied there) on a pull thread; on
+        the loop, at the read's grant. `dropped()` runs instead if the threads shut down first."""
+        self.requests["get"] += 1
+        try:
+            fut = self._pullers.submit(job)
+        except RuntimeError:  # shut down: the engine is closing
+            dropped()
+            return
+        fut.add_done_callback(lambda f: dropped() if f.cancelled() else None)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -316,6 +324,8 @@ class S3Tier(Tier):
             await self.flush()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+        if self.scheduler is not None:
+            self.scheduler.close()  # reads waiting for a grant end now, as misses
         if self._pullers is not None:
             self._pullers.shutdown(wait=False, cancel_futures=True)
             self.range_reader.close()

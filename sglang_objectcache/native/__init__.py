@@ -173,6 +173,22 @@ def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int]
               _state["hash"], 1, None if first is None else first.ctypes.data)
 
 
+def verify_and_copy_arrays(pieces: np.ndarray, piece_len: int, expect: np.ndarray | None,
+                           copies: np.ndarray, first: np.ndarray) -> int | None:
+    """`verify_and_copy` for arrays built without Python loops (engine/reader.py): pieces and
+    expect uint64 [n], copies uint64 [k, 3] grouped by piece, first int64 [n + 1] (piece i's
+    copies are copies[first[i]:first[i + 1]]). Each piece is checked, then copied while it is in
+    cache. Returns -1 or the first bad piece's index; None where the helper is unavailable (the
+    caller takes the list path)."""
+    fn = _load()
+    if fn is None:
+        return None
+    if expect is None:
+        return fn(copies.ctypes.data, len(copies), None, 0, piece_len, None, None, None, 1, None)
+    return fn(copies.ctypes.data, len(copies), pieces.ctypes.data, len(pieces), piece_len, expect.ctypes.data,
+              None, _state["hash"], 1, first.ctypes.data)
+
+
 def copy_and_hash(copies: Sequence[tuple[int, int, int]], pieces: Sequence[int], piece_len: int) -> list[int]:
     """Do the (dst, src, len) copies, then return each piece's xxh3-64."""
     fn = _load()

@@ -9,9 +9,10 @@ So a page written from one of these layouts loads into the other.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ..format import SegmentFn
+from ..format import SegmentFn, SegmentTable
 from ..keys import Fingerprint
 
 
@@ -60,25 +61,19 @@ def host_segments(layout: str, n_layers: int, n_pages: int, ptrs: list[int], siz
     if not n_pages or len(ptrs) % n_pages:
         raise ValueError(f"{len(ptrs)} buffers for {n_pages} pages")
     per_page = len(ptrs) // n_pages
-    if layout == "layer_first":
+    p = np.asarray(ptrs, dtype=np.int64).reshape(n_pages, per_page)
+    n = np.asarray(sizes, dtype=np.int64).reshape(n_pages, per_page)
+    if layout == "layer_first":  # per page: layer 0 parts, layer 1 parts, ...
         if per_page % n_layers:
             raise ValueError(f"{per_page} buffers per page is not a multiple of {n_layers} layers")
         parts = per_page // n_layers  # 2 for MHA (K, V), 1 for MLA
-
-        def seg(layer: int, i: int):
-            b = i * per_page + layer * parts
-            return [(ptrs[b + p], sizes[b + p]) for p in range(parts)]
-
-        return seg
-    if layout == "page_first_direct":
-        def seg(layer: int, i: int):  # noqa: F811 - one definition per layout
-            out = []
-            for p in range(per_page):
-                chunk = sizes[i * per_page + p] // n_layers
-                out.append((ptrs[i * per_page + p] + layer * chunk, chunk))
-            return out
-
-        return seg
+        table = np.stack([p, n], axis=-1).reshape(n_pages, n_layers, parts, 2).transpose(1, 0, 2, 3)
+        return SegmentTable(table)
+    if layout == "page_first_direct":  # per page: one block per part, holding all layers
+        chunk = n // n_layers  # [page, part]
+        layers = np.arange(n_layers, dtype=np.int64)[:, None, None]
+        addr = p[None] + layers * chunk[None]
+        return SegmentTable(np.stack([addr, np.broadcast_to(chunk, addr.shape)], axis=-1))
     raise ValueError(f"layout {layout!r} is not supported")
 
 
@@ -87,8 +82,8 @@ def flat_segments(attention: str, n_layers: int, piece: int, bases: list[int]) -
     then all V layers), MLA [L, ...]."""
     parts = 2 if attention == "mha" else 1
     chunk = piece // parts
-
-    def seg(layer: int, i: int):
-        return [(bases[i] + (p * n_layers + layer) * chunk, chunk) for p in range(parts)]
-
-    return seg
+    b = np.asarray(bases, dtype=np.int64)[None, :, None]  # [1, page, 1]
+    layer = np.arange(n_layers, dtype=np.int64)[:, None, None]
+    part = np.arange(parts, dtype=np.int64)[None, None, :]
+    addr = b + (part * n_layers + layer) * chunk  # [layer, page, part]
+    return SegmentTable(np.stack([addr, np.full_like(addr, chunk)], axis=-1))
