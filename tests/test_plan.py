@@ -102,11 +102,13 @@ def test_readiness_wait_times_out():
 def test_a_small_first_range_brings_layer_zero_of_every_object_first():
     infos = [obj(8, "a"), obj(8, "b")]  # 2 MiB a layer: 16 MiB ranges hold 8 layers
     plan = plan_fetch(planned(*infos), L, 16 << 20, first_layers=1)
-    # first the one-layer ranges of both objects, then the 8-layer groups from layer 1 on
+    # first the one-layer ranges of both objects, then the rest of the first group; the 8-layer
+    # groups after it start where they would without it (aligned to the server's chunks)
     assert [(r.obj, r.l0, r.l1) for r in plan.reads[:2]] == [(0, 0, 1), (1, 0, 1)]
     for i, info in enumerate(infos):
         reads = sorted((r for r in plan.reads if r.obj == i), key=lambda r: r.start)
-        assert [(r.l0, r.l1) for r in reads] == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
+        assert [(r.l0, r.l1) for r in reads] == [(0, 1), (1, 8), (8, 16), (16, 24), (24, 32)]
+        assert all(r.start % (16 << 20) == 0 for r in reads[2:])
         assert reads[0].start == 0 and reads[-1].end == info.data_bytes
         assert all(a.end == b.start for a, b in zip(reads, reads[1:]))
     assert plan.pending_per_layer() == [2] * L
