@@ -150,7 +150,7 @@ class ObjectCacheConfig:
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
-    first_range_layers: int = 1  # > 0: each object's first range holds only this many layers
+    first_range_layers: int = 0  # > 0: each object's first range holds only this many layers
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
     # Python's GIL switch interval while reads are in flight (sys.setswitchinterval; engine/switch.py);
     # 0 leaves Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy

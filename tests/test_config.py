@@ -56,7 +56,8 @@ def test_units():
                         "read_range_bytes": "4MiB", "timeout": 3, "first_range_layers": 1})
     t = cfg.tiers[0]
     assert (t.request_timeout, t.index_refresh_interval, cfg.read_range_bytes, cfg.timeout) == (0.25, 60.0, 4 << 20, 3.0)
-    assert parse_config({"tiers": [S3], "first_range_layers": 0}).first_range_layers == 0
+    assert parse_config({"tiers": [S3]}).first_range_layers == 0  # the default: whole groups only
+    assert parse_config({"tiers": [S3], "first_range_layers": 2}).first_range_layers == 2
     assert parse_config({"tiers": [S3], "switch_interval": "0.3ms"}).switch_interval == 0.0003
     assert parse_config({"tiers": [S3], "switch_interval": 0}).switch_interval == 0.0  # Python's own
 
