@@ -27,7 +27,7 @@ from .reader import ObjectRead
 
 log = logging.getLogger("sglang_objectcache")
 
-DELIVERED = object()  # a pulled read's result: its bytes are in place (or it failed and said so)
+DELIVERED = object()  # a pulled read's outcome: its bytes are in place (or it failed and said so)
 SKIPPED = object()  # a pulled read that never started: the fetch was cancelled first
 
 
@@ -116,11 +116,6 @@ class Fetch:
         if exc is not None:
             self._on_event("io_error", obj, exc)
             self._fail(read, f"{type(exc).__name__}: {exc}")
-            return
-        if task.result() is DELIVERED:
-            return
-        if task.result() is SKIPPED:
-            self._fail(read, "cancelled")
             return
         try:
             self._copiers.submit(self._copy, read, task.result())
