@@ -128,16 +128,26 @@ def setup_sglang() -> None:
     _sglang_ready = True
 
 
+# objectcache with one tier key changed, compared in the same run as the default
+VARIANTS = {"objectcache-obstore": {"native_reads": "off"}}
+
+
+def backend_kind(name: str) -> str:
+    """SGLang's storage backend name of a row (a variant of objectcache is objectcache)."""
+    return "objectcache" if name in VARIANTS else name
+
+
 def backend_extra(name: str, srv, prefix: str, file_dir: str) -> dict:
     """Each backend's extra config against the same server (or a local directory for `file`)."""
-    if name == "objectcache":
-        return {"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix}]}
+    if backend_kind(name) == "objectcache":
+        tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix}
+        return {"tiers": [{**tier, **VARIANTS.get(name, {})}]}
     if name == "seaweedfs":
         return {"endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
                 "access_key": srv.access_key, "secret_key": srv.secret_key}
     if name == "file":
         return {"file_storage_path": file_dir}
-    raise ValueError(f"unknown backend {name}; choose objectcache, file, seaweedfs")
+    raise ValueError(f"unknown backend {name}; choose objectcache, {', '.join(VARIANTS)}, file, seaweedfs")
 
 
 def available_backends(names: list[str]) -> tuple[list[str], list[str]]:
@@ -332,9 +342,9 @@ def run_backend(backend: str, reqs: list[Request], *, srv, geo: Geometry, concur
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     file_dir = tempfile.mkdtemp(prefix="sglang-oc-file-")
-    tree = Tree(backend, backend_extra(backend, srv, prefix, file_dir), geo, device_tokens, host_tokens,
-                prefetch_threshold)
-    probe = Probe(tree, backend)
+    tree = Tree(backend_kind(backend), backend_extra(backend, srv, prefix, file_dir), geo, device_tokens,
+                host_tokens, prefetch_threshold)
+    probe = Probe(tree, backend_kind(backend))
     cache, ps = tree.cache, geo.page_size
     run = BackendRun(backend, concurrency, reqs[0].prefix_len if reqs else 0, bytes_per_token=geo.bytes_per_token,
                      page_size=ps)
@@ -421,8 +431,8 @@ def run_backend(backend: str, reqs: list[Request], *, srv, geo: Geometry, concur
         run.wall_s = time.perf_counter() - t_start
         run.pages_read, run.pages_read_requested = probe.pages_read, probe.pages_req
         run.pages_written, run.get_calls, run.set_calls = probe.pages_written, probe.get_calls, probe.set_calls
-        run.s3_requests = s3_requests(tree, backend, probe)
-        if backend != "objectcache":
+        run.s3_requests = s3_requests(tree, backend_kind(backend), probe)
+        if backend_kind(backend) != "objectcache":
             run.notes.append("time to first layer: not available (the backend returns whole 128-page batches)")
     finally:
         tree.close()

@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     live.set_defaults(fn=run_live)
     rp = modes.add_parser("replay", help="SGLang's HiCache tree + controller on CPU with synthetic KV")
     _spec_args(rp)
-    rp.add_argument("--backends", default="objectcache,file,seaweedfs")
+    rp.add_argument("--backends", default="objectcache,file,seaweedfs",
+                    help="comma list; objectcache-obstore = objectcache with native_reads: off")
     rp.add_argument("--endpoint", help="an S3 server to use instead of starting SeaweedFS (credentials from "
                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, bucket from --bucket)")
     rp.add_argument("--bucket", default="kv-cache")
