@@ -50,9 +50,15 @@ def test_copy_and_hash_match_the_library(path):
     assert dst == want
 
 
+PER_PIECE = list(range(0, 2 * 12 + 1, 2))  # _case's copies: two per piece, in piece order
+
+
 def test_verify_and_copy(path):
     src, dst, copies, pieces, sums, want = _case(seed=1)
     assert native.verify_and_copy(pieces, PIECE, sums, copies) == -1
+    assert dst == want
+    dst[:] = bytes(len(dst))  # piece by piece: each copied right after its check
+    assert native.verify_and_copy(pieces, PIECE, sums, copies, PER_PIECE) == -1
     assert dst == want
     # no check asked: copies only
     dst[:] = bytes(len(dst))
@@ -63,7 +69,7 @@ def test_verify_and_copy(path):
 def test_a_bad_piece_is_named_and_neither_it_nor_later_ones_are_copied(path):
     src, dst, copies, pieces, sums, want = _case(seed=2)
     src[7 * PIECE + 1000] ^= 0xFF
-    assert native.verify_and_copy(pieces, PIECE, sums, copies) == 7
+    assert native.verify_and_copy(pieces, PIECE, sums, copies, PER_PIECE) == 7
     for i in range(7, len(pieces)):  # where pieces 7.. go: untouched
         k = (copies[2 * i][0] - buffer_address(dst)) // PIECE
         assert dst[k * PIECE:(k + 1) * PIECE] == bytes(PIECE)
@@ -72,9 +78,9 @@ def test_a_bad_piece_is_named_and_neither_it_nor_later_ones_are_copied(path):
         assert dst[k * PIECE:(k + 1) * PIECE] in (want[k * PIECE:(k + 1) * PIECE], bytes(PIECE))
 
 
-def test_copies_not_grouped_by_piece_are_checked_before_any_copy(path):
-    """Copies in another order than their pieces cannot be done piece by piece: all pieces are
-    checked first, so a bad one leaves every target untouched."""
+def test_without_a_grouping_every_piece_is_checked_before_any_copy(path):
+    """Copies in any order, no per-piece grouping given: all pieces are checked first, so a bad
+    one leaves every target untouched."""
     src, dst, copies, pieces, sums, want = _case(seed=3)
     shuffled = copies[1::2] + copies[0::2]
     assert native.verify_and_copy(pieces, PIECE, sums, shuffled) == -1
@@ -83,17 +89,6 @@ def test_copies_not_grouped_by_piece_are_checked_before_any_copy(path):
     src[11 * PIECE + 5] ^= 0xFF
     assert native.verify_and_copy(pieces, PIECE, sums, shuffled) == 11
     assert dst == bytearray(len(dst))
-
-
-def test_per_piece_grouping_is_found_only_where_it_holds():
-    src, dst, copies, pieces, sums, want = _case(n_pieces=4, seed=4)
-    cp, pc = np.asarray(copies, dtype=np.uint64), np.asarray(pieces, dtype=np.uint64)
-    assert native._per_piece(cp, pc, PIECE).tolist() == [0, 2, 4, 6, 8]
-    assert native._per_piece(cp[::-1].copy(), pc, PIECE) is None  # out of order
-    assert native._per_piece(cp[:-1], pc, PIECE) is None  # a piece not wholly copied
-    straddle = cp.copy()
-    straddle[1, 2] += 1  # the second segment of piece 0 runs into piece 1
-    assert native._per_piece(straddle, pc, PIECE) is None
 
 
 def test_the_native_call_releases_the_gil():

@@ -93,7 +93,7 @@ class ObjectRead:
             return
         h = self.header
         base = readonly_address(buf) - start
-        pieces, expect, copies = [], [], []
+        pieces, expect, copies, first = [], [], [], []
         for layer in range(l0, l1):
             for j, slot in enumerate(self.slots):
                 off = h.piece_offset(layer, slot)
@@ -103,10 +103,12 @@ class ObjectRead:
                 if self.verify:
                     expect.append(h.checksum(layer, slot))
                 src = base + off
+                first.append(len(copies))  # this piece's copies follow: it is copied after its check
                 for addr, length in segments(layer, self.first + j):
                     copies.append((addr, src, length))
                     src += length
-        bad = native.verify_and_copy(pieces, h.piece_bytes, expect if self.verify else None, copies)
+        bad = native.verify_and_copy(pieces, h.piece_bytes, expect if self.verify else None, copies,
+                                     first + [len(copies)])
         if bad >= 0:
             self._mismatch(l0, bad)
 

@@ -133,28 +133,13 @@ def _u64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.uint64)
 
 
-def _per_piece(cp: np.ndarray, pieces: np.ndarray, piece_len: int) -> np.ndarray | None:
-    """Index of each piece's first copy (and the end), where the copies are grouped by piece in
-    piece order and read each piece front to back, as the read path builds them; None otherwise."""
-    if not len(cp) or not len(pieces):
-        return None
-    lengths = cp[:, 2].astype(np.int64)
-    at = np.concatenate(([0], np.cumsum(lengths)))  # offset of each copy in the pieces laid end to end
-    if at[-1] != len(pieces) * piece_len:
-        return None
-    first = np.searchsorted(at, np.arange(len(pieces) + 1, dtype=np.int64) * piece_len)
-    if not (at[first] == np.arange(len(pieces) + 1) * piece_len).all():
-        return None  # a copy straddles two pieces
-    owner = np.searchsorted(first, np.arange(len(cp)), side="right") - 1
-    want = pieces[owner].astype(np.int64) + (at[:-1] - owner * piece_len)
-    return first if (cp[:, 1].astype(np.int64) == want).all() else None
-
-
 def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int] | None,
-                    copies: Sequence[tuple[int, int, int]]) -> int:
+                    copies: Sequence[tuple[int, int, int]], first: Sequence[int] | None = None) -> int:
     """Check each piece (an address of piece_len bytes) against `expect` (None: no check) and do
     the (dst, src, len) copies. Returns -1, or the index of the first bad piece: it and the pieces
-    after it are not copied (those before it may have been, each checked first)."""
+    after it are not copied. With `first` (piece i's copies are copies[first[i]:first[i + 1]]) each
+    piece is copied right after its check, so those before a bad one may be in place; without it
+    every piece is checked first and a bad one leaves every target untouched."""
     fn = _load()
     if fn is None:
         if expect is not None:
@@ -163,30 +148,22 @@ def verify_and_copy(pieces: Sequence[int], piece_len: int, expect: Sequence[int]
                     return i
         _copy_piecewise(copies)
         return -1
-    cp = _u64(copies)
-    if expect is None:
-        return fn(cp.ctypes.data, len(copies), None, 0, piece_len, None, None, None, 1, None)
-    pc, ex = _u64(pieces), _u64(expect)
-    # copies grouped by piece: each piece is copied right after its check, still in cache
-    first = _per_piece(cp.reshape(-1, 3), pc, piece_len)
-    return fn(cp.ctypes.data, len(copies), pc.ctypes.data, len(pieces), piece_len, ex.ctypes.data, None,
-              _state["hash"], 1, None if first is None else first.ctypes.data)
+    return verify_and_copy_arrays(_u64(pieces), piece_len, None if expect is None else _u64(expect),
+                                  _u64(copies), None if first is None else np.asarray(first, dtype=np.int64))
 
 
 def verify_and_copy_arrays(pieces: np.ndarray, piece_len: int, expect: np.ndarray | None,
-                           copies: np.ndarray, first: np.ndarray) -> int | None:
+                           copies: np.ndarray, first: np.ndarray | None) -> int | None:
     """`verify_and_copy` for arrays built without Python loops (engine/reader.py): pieces and
-    expect uint64 [n], copies uint64 [k, 3] grouped by piece, first int64 [n + 1] (piece i's
-    copies are copies[first[i]:first[i + 1]]). Each piece is checked, then copied while it is in
-    cache. Returns -1 or the first bad piece's index; None where the helper is unavailable (the
-    caller takes the list path)."""
+    expect uint64 [n], copies uint64 [k, 3], first int64 [n + 1] or None. Returns -1 or the first
+    bad piece's index; None where the helper is unavailable (the caller takes the list path)."""
     fn = _load()
     if fn is None:
         return None
     if expect is None:
         return fn(copies.ctypes.data, len(copies), None, 0, piece_len, None, None, None, 1, None)
     return fn(copies.ctypes.data, len(copies), pieces.ctypes.data, len(pieces), piece_len, expect.ctypes.data,
-              None, _state["hash"], 1, first.ctypes.data)
+              None, _state["hash"], 1, None if first is None else first.ctypes.data)
 
 
 def copy_and_hash(copies: Sequence[tuple[int, int, int]], pieces: Sequence[int], piece_len: int) -> list[int]:
