@@ -109,6 +109,25 @@ class SegmentTable:
         return [(int(a), int(n)) for a, n in self.table[layer, i]]
 
 
+def piece_copies(seg: np.ndarray, piece_at: np.ndarray, piece: int, *, to_targets: bool,
+                 layer0: int = 0, page0: int = 0) -> np.ndarray:
+    """(dst, src, len) copies, uint64 [k, 3], between the pieces of an object buffer at `piece_at`
+    ([layers, pages] addresses) and their targets `seg` (the same [layers, pages] of a SegmentTable):
+    into the targets (`to_targets`, a read) or out of them (a write). The copies are grouped by
+    piece, in piece order, `parts` each. ValueError where the targets do not fit the pieces."""
+    if seg.shape[:2] != piece_at.shape:
+        raise ValueError(f"targets for {list(seg.shape[:2])} (layers, pages), expected {list(piece_at.shape)}")
+    lengths = seg[..., 1]
+    wrong = lengths.sum(axis=-1) != piece
+    if wrong.any():
+        layer, page = (int(x) for x in np.argwhere(wrong)[0])
+        raise ValueError(f"page {page0 + page} layer {layer0 + layer}: {int(lengths[layer, page].sum())} bytes, "
+                         f"expected {piece}")
+    inside = piece_at[..., None] + np.cumsum(lengths, axis=-1) - lengths
+    dst, src = (seg[..., 0], inside) if to_targets else (inside, seg[..., 0])
+    return np.stack([dst, src, lengths], axis=-1).reshape(-1, 3).astype(np.uint64)
+
+
 def encode(
     fp: str,
     keys: Sequence[str],
@@ -128,6 +147,24 @@ def encode(
     footer_len = meta_bytes_for(fp, keys, n_layers, piece) - TRAILER.size
     out = bytearray(data_bytes + footer_len + TRAILER.size)
     base = buffer_address(out)
+    table = getattr(segments, "table", None)
+    if table is not None:  # a SegmentTable: the copies in a few numpy operations, not a call per piece
+        at = base + (np.arange(n_layers, dtype=np.int64)[:, None] * n + np.arange(n, dtype=np.int64)) * piece
+        copies = piece_copies(table[:, first:first + n], at, piece, to_targets=False, page0=first).tolist()
+        pieces = at.ravel().tolist()
+    else:
+        copies, pieces = _piece_copies_by_call(segments, n_layers, n, piece, base, first)
+    sums = struct.pack(f"<{len(pieces)}Q", *native.copy_and_hash(copies, pieces, piece))
+    footer = _pack_footer(fp, keys, n_layers, piece, sums)
+    assert len(footer) == footer_len  # its size depends only on its shape
+    out[data_bytes : data_bytes + footer_len] = footer
+    TRAILER.pack_into(out, data_bytes + footer_len, MAGIC, VERSION, 0, footer_len, 0)
+    return out
+
+
+def _piece_copies_by_call(segments: SegmentFn, n_layers: int, n: int, piece: int, base: int,
+                          first: int) -> tuple[list, list]:
+    """`encode`'s copies and piece addresses from a plain SegmentFn, one call per piece."""
     copies, pieces = [], []
     for layer in range(n_layers):
         for slot in range(n):
@@ -138,12 +175,7 @@ def encode(
             if pos - start != piece:
                 raise ValueError(f"page {first + slot} layer {layer}: {pos - start} bytes, expected {piece}")
             pieces.append(base + start)
-    sums = struct.pack(f"<{len(pieces)}Q", *native.copy_and_hash(copies, pieces, piece))
-    footer = _pack_footer(fp, keys, n_layers, piece, sums)
-    assert len(footer) == footer_len  # its size depends only on its shape
-    out[data_bytes : data_bytes + footer_len] = footer
-    TRAILER.pack_into(out, data_bytes + footer_len, MAGIC, VERSION, 0, footer_len, 0)
-    return out
+    return copies, pieces
 
 
 def meta_bytes_for(fp: str, keys: Sequence[str], n_layers: int, piece: int) -> int:

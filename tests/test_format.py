@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_util import PIECE, Pages, keys
+from engine_util import LAYERS, PIECE, Pages, keys
 
 from sglang_objectcache.format import (TRAILER, CorruptObject, decode_header, decode_meta, encode, meta_bytes_for,
                                        readonly_address, verify_piece)
@@ -107,3 +107,19 @@ def test_gil_held_primitives_match_the_library_and_keep_the_gil():
     assert dst == src
     for f in (gil_held.memmove, gil_held.xxh3_64):
         assert f._flags_ & ctypes._FUNCFLAG_PYTHONAPI, f
+
+
+def test_encode_from_a_segment_table_gives_the_same_object():
+    """SGLang's pools hand `encode` an array (SegmentTable): the copies are built from it in one
+    go, and the object is byte for byte the one a per-piece function gives; targets that do not
+    hold whole pieces are refused, naming the page and layer."""
+    src, ks = Pages(5, seed=12), keys(5)
+    for first in (0, 2):
+        assert encode("fp", ks[first:], LAYERS, PIECE, src.segments(table=True), first) == \
+            encode("fp", ks[first:], LAYERS, PIECE, src.segments(), first)
+    bad = src.segments(table=True)
+    bad.table[3, 1, 1, 1] -= 16  # layer 3 of page 1 is 16 bytes short
+    with pytest.raises(ValueError, match=f"page 1 layer 3: {PIECE - 16} bytes, expected {PIECE}"):
+        encode("fp", ks, LAYERS, PIECE, bad)
+    with pytest.raises(ValueError, match="targets for"):
+        encode("fp", ks + keys(1, "x"), LAYERS, PIECE, src.segments(table=True))  # one page more than given

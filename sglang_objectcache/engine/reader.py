@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import native
-from ..format import CorruptObject, Header, decode_header, decode_meta, readonly_address
+from ..format import CorruptObject, Header, decode_header, decode_meta, piece_copies, readonly_address
 from .index import ObjectInfo
 from .plan import META
 
@@ -128,12 +128,9 @@ class ObjectRead:
             k = int(np.flatnonzero(outside)[0])
             raise CorruptObject(f"object truncated at layer {l0 + k // len(slots)} page {self.slots[k % len(slots)]}")
         seg = table[l0:l1, self.first:self.first + len(slots)]  # [layer, page, part, (address, length)]
-        lengths = seg[..., 1]
-        if seg.shape[:2] != off.shape or (lengths.sum(axis=-1) != h.piece_bytes).any():
-            raise ValueError(f"targets of layers {l0}-{l1} do not hold {h.piece_bytes}-byte pieces")
-        pieces = (off + (readonly_address(buf) - start)).ravel()
-        src = pieces.reshape(off.shape + (1,)) + np.cumsum(lengths, axis=-1) - lengths
-        copies = np.stack([seg[..., 0], src, lengths], axis=-1).reshape(-1, 3).astype(np.uint64)
+        at = off + (readonly_address(buf) - start)
+        copies = piece_copies(seg, at, h.piece_bytes, to_targets=True, layer0=l0, page0=self.first)
+        pieces = at.ravel()
         parts = seg.shape[2]
         first = np.arange(0, pieces.size * parts + 1, parts, dtype=np.int64)
         expect = np.ascontiguousarray(h.sums_array[l0:l1][:, slots]).ravel() if self.verify else None
