@@ -346,14 +346,14 @@ def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog, table)
         b.close()
 
 
-def _reader_with_four_pages(srv, prefix, seed, native="off", **top):
-    """Four pages written by one instance; a fresh reader that reads them one layer per range.
-    Returns the source pages, keys and the reader."""
+def _written_then_reader(srv, prefix, seed, native="off", pages=4, **top):
+    """`pages` pages written by one instance; a fresh reader that reads them one layer per range
+    (unless `top` sets read_range_bytes). Returns the source pages, keys and the reader."""
     if native == "on" and native_mod.http_get() is None:
         pytest.skip(f"native helper unavailable: {native_mod.status()}")
     cfg = parse_config({"tiers": [s3_tier(srv, prefix, native_reads=native)], "read_range_bytes": "32KiB", **top})
     a = ObjectCache(cfg, fingerprint("m"))
-    src, ks = Pages(4, seed=seed), keys(4)
+    src, ks = Pages(pages, seed=seed), keys(pages)
     assert all(a.put(ks, src.segments()))
     a.close()
     return src, ks, ObjectCache(cfg, fingerprint("m"))
@@ -384,7 +384,7 @@ def _delay_reads(tier, delay) -> None:
 def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, prefix, native):
     """A fetch reports layer readiness as ranges land: here one range per layer, delayed per
     layer by the store, so layer 0 is ready while the last layer is still on the wire."""
-    src, ks, b = _reader_with_four_pages(s3_env, prefix, seed=13, native=native)
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=13, native=native)
     _delay_reads(b.tiers[0], lambda start: 0.3 * (start // (4 * 8192)))  # layer l lands l * 0.3 s late
     try:
         dst = Pages.empty_like(src)
@@ -406,7 +406,7 @@ def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, pre
 def test_failed_fetch_releases_layer_waiters_with_a_reason(s3_env, prefix, native):
     """A read stuck past the deadline: the fetch returns at its deadline (not when the read ends),
     and the late bytes are never copied into the caller's pages."""
-    src, ks, b = _reader_with_four_pages(s3_env, prefix, seed=14, native=native, timeout=1)
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=14, native=native, timeout=1)
     _delay_reads(b.tiers[0], lambda start: 3.0 if start >= 3 * 4 * 8192 else 0.0)  # layer 3 comes late
     try:
         dst = Pages.empty_like(src)
@@ -466,13 +466,8 @@ def test_concurrent_fetches_share_a_bandwidth_cap(s3_env, prefix, policy):
 def test_a_small_first_range_reads_the_same_bytes(s3_env, prefix):
     """`first_range_layers: 1`: each object's layer 0 comes in a range of its own, the rest in the
     usual groups; every byte arrives once and equals what was written."""
-    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "64KiB",
-                        "first_range_layers": 1})
-    a = ObjectCache(cfg, fingerprint("m"))
-    src, ks = Pages(4, seed=21), keys(4)
-    assert all(a.put(ks, src.segments()))
-    a.close()
-    b = ObjectCache(cfg, fingerprint("m"))
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=21, native="auto", read_range_bytes="64KiB",
+                                      first_range_layers=1)
     try:
         dst = Pages.empty_like(src)
         f = b.fetch(ks, dst.segments())
@@ -549,7 +544,7 @@ def test_a_fetch_that_cannot_register_fails_at_once_with_a_reason(s3_env, prefix
 def test_table_targets_read_the_same_bytes(s3_env, prefix, native):
     """Targets given as an array (what the SGLang backend passes) are filled by numpy-built copy
     lists: the same bytes as the per-piece path, into pages in any order, over ranged reads."""
-    src, ks, b = _reader_with_four_pages(s3_env, prefix, seed=31, native=native, first_range_layers=1)
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=31, native=native, first_range_layers=1)
     try:
         order = [2, 0, 3, 1]
         dst = Pages.empty_like(src)
@@ -564,13 +559,8 @@ def test_a_cancelled_fetch_frees_its_grants_and_skips_reads_never_granted(s3_env
     """Under a tight bandwidth cap most reads wait for a grant; at the deadline those are skipped
     without a request, the one on the network settles at once, and the next fetch of the same
     engine gets the link and reads every byte."""
-    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "32KiB",
-                        "bandwidth": "64KiB", "timeout": 1})
-    a = ObjectCache(cfg, fingerprint("m"))
-    src, ks = Pages(8, seed=33), keys(8)
-    assert all(a.put(ks, src.segments()))
-    a.close()
-    b = ObjectCache(cfg, fingerprint("m"))
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=33, native="auto", pages=8, bandwidth="64KiB",
+                                      timeout=1)
     try:
         dst = Pages.empty_like(src)
         f = b.fetch(ks, dst.segments())
@@ -595,7 +585,7 @@ def test_closing_during_a_fetch_ends_it_with_misses(s3_env, prefix, cap):
     grant under a cap: the fetch ends at once, not at its deadline, and reports misses or whole
     pages, never partial ones."""
     top = {"bandwidth": cap} if cap else {}
-    src, ks, b = _reader_with_four_pages(s3_env, prefix, seed=34, native="on", timeout=30, **top)
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=34, native="on", timeout=30, **top)
     _delay_reads(b.tiers[0], lambda start: 0.5)
     dst = Pages.empty_like(src)
     f = b.fetch(ks, dst.segments())
