@@ -11,9 +11,12 @@ next to a thread that runs Python without pause (as SGLang's scheduler does):
 - `native threads`: the same threads, each a blocking native range GET (`stores/rawhttp.py`) into
   its own buffer, bytes dropped;
 - `native + copy`: those, each verifying and copying its range into the pages before the next;
+- `native pieces`: the same threads, each a native range GET that checks and copies every piece as
+  it arrives (`read_pieces`), with no staging buffer;
 - `engine, obstore`: `ObjectCache.get` with `native_reads: off` (loop, scheduler, copy threads);
-- `engine`: `ObjectCache.get` as configured by default (native reads on pull threads), as SGLang
-  calls it;
+- `engine`: `ObjectCache.get` as configured by default (native reads on pull threads, received
+  piece by piece), with an array of targets as SGLang's pools give it;
+- `engine, staged`: the same with `native_receive: staging` (each range whole into a buffer first);
 - `engine, no verify`: the same with `verify_checksums: false`.
 
 `--order` then asks what the plan's shape does to the layer order: for ranges of 16, 8, 4 and 2 MiB
@@ -42,7 +45,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from gil import Busy  # noqa: E402
-from transports import LAYERS, PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of  # noqa: E402
+from transports import LAYERS, PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of, table_of  # noqa: E402
 
 
 
@@ -136,10 +139,12 @@ def probe(args, conc: int) -> None:
     fp = llama_fingerprint("pull")
     data = np.random.default_rng(0).integers(0, 256, size=(args.pages, LAYERS, PIECE), dtype=np.uint8)
     keys = page_keys(args.pages)
-    caches = {(v, n): ObjectCache(parse_config({"tiers": [{**tier, "native_reads": n}], "verify_checksums": v}), fp)
-              for v, n in ((True, "auto"), (False, "auto"), (True, "off"))}
+    caches = {(v, n, r): ObjectCache(parse_config({"tiers": [{**tier, "native_reads": n, "native_receive": r}],
+                                                   "verify_checksums": v}), fp)
+              for v, n, r in ((True, "auto", "pieces"), (True, "auto", "staging"), (False, "auto", "pieces"),
+                              (True, "off", "pieces"))}
     try:
-        cache = caches[True, "off"]
+        cache = caches[True, "off", "pieces"]
         assert all(cache.put(keys, segments_of(data)))
         cache.flush()
         out = np.zeros_like(data)
@@ -175,15 +180,29 @@ def probe(args, conc: int) -> None:
         def obstore_get(path, s, e):
             return obs.get_range(store, path, start=s, end=e)
 
+        def pieces_run(p=plan):
+            from sglang_objectcache.native import CopyGate
+
+            jobs = [ObjectRead(o.info, o.slots, o.first, p.reads_of(i), cache.digest, True, None,
+                               trusted=o.trusted) for i, o in enumerate(p.objects)]
+            table, gate = table_of(out), CopyGate()
+
+            def work(r):
+                pieces = jobs[r.obj].pieces(r.start, r.end, r.l0, r.l1, table)
+                assert raw.read_pieces(p.objects[r.obj].info.name, r.start, r.end, pieces, gate) == -1
+            return threads(p.reads, work, conc)
+
         ways = {
             "plain async": lambda: plain_async(store, reads, conc),
             "plain threads": lambda: threads(reads, lambda r: obs.get_range(store, r[0], start=r[1], end=r[2]), conc),
             "threads + copy": lambda: copy_run(obstore_get),
             "native threads": lambda: threads(reads, lambda r: native_get(*r), conc),
             "native + copy": lambda: copy_run(native_get),
-            "engine, obstore": lambda: caches[True, "off"].get(keys, segments_of(out)),
-            "engine": lambda: caches[True, "auto"].get(keys, segments_of(out)),
-            "engine, no verify": lambda: caches[False, "auto"].get(keys, segments_of(out)),
+            "native pieces": lambda: pieces_run(),
+            "engine, obstore": lambda: caches[True, "off", "pieces"].get(keys, table_of(out)),
+            "engine": lambda: caches[True, "auto", "pieces"].get(keys, table_of(out)),
+            "engine, staged": lambda: caches[True, "auto", "staging"].get(keys, table_of(out)),
+            "engine, no verify": lambda: caches[False, "auto", "pieces"].get(keys, table_of(out)),
         }
         print(f"{os.cpu_count()} cores; {conc} in flight; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
               f"{sys.getswitchinterval() * 1e3:.2f} ms; GiB/s, best of {args.reps}", flush=True)

@@ -58,6 +58,16 @@ def segments_of(arr: np.ndarray):
     return segs
 
 
+def table_of(arr: np.ndarray):
+    """`segments_of` as an array (format.SegmentTable), what SGLang's pools hand the engine."""
+    from sglang_objectcache.format import SegmentTable
+
+    pages, half = arr.shape[0], PIECE // 2
+    base = arr.ctypes.data + (np.arange(pages)[None, :] * LAYERS + np.arange(LAYERS)[:, None]) * PIECE
+    addr = np.stack([base, base + half], axis=-1)  # [layer, page, part]
+    return SegmentTable(np.stack([addr, np.full_like(addr, half)], axis=-1))
+
+
 def raw_obstore(srv, objects: int, conc: int) -> dict:
     import obstore as obs
     from obstore.store import S3Store

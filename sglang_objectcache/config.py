@@ -125,6 +125,7 @@ class S3TierConfig:
     region: str = "us-east-1"
     transport: str = "auto"  # auto | obstore | aioboto3
     native_reads: str = "auto"  # auto | on | off: range reads by stores/rawhttp.py (http:// only)
+    native_receive: str = "pieces"  # pieces | staging: how the native reader hands a range over
     profile: str | None = None
     max_connections: int = 32
     max_write_connections: int = 8
@@ -208,6 +209,8 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
         if isinstance(v, bool):  # YAML 1.1 reads a bare on/off as a bool
             v = "on" if v else "off"
         kw["native_reads"] = _choice(v, f"{where}native_reads", ("auto", "on", "off"))
+    if "native_receive" in d:
+        kw["native_receive"] = _choice(d["native_receive"], f"{where}native_receive", ("pieces", "staging"))
     if "max_connections" in d:
         kw["max_connections"] = _int(d["max_connections"], f"{where}max_connections", 1, 1024)
     if "max_write_connections" in d:

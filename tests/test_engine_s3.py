@@ -372,23 +372,29 @@ def _delay_reads(tier, delay) -> None:
             return await orig(name, start, end)
         tier.read_range = slow
     else:
-        orig_into = tier.range_reader.read_into
+        orig_into, orig_pieces = tier.range_reader.read_into, tier.range_reader.read_pieces
 
         def slow_into(key, start, end, dst):
             time.sleep(delay(start))
             return orig_into(key, start, end, dst)
+
+        def slow_pieces(key, start, end, pieces, gate):
+            time.sleep(delay(start))
+            return orig_pieces(key, start, end, pieces, gate)
         tier.range_reader.read_into = slow_into
+        tier.range_reader.read_pieces = slow_pieces
 
 
-@pytest.mark.parametrize("native", ["off", "on"])
-def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, prefix, native):
+@pytest.mark.parametrize("native,table", [("off", False), ("on", False), ("on", True)],
+                         ids=["store", "native-staged", "native-pieces"])
+def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, prefix, native, table):
     """A fetch reports layer readiness as ranges land: here one range per layer, delayed per
     layer by the store, so layer 0 is ready while the last layer is still on the wire."""
     src, ks, b = _written_then_reader(s3_env, prefix, seed=13, native=native)
     _delay_reads(b.tiers[0], lambda start: 0.3 * (start // (4 * 8192)))  # layer l lands l * 0.3 s late
     try:
         dst = Pages.empty_like(src)
-        f = b.fetch(ks, dst.segments())
+        f = b.fetch(ks, dst.segments(table=table))
         assert f.readiness.wait(0, 5)
         assert not f.readiness.is_ready(3), "the last layer should still be in flight"
         assert np.array_equal(dst.data[:, 0], src.data[:, 0])
@@ -402,15 +408,16 @@ def test_layers_become_ready_in_order_while_later_ones_are_in_flight(s3_env, pre
         b.close()
 
 
-@pytest.mark.parametrize("native", ["off", "on"])
-def test_failed_fetch_releases_layer_waiters_with_a_reason(s3_env, prefix, native):
+@pytest.mark.parametrize("native,table", [("off", False), ("on", False), ("on", True)],
+                         ids=["store", "native-staged", "native-pieces"])
+def test_failed_fetch_releases_layer_waiters_with_a_reason(s3_env, prefix, native, table):
     """A read stuck past the deadline: the fetch returns at its deadline (not when the read ends),
     and the late bytes are never copied into the caller's pages."""
     src, ks, b = _written_then_reader(s3_env, prefix, seed=14, native=native, timeout=1)
     _delay_reads(b.tiers[0], lambda start: 3.0 if start >= 3 * 4 * 8192 else 0.0)  # layer 3 comes late
     try:
         dst = Pages.empty_like(src)
-        f = b.fetch(ks, dst.segments())
+        f = b.fetch(ks, dst.segments(table=table))
         t0 = time.monotonic()
         assert f.wait(1.0) == [False] * 4
         assert time.monotonic() - t0 < 2.5

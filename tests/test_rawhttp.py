@@ -10,13 +10,14 @@ import time
 import boto3
 import numpy as np
 import pytest
+import xxhash
 from conftest import s3_tier
 
 from sglang_objectcache import native
 from sglang_objectcache.config import ConfigError, parse_config
 from sglang_objectcache.stores.base import NotFound, StoreError, Unavailable
 from sglang_objectcache.stores.credentials import Credentials
-from sglang_objectcache.stores.rawhttp import RawRangeReader, StagingBuffers
+from sglang_objectcache.stores.rawhttp import APPLIED, CLOSED, SHORT, RangePieces, RawRangeReader, StagingBuffers
 from sglang_objectcache.stores.sigv4 import GetSigner
 
 pytestmark = pytest.mark.skipif(native.http_get() is None, reason="native helper unavailable")
@@ -161,6 +162,118 @@ def test_staging_buffers_are_reused_and_bounded(s3, obj):
         r.close()
 
 
+PIECE = 96 << 10
+
+
+def pieces_of(body: bytes, offsets, check=True):
+    """RangePieces for the pieces of `body` (a range's bytes) at `offsets`, each copied in two
+    halves to reversed places in a zeroed target; the target and the bytes it should end with."""
+    n, half = len(offsets), PIECE // 2
+    target = np.zeros(n * PIECE, dtype=np.uint8)
+    want = np.zeros_like(target)
+    copies = []
+    for i, off in enumerate(offsets):
+        at = (n - 1 - i) * PIECE
+        copies += [(target.ctypes.data + at + half, off, half), (target.ctypes.data + at, off + half, half)]
+        want[at + half:at + PIECE] = np.frombuffer(body[off:off + half], dtype=np.uint8)
+        want[at:at + half] = np.frombuffer(body[off + half:off + PIECE], dtype=np.uint8)
+    expect = np.array([xxhash.xxh3_64_intdigest(body[o:o + PIECE]) for o in offsets], dtype=np.uint64)
+    p = RangePieces(np.array(offsets, dtype=np.uint64), PIECE, expect if check else None,
+                    np.array(copies, dtype=np.uint64), np.arange(0, 2 * n + 1, 2, dtype=np.int64))
+    return p, target, want
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_pieces_go_straight_to_their_targets_and_the_rest_is_dropped(s3, obj, check):
+    """A range read piece by piece: pieces with gaps between them, and bytes after the last, go
+    where their copies say; the body is read to its end, so the connection is kept."""
+    key, data = obj
+    start, end = 1000, 1000 + 12 * PIECE + 77
+    p, target, want = pieces_of(data[start:end], [0, 3 * PIECE + 5, 4 * PIECE + 5, 11 * PIECE], check)
+    r = reader(s3)
+    try:
+        assert r.read_pieces(key, start, end, p, native.CopyGate()) == APPLIED
+        assert np.array_equal(target, want)
+        assert len(r._idle) == 1, "the body was read to its end: the connection is kept"
+        buf = bytearray(10)
+        r.read_into(key, 0, 10, buf)
+        assert bytes(buf) == data[:10] and len(r._idle) == 1
+    finally:
+        r.close()
+
+
+def test_a_bad_piece_stops_the_copies_there_and_short_or_closed_reads_copy_nothing(s3, obj):
+    key, data = obj
+    start, end = 0, 6 * PIECE
+    r = reader(s3)
+    try:
+        p, target, want = pieces_of(data[start:end], [0, PIECE, 2 * PIECE, 5 * PIECE])
+        p.expect[2] ^= 1
+        assert r.read_pieces(key, start, end, p, native.CopyGate()) == 2
+        n = 4
+        done = slice((n - 2) * PIECE, n * PIECE)  # pieces 0 and 1 (copied to reversed places)
+        assert np.array_equal(target[done], want[done]), "checked pieces before the bad one are in place"
+        assert not target[: (n - 2) * PIECE].any(), "neither the bad piece nor any after it is copied"
+        # a range past the object's end: the body is short, nothing is copied
+        tail = len(data) - 2 * PIECE
+        p, target, _ = pieces_of(data[tail:] + bytes(PIECE), [0, 2 * PIECE])
+        assert r.read_pieces(key, tail, tail + 3 * PIECE, p, native.CopyGate()) == SHORT
+        assert not target.any()
+        # a closed gate: the bytes come, none goes in
+        p, target, _ = pieces_of(data[:2 * PIECE], [0, PIECE])
+        gate = native.CopyGate()
+        gate.close()
+        assert r.read_pieces(key, 0, 2 * PIECE, p, gate) == CLOSED
+        assert not target.any()
+        p, target, want = pieces_of(data[:2 * PIECE], [0, PIECE])  # and the reader goes on
+        assert r.read_pieces(key, 0, 2 * PIECE, p, native.CopyGate()) == APPLIED
+        assert np.array_equal(target, want)
+    finally:
+        r.close()
+
+
+def test_closing_the_gate_during_a_stalled_body_returns_at_once_and_nothing_more_lands():
+    """A server that sends the first piece, then stalls: closing the gate does not wait for the
+    network (only for copies running), and the bytes that come later never reach their targets.
+    (A gap between the pieces: adjacent pieces are received together, up to BOUNCE_BYTES.)"""
+    gap = 4096
+    body = np.random.default_rng(7).integers(0, 256, 2 * PIECE + gap, dtype=np.uint8).tobytes()
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    go = threading.Event()
+
+    def serve():
+        conn, _ = lsn.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:PIECE])
+        go.wait(10)
+        conn.sendall(body[PIECE:])
+        time.sleep(0.5)
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    r = reader_at(lsn.getsockname()[1], request_timeout=10)
+    p, target, want = pieces_of(body, [0, PIECE + gap])
+    gate, out = native.CopyGate(), []
+    t = threading.Thread(target=lambda: out.append(r.read_pieces("k", 0, len(body), p, gate)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not target[PIECE:].any() and time.monotonic() < deadline:  # piece 0 lands (last place)
+            time.sleep(0.01)
+        assert np.array_equal(target[PIECE:], want[PIECE:])
+        t0 = time.monotonic()
+        gate.close()
+        assert time.monotonic() - t0 < 0.5, "closing waits for copies, not for the network"
+        assert t.is_alive(), "the read is still waiting for its second piece"
+    finally:
+        go.set()
+        t.join(10)
+        lsn.close()
+    assert out == [CLOSED]
+    assert not target[:PIECE].any(), "the piece that came after the close is not copied"
+
+
 def test_native_reads_config():
     base = {"endpoint": "http://127.0.0.1:1", "bucket": "kv-cache"}
     assert parse_config({"tiers": [{"kind": "s3", **base}]}).tiers[0].native_reads == "auto"
@@ -170,15 +283,19 @@ def test_native_reads_config():
                                  "native_reads": "on"}]})
     with pytest.raises(ConfigError, match="native_reads: 'fast' is not one of"):
         parse_config({"tiers": [{"kind": "s3", **base, "native_reads": "fast"}]})
+    assert parse_config({"tiers": [{"kind": "s3", **base}]}).tiers[0].native_receive == "pieces"
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.native_receive: 'whole' is not one of"):
+        parse_config({"tiers": [{"kind": "s3", **base, "native_receive": "whole"}]})
 
 
-@pytest.mark.parametrize("native_reads", ["on", "off"])
-def test_the_engine_reads_the_same_pages_either_way(s3_env, prefix, native_reads):
+@pytest.mark.parametrize("native_reads,receive,table", [("on", "pieces", True), ("on", "staging", True),
+                                                        ("on", "pieces", False), ("off", "pieces", True)])
+def test_the_engine_reads_the_same_pages_either_way(s3_env, prefix, native_reads, receive, table):
     from engine_util import Pages, fingerprint, keys
 
     from sglang_objectcache.engine.cache import ObjectCache
 
-    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix, native_reads=native_reads)],
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix, native_reads=native_reads, native_receive=receive)],
                         "read_range_bytes": "64KiB", "first_range_layers": 1})
     c = ObjectCache(cfg, fingerprint("m"))
     try:
@@ -186,7 +303,10 @@ def test_the_engine_reads_the_same_pages_either_way(s3_env, prefix, native_reads
         src, ks = Pages(12, seed=3), keys(12)
         assert all(c.put(ks, src.segments()))
         dst = Pages.empty_like(src)
-        assert c.get(ks, dst.segments()) == [True] * 12
+        assert c.get(ks, dst.segments(table=table)) == [True] * 12
         assert np.array_equal(dst.data, src.data)
+        if native_reads == "on":  # piece by piece exactly where it can be: a table, pieces asked for
+            staged = c.tiers[0]._staging._free
+            assert bool(staged) == (receive == "staging" or not table)
     finally:
         c.close()

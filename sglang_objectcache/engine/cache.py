@@ -94,7 +94,8 @@ def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
                                 startup_timeout=max(cfg.timeout, 3 * t.request_timeout),
                                 scheduler=ReadScheduler(POLICIES[cfg.fetch_policy], cfg.bandwidth,
                                                         t.max_connections),
-                                range_reader=reader, staging_bytes=cfg.read_range_bytes))
+                                range_reader=reader, staging_bytes=cfg.read_range_bytes,
+                                receive_pieces=t.native_receive == "pieces"))
     return tiers
 
 
@@ -212,11 +213,11 @@ class ObjectCache:
 
         def direct(o: PlannedObject, r: Read, run, skip) -> bool:
             """Where the tier has the native reader: the read goes to a pull thread at its grant,
-            which receives, verifies and copies it there (`run(filled, end)`), and only its end
+            which receives, verifies and copies it there (`run(source, end)`), and only its end
             comes back to the loop, to free the grant."""
             if o.tier.range_reader is None or not o.trusted:
                 return False
-            filled = o.tier.filled(o.info.name, r.start, r.end)
+            filled = o.tier.source(o.info.name, r.start, r.end)
             tid = id(o.tier)
             if tid not in rids:
                 o.tier.start_pull(functools.partial(run, filled, lambda landed: None), skip)

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable
 
+from .. import native
 from ..format import CorruptObject, SegmentFn
 from .plan import FetchPlan, Read
 from .readiness import LayerReadiness
@@ -29,6 +30,16 @@ log = logging.getLogger("sglang_objectcache")
 
 DELIVERED = object()  # a pulled read's outcome: its bytes are in place (or it failed and said so)
 SKIPPED = object()  # a pulled read that never started: the fetch was cancelled first
+
+
+class _NoGate:
+    """Where no read goes in piece by piece: nothing to close."""
+
+    def close(self) -> None:
+        pass
+
+
+_NO_GATE = _NoGate()
 
 
 class Fetch:
@@ -66,6 +77,7 @@ class Fetch:
         self._signalled = False
         self._finished = threading.Event()
         self._cancelled = False
+        self._gate = native.CopyGate() if direct is not None and native.http_get_pieces() else _NO_GATE
         # reads not yet landed (loop thread only); a landed read leaves at once, so that its bytes
         # are freed as soon as they are copied (a task keeps its result)
         self._futs: set[asyncio.Task] = set()
@@ -122,11 +134,11 @@ class Fetch:
         except RuntimeError:  # the copy pool is shut down: the cache is closing
             self._fail(read, "closing")
 
-    def _pull(self, read: Read, filled, end: Callable[[bool], None]) -> None:
+    def _pull(self, read: Read, source, end: Callable[[bool], None]) -> None:
         """On a pull thread: one direct read, start to end; `end(landed)` frees its grant."""
         landed = False
         try:
-            landed = self.pulled(read, filled) is DELIVERED
+            landed = self.pulled(read, source) is DELIVERED
             if not landed:
                 self._fail(read, "cancelled")
         except Exception as e:  # noqa: BLE001 - a transport error is this read's miss, never a crash
@@ -135,15 +147,21 @@ class Fetch:
         finally:
             end(landed)
 
-    def pulled(self, read: Read, filled) -> object:
-        """On a pull thread: receive the read's bytes (`filled()`, a context manager that blocks
-        until they are in a buffer of its own) and copy them into place there. Returns DELIVERED,
-        or SKIPPED once the fetch is cancelled; a transport error propagates. A cancelled fetch
-        does not wait for the network (its reads only fill buffers of their own), only for copies
-        that began before it was cancelled: `wait()` never returns with one of those running."""
+    def pulled(self, read: Read, source) -> object:
+        """On a pull thread: receive the read's bytes from `source` (stores/rawhttp.RangeSource)
+        and put them in place there, piece by piece as they arrive where the range allows it, else
+        whole into a buffer of its own first. Returns DELIVERED, or SKIPPED once the fetch is
+        cancelled; a transport error propagates. A cancelled fetch does not wait for the network,
+        only for copies that began before it was cancelled: `wait()` never returns with one of
+        those running (pieces go in through the fetch's CopyGate; whole ranges count in
+        `_copying`)."""
         if self._cancelled:
             return SKIPPED
-        with filled() as data:
+        job = self._jobs[read.obj]
+        pieces = job.pieces(read.start, read.end, read.l0, read.l1, self.segments) if source.pieces else None
+        if pieces is not None:
+            return self._receive_pieces(read, source, pieces)
+        with source.filled() as data:
             with self._lock:
                 if self._cancelled:
                     return SKIPPED
@@ -158,22 +176,50 @@ class Fetch:
                     self._signal()
         return DELIVERED
 
+    def _receive_pieces(self, read: Read, source, pieces) -> object:
+        from ..stores.rawhttp import CLOSED, SHORT
+
+        outcome = source.apply(pieces, self._gate)
+        if outcome == CLOSED:
+            return SKIPPED
+        job = self._jobs[read.obj]
+        if outcome == SHORT:
+            self._broken(read, CorruptObject(f"range {read.start}-{read.end} cut short: object truncated"))
+        elif outcome >= 0:
+            self._broken(read, job.mismatch(read.l0, outcome))
+        else:
+            self._landed(read, [(read.l0, read.l1)], job.landed())
+        return DELIVERED
+
     def _copy(self, read: Read, data) -> None:
-        obj, job = self.plan.objects[read.obj], self._jobs[read.obj]
+        job = self._jobs[read.obj]
         try:
             applied, complete = job.deliver(read.start, read.end, read.l0, read.l1, data, self.segments)
-        except CorruptObject as e:
-            with job.lock:
-                first = not job.failed
-                job.failed = True
+        except Exception as e:  # noqa: BLE001 - corrupt, or targets that do not fit; never raise into SGLang
+            self._broken(read, e)
+            return
+        self._landed(read, applied, complete)
+
+    def _broken(self, read: Read, e: Exception) -> None:
+        """The read's object cannot be used: a miss, logged once per object."""
+        obj, job = self.plan.objects[read.obj], self._jobs[read.obj]
+        with job.lock:
+            first = not job.failed
+            job.failed = True
+        if isinstance(e, CorruptObject):
             if first:
                 self._on_event("corrupt", obj, e)
             self._fail(read, f"corrupt object {obj.info.name}: {e}")
-            return
-        except Exception as e:  # noqa: BLE001 - e.g. targets that do not fit; never raise into SGLang
-            job.failed = True
+        else:
             self._on_event("copy_error", obj, e)
             self._fail(read, f"cannot copy {obj.info.name}: {e}")
+
+    def _landed(self, read: Read, applied, complete) -> None:
+        """The read's layer spans `applied` are in place; `complete`: its object is whole (None
+        or False: not yet, or failed meanwhile)."""
+        obj, job = self.plan.objects[read.obj], self._jobs[read.obj]
+        if complete is None:  # the object failed on another read: this one counts as done
+            self._one_done(read)
             return
         for l0, l1 in applied:
             self.readiness.arrived(l0, l1)
@@ -209,13 +255,16 @@ class Fetch:
         return False
 
     def _signal(self) -> None:
+        self._gate.close()  # a finished fetch takes no more bytes into the caller's pages
         self._on_finish()  # before waiters wake: they see its effects done
         self._finished.set()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop what has not arrived; the request fails with `reason`."""
         self.readiness.fail(reason)
-        self._cancelled = True
+        with self._lock:
+            self._cancelled = True
+        self._gate.close()  # pieces on their way in stop at the next one; none is being copied after this
         try:
             self._loop.call_soon_threadsafe(self._cancel_on_loop)
         except RuntimeError:  # loop closed: its tasks are cancelled already, but reads waiting in

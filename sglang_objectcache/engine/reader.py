@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import native
 from ..format import CorruptObject, Header, decode_header, decode_meta, piece_copies, readonly_address
+from ..stores.rawhttp import RangePieces
 from .index import ObjectInfo
 from .plan import META
 
@@ -110,33 +111,68 @@ class ObjectRead:
         bad = native.verify_and_copy(pieces, h.piece_bytes, expect if self.verify else None, copies,
                                      first + [len(copies)])
         if bad >= 0:
-            self._mismatch(l0, bad)
+            raise self.mismatch(l0, bad)
 
-    def _mismatch(self, l0: int, bad: int) -> None:
+    def mismatch(self, l0: int, bad: int) -> CorruptObject:
+        """The error for piece `bad` of a range starting at layer l0."""
         layer, j = l0 + bad // len(self.slots), bad % len(self.slots)
-        raise CorruptObject(f"checksum mismatch at layer {layer} page {self.slots[j]}")
+        return CorruptObject(f"checksum mismatch at layer {layer} page {self.slots[j]}")
 
     def _apply_table(self, start: int, l0: int, l1: int, buf, table: np.ndarray) -> bool:
         """`_apply` with the targets as an array (format.SegmentTable): the pieces, checksums and
         copies of the range are a few numpy operations, not a Python loop per piece. False where
         the native helper is unavailable (the caller takes the per-piece path)."""
-        h = self.header
-        slots = np.asarray(self.slots, dtype=np.int64)
-        off = (np.arange(l0, l1, dtype=np.int64)[:, None] * h.n_pages + slots[None, :]) * h.piece_bytes
-        outside = (off < start) | (off + h.piece_bytes > start + len(buf))
+        off, seg, expect = self._targets(l0, l1, table)
+        outside = (off < start) | (off + self.header.piece_bytes > start + len(buf))
         if outside.any():
             k = int(np.flatnonzero(outside)[0])
-            raise CorruptObject(f"object truncated at layer {l0 + k // len(slots)} page {self.slots[k % len(slots)]}")
-        seg = table[l0:l1, self.first:self.first + len(slots)]  # [layer, page, part, (address, length)]
+            raise CorruptObject(f"object truncated at layer {l0 + k // len(self.slots)} page "
+                                f"{self.slots[k % len(self.slots)]}")
         at = off + (readonly_address(buf) - start)
-        copies = piece_copies(seg, at, h.piece_bytes, to_targets=True, layer0=l0, page0=self.first)
-        pieces = at.ravel()
-        parts = seg.shape[2]
-        first = np.arange(0, pieces.size * parts + 1, parts, dtype=np.int64)
-        expect = np.ascontiguousarray(h.sums_array[l0:l1][:, slots]).ravel() if self.verify else None
-        bad = native.verify_and_copy_arrays(pieces.astype(np.uint64), h.piece_bytes, expect, copies, first)
+        copies = piece_copies(seg, at, self.header.piece_bytes, to_targets=True, layer0=l0, page0=self.first)
+        bad = native.verify_and_copy_arrays(at.ravel().astype(np.uint64), self.header.piece_bytes, expect, copies,
+                                            _per_piece(seg))
         if bad is None:
             return False
         if bad >= 0:
-            self._mismatch(l0, bad)
+            raise self.mismatch(l0, bad)
         return True
+
+    def _targets(self, l0: int, l1: int, table: np.ndarray):
+        """The range's pieces: their offsets in the object ([layer, page]), their targets (the
+        table's [layer, page, part]) and their checksums (flat, or None when not verifying)."""
+        h = self.header
+        slots = np.asarray(self.slots, dtype=np.int64)
+        off = (np.arange(l0, l1, dtype=np.int64)[:, None] * h.n_pages + slots[None, :]) * h.piece_bytes
+        seg = table[l0:l1, self.first:self.first + len(slots)]  # [layer, page, part, (address, length)]
+        expect = np.ascontiguousarray(h.sums_array[l0:l1][:, slots]).ravel() if self.verify else None
+        return off, seg, expect
+
+    def pieces(self, start: int, end: int, l0: int, l1: int, segments) -> RangePieces | None:
+        """The range as pieces to check and copy while they arrive (stores/rawhttp.py,
+        `read_pieces`); None where it must be received whole first: no table of targets, a footer
+        still to read, a promotion buffer to fill."""
+        table = getattr(segments, "table", None)
+        if table is None or l0 == META or self.header is None or self.promote is not None:
+            return None
+        off, seg, expect = self._targets(l0, l1, table)
+        if (off < start).any() or (off + self.header.piece_bytes > end).any():
+            return None
+        rel = off - start
+        copies = piece_copies(seg, rel, self.header.piece_bytes, to_targets=True, layer0=l0, page0=self.first)
+        return RangePieces(rel.ravel().astype(np.uint64), self.header.piece_bytes, expect, copies, _per_piece(seg))
+
+    def landed(self) -> bool | None:
+        """A range that `pieces` described is in place. True for exactly one caller, the one that
+        completes the object; None if the object failed meanwhile."""
+        with self.lock:
+            if self.failed:
+                return None
+            self.done_ranges += 1
+            return self.done_ranges == self.n_ranges
+
+
+def _per_piece(seg: np.ndarray) -> np.ndarray:
+    """Where each piece's copies start in piece_copies' list (`parts` per piece), and the end."""
+    n, parts = seg.shape[0] * seg.shape[1], seg.shape[2]
+    return np.arange(0, n * parts + 1, parts, dtype=np.int64)

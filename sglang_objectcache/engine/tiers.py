@@ -177,10 +177,12 @@ class S3Tier(Tier):
 
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, *, max_connections: int,
                  max_write_connections: int, refresh_interval: float, flush_interval: float,
-                 startup_timeout: float, scheduler=None, range_reader=None, staging_bytes: int = 16 << 20):
+                 startup_timeout: float, scheduler=None, range_reader=None, staging_bytes: int = 16 << 20,
+                 receive_pieces: bool = True):
         super().__init__(name, store, ns, PrioritySlots(max_connections, max_write_connections))
         # stores/rawhttp.py: range reads on pull threads, each received, verified and copied there
         self.range_reader = range_reader
+        self.receive_pieces = receive_pieces  # check and copy each piece as it arrives, no staging
         self._pullers = None
         if range_reader is not None:
             from ..stores.rawhttp import StagingBuffers
@@ -202,10 +204,12 @@ class S3Tier(Tier):
         self._tasks: list[asyncio.Task] = []
         self.last_refresh = 0.0
 
-    def filled(self, name: str, start: int, end: int):
-        """The context manager a pull thread enters to receive a range: it gives the range's bytes
-        in a reused buffer, valid inside it (stores/rawhttp.py)."""
-        return functools.partial(self._staging.filled, self.range_reader, name, start, end)
+    def source(self, name: str, start: int, end: int):
+        """One range for a pull thread to receive (stores/rawhttp.py): whole, into a reused buffer,
+        or piece by piece into its targets."""
+        from ..stores.rawhttp import RangeSource
+
+        return RangeSource(self.range_reader, self._staging, name, start, end, self.receive_pieces)
 
     def start_pull(self, job: Callable[[], None], dropped: Callable[[], None]) -> None:
         """Run `job` (one range read, received, verified and copied there) on a pull thread; on

@@ -104,6 +104,17 @@ def _load():
             get.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
             _state["http_get"] = get
+            pieces = lib.oc_http_get_pieces
+            pieces.restype = ctypes.c_int64
+            pieces.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int64, ctypes.c_void_p)
+            _state["http_get_pieces"] = pieces
+            close = lib.oc_gate_close
+            close.restype = ctypes.c_int64
+            close.argtypes = (ctypes.c_void_p,)
+            _state["gate_close"] = close
         except Exception as e:  # noqa: BLE001 - any failure means the Python path
             fn, why = None, str(e)
             log.warning("objectcache: native copy helper unavailable (%s); copies and checksums run piece "
@@ -115,6 +126,27 @@ def _load():
 def http_get():
     """The native range GET (`httpget.c`), or None where the helper cannot be built."""
     return _state.get("http_get") if _load() is not None else None
+
+
+def http_get_pieces():
+    """The native range GET that checks and copies each piece as it arrives (`httpget.c`), and the
+    address of XXH3_64bits it checks with; None where the helper cannot be built."""
+    return (_state["http_get_pieces"], _state["hash"]) if _load() is not None else None
+
+
+class CopyGate:
+    """The gate between one fetch and the threads that copy into its pages (`httpget.c`): each
+    piece's copies run inside it, and `close()` returns once none runs and none will start, even
+    while a read is still blocked on the network."""
+
+    def __init__(self):
+        self._word = np.zeros(1, dtype=np.int64)
+        self.address = self._word.ctypes.data
+
+    def close(self) -> None:
+        """Idempotent; every caller returns only once no copy runs (CDLL: it waits, at most one
+        piece's copies, without the GIL)."""
+        _state["gate_close"](self.address)
 
 
 def status() -> str:

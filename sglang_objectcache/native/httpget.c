@@ -6,6 +6,11 @@
  * body once, into a buffer the caller owns, and the GIL is taken once per range. Python signs the
  * request, owns the socket (timeouts via SO_RCVTIMEO/SO_SNDTIMEO) and closes it after any error.
  *
+ * oc_http_get_pieces goes one step further: the body is never held whole. Each piece of the range is
+ * received into a small bounce buffer that stays in the core's cache, checked there and copied to
+ * its targets, so every byte crosses memory once on its way into the host pool (receive into a
+ * 16 MiB staging buffer, then check and copy, crossed it three times).
+ *
  * Plain HTTP only (no TLS): the caller uses it for http:// endpoints and obstore elsewhere.
  */
 #define _GNU_SOURCE /* memmem */
@@ -14,8 +19,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+
+typedef uint64_t (*oc_hash_fn)(const void *, size_t);
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0
@@ -28,6 +36,9 @@ enum {
     OC_ESTATUS = -3,    /* a status other than 200/206: info[0]; the body's start follows the header in hdr */
     OC_ELENGTH = -4,    /* Content-Length absent or longer than asked for */
     OC_ECHUNKED = -5,   /* a chunked body: not expected for ranges, not handled here */
+    OC_EBAD = -6,       /* oc_http_get_pieces: piece info[6] failed its check; it and later ones not copied */
+    OC_ECLOSED = -7,    /* oc_http_get_pieces: the gate closed (the fetch ended); nothing more copied */
+    OC_ESHORT = -8,     /* oc_http_get_pieces: a body shorter than asked (info[2]): nothing copied */
 };
 
 /* Send or receive exactly n bytes: EINTR resumed, a timeout or a closed peer is OC_EIO. */
@@ -62,13 +73,12 @@ static const char *find_crlf(const char *p, const char *end)
     return NULL;
 }
 
-/* Send req, then receive the response: want body bytes into dst.
- * hdr (hdr_cap bytes) receives the header block (and, for an error status, the body's start).
- * info[0] status, [1] header bytes, [2] Content-Length, [3] keep-alive (1/0), [4] errno, [5] body
- * bytes kept after the header in hdr (error statuses only).
- * Returns OC_OK (info[2] body bytes are in dst, at most want) or one of the negative codes above. */
-int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t want, char *hdr,
-                    int64_t hdr_cap, int64_t *info)
+/* Send req, then receive the response's header block into hdr (hdr_cap bytes; for an error status,
+ * the body's start follows it there). info[0] status, [1] header bytes, [2] Content-Length, [3]
+ * keep-alive (1/0), [4] errno, [5] body bytes kept after the header in hdr (error statuses only).
+ * On OC_OK, *body points at the body bytes that came with the header and *extra counts them. */
+static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, int64_t hdr_cap, int64_t *info,
+                         int64_t want, const char **body, int64_t *extra_out)
 {
     int64_t have = 0, rc;
     const char *eoh = NULL;
@@ -128,9 +138,133 @@ int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t
     }
     if (chunked)
         return OC_ECHUNKED;
-    /* a shorter body is the object's end (a truncated object): the caller sees info[2] bytes */
     if (info[2] < 0 || info[2] > want || extra > info[2])
         return OC_ELENGTH;
-    memcpy(dst, eoh, (size_t)extra);
+    *body = eoh;
+    *extra_out = extra;
+    return OC_OK;
+}
+
+/* Send req, then receive the response: want body bytes into dst. hdr and info as for recv_head.
+ * Returns OC_OK (info[2] body bytes are in dst, at most want) or one of the negative codes above. */
+int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t want, char *hdr,
+                    int64_t hdr_cap, int64_t *info)
+{
+    const char *body;
+    int64_t extra, rc = recv_head(fd, req, req_len, hdr, hdr_cap, info, want, &body, &extra);
+    if (rc != OC_OK)
+        return rc;
+    /* a shorter body is the object's end (a truncated object): the caller sees info[2] bytes */
+    memcpy(dst, body, (size_t)extra);
     return xfer_all(fd, dst + extra, info[2] - extra, 0, info);
+}
+
+/* The gate between a fetch and the threads copying into its pages: a count of copies running,
+ * and a closed bit. A thread enters before each piece's copies and leaves after them; oc_gate_close
+ * sets the bit and waits out the copies running (one piece's worth), so once it returns no byte
+ * reaches the pages again, while a thread blocked on the network never delays it. */
+#define OC_GATE_CLOSED ((int64_t)1 << 62)
+
+static int gate_enter(int64_t *gate)
+{
+    int64_t v = __atomic_load_n(gate, __ATOMIC_ACQUIRE);
+    while (!(v & OC_GATE_CLOSED))
+        if (__atomic_compare_exchange_n(gate, &v, v + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return 1;
+    return 0;
+}
+
+int64_t oc_gate_close(int64_t *gate)
+{
+    __atomic_fetch_or(gate, OC_GATE_CLOSED, __ATOMIC_ACQ_REL);
+    while (__atomic_load_n(gate, __ATOMIC_ACQUIRE) != OC_GATE_CLOSED)
+        sched_yield();
+    return 0;
+}
+
+/* Bytes of the body, first those that came with the header, then from the socket. */
+typedef struct {
+    int fd;
+    const char *pending;
+    int64_t n_pending;
+    int64_t *info;
+} body_t;
+
+static int64_t take(body_t *b, char *dst, int64_t n)
+{
+    if (b->n_pending > 0) {
+        int64_t k = n < b->n_pending ? n : b->n_pending;
+        memcpy(dst, b->pending, (size_t)k);
+        b->pending += k;
+        b->n_pending -= k;
+        dst += k;
+        n -= k;
+    }
+    return n > 0 ? xfer_all(b->fd, dst, n, 0, b->info) : OC_OK;
+}
+
+static int64_t skip(body_t *b, char *bounce, int64_t cap, int64_t n)
+{
+    while (n > 0) {
+        int64_t k = n < cap ? n : cap, rc = take(b, bounce, k);
+        if (rc != OC_OK)
+            return rc;
+        n -= k;
+    }
+    return OC_OK;
+}
+
+/* A range GET whose pieces go straight to their targets: piece i is bytes [off[i], off[i] +
+ * piece_len) of the body (ascending, not overlapping), checked against expect[i] (hash != NULL),
+ * then copied: copies[first[i]] up to copies[first[i + 1]], each (dst, offset in the body, len),
+ * the offset inside piece i. Bytes between pieces are received and dropped. bounce holds at least
+ * piece_len bytes: adjacent pieces that fit it together come in one receive, and stay in the core's
+ * cache while they are checked and copied. The gate (above) is entered around each piece's copies.
+ * Returns OC_OK with the whole body consumed (the connection may be kept), or an error: OC_EBAD
+ * (info[6] the bad piece: those before it are in place), OC_ECLOSED, OC_ESHORT or those of
+ * recv_head/OC_EIO; after an error the caller drops the connection. */
+int64_t oc_http_get_pieces(int fd, const char *req, int64_t req_len, int64_t want, char *hdr, int64_t hdr_cap,
+                           int64_t *info, const uint64_t *off, int64_t n_pieces, uint64_t piece_len,
+                           const uint64_t *expect, oc_hash_fn hash, const uint64_t *copies,
+                           const int64_t *first, char *bounce, int64_t bounce_cap, int64_t *gate)
+{
+    body_t b;
+    int64_t at = 0, rc = recv_head(fd, req, req_len, hdr, hdr_cap, info, want, &b.pending, &b.n_pending);
+
+    info[6] = -1;
+    if (rc != OC_OK)
+        return rc;
+    if (info[2] < want)
+        return OC_ESHORT;
+    if ((int64_t)piece_len > bounce_cap)
+        return OC_EPROTO;
+    b.fd = fd;
+    b.info = info;
+    for (int64_t i = 0, j; i < n_pieces; i = j) {
+        if ((int64_t)off[i] < at || (int64_t)(off[i] + piece_len) > want)
+            return OC_EPROTO;
+        /* a run of adjacent pieces that fits the bounce buffer comes in one receive */
+        for (j = i + 1; j < n_pieces && off[j] == off[j - 1] + piece_len &&
+                        (int64_t)((j - i + 1) * piece_len) <= bounce_cap && (int64_t)(off[j] + piece_len) <= want;
+             j++)
+            ;
+        if ((rc = skip(&b, bounce, bounce_cap, (int64_t)off[i] - at)) != OC_OK ||
+            (rc = take(&b, bounce, (int64_t)((j - i) * piece_len))) != OC_OK)
+            return rc;
+        at = (int64_t)(off[j - 1] + piece_len);
+        for (int64_t k = i; k < j; k++) {
+            const char *piece = bounce + (off[k] - off[i]);
+            if (hash != NULL && hash(piece, piece_len) != expect[k]) {
+                info[6] = k;
+                return OC_EBAD;
+            }
+            if (!gate_enter(gate))
+                return OC_ECLOSED;
+            for (int64_t c = first[k]; c < first[k + 1]; c++)
+                memcpy((void *)(uintptr_t)copies[3 * c], piece + (copies[3 * c + 1] - off[k]),
+                       (size_t)copies[3 * c + 2]);
+            __atomic_fetch_sub(gate, 1, __ATOMIC_RELEASE);
+        }
+    }
+    return skip(&b, bounce, bounce_cap, want - at);
 }

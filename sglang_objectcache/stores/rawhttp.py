@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno as _errno
+import os
 import re
 import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -29,6 +31,24 @@ from .sigv4 import GetSigner
 
 _HDR_CAP = 16 << 10
 _MESSAGES = {-2: "malformed HTTP response", -5: "chunked body"}  # -1, -3, -4 are told apart below
+# read_pieces receives adjacent pieces up to this much at a time: few enough system calls, and
+# small enough to stay in a core's cache while they are checked and copied
+BOUNCE_BYTES = int(os.environ.get("OBJECTCACHE_BOUNCE_BYTES", 1 << 20))
+APPLIED, CLOSED, SHORT = -1, -2, -3  # read_pieces' outcomes besides a bad piece's index
+_PIECE_ENDS = (0, -6, -7, -8)  # native codes that end read_pieces without an error
+
+
+@dataclass
+class RangePieces:
+    """What `read_pieces` does with one range's bytes: piece i is [offsets[i], offsets[i] +
+    piece_len) of the range (ascending), checked against expect[i] (None: not checked), then copied
+    by copies[first[i]:first[i + 1]], each (dst address, offset in the range, length)."""
+
+    offsets: np.ndarray  # uint64 [n]
+    piece_len: int
+    expect: np.ndarray | None  # uint64 [n]
+    copies: np.ndarray  # uint64 [k, 3]
+    first: np.ndarray  # int64 [n + 1]
 
 
 class RawRangeReader:
@@ -48,7 +68,7 @@ class RawRangeReader:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread header buffer and info array
-        self._fn = native.http_get()
+        self._fn, self._pieces_fn = native.http_get(), native.http_get_pieces()
         if self._fn is None:
             raise RuntimeError(f"native helper unavailable: {native.status()}")
         self.closed = False
@@ -60,10 +80,47 @@ class RawRangeReader:
         view = np.frombuffer(dst, dtype=np.uint8)
         if view.nbytes != end - start or end <= start:
             raise ValueError(f"buffer of {view.nbytes} bytes for range {start}-{end}")
+
+        def call(sock, req, loc):
+            return self._fn(sock.fileno(), req, len(req), view.ctypes.data, view.nbytes, loc.hdr, _HDR_CAP, loc.info)
+        rc, info = self._request(key, start, end, call)
+        return info[2]
+
+    def read_pieces(self, key: str, start: int, end: int, pieces: "RangePieces", gate) -> int:
+        """Bytes [start, end) of object `key`, never held whole: each piece is received into a
+        small per-thread buffer, checked, and copied to its targets inside `gate`
+        (native.CopyGate). Returns APPLIED, SHORT (the object ends sooner: nothing copied),
+        CLOSED (the gate closed first: nothing more copied) or the index of the first piece that
+        failed its check (those before it are in place). Blocking, one GIL release per range."""
+        if end <= start:
+            raise ValueError(f"range {start}-{end}")
+        fn, hash_fn = self._pieces_fn
+
+        def call(sock, req, loc):
+            if loc.bounce.nbytes < max(pieces.piece_len, BOUNCE_BYTES):
+                loc.bounce = np.empty(max(pieces.piece_len, BOUNCE_BYTES), dtype=np.uint8)
+            return fn(sock.fileno(), req, len(req), end - start, loc.hdr, _HDR_CAP, loc.info,
+                      pieces.offsets.ctypes.data, len(pieces.offsets), pieces.piece_len,
+                      None if pieces.expect is None else pieces.expect.ctypes.data,
+                      None if pieces.expect is None else hash_fn, pieces.copies.ctypes.data,
+                      pieces.first.ctypes.data, loc.bounce.ctypes.data, loc.bounce.nbytes, gate.address)
+        rc, info = self._request(key, start, end, call, ends=_PIECE_ENDS)
+        return {0: APPLIED, -6: info[6], -7: CLOSED, -8: SHORT}[rc]
+
+    def _request(self, key: str, start: int, end: int, call, ends=(0,)):
+        """One signed range GET made by `call(sock, request, thread_buffers)` (a native function's
+        return code): retried once on a stale kept connection and, for server errors and refused
+        connections, with backoff. Returns (rc, info) for a code in `ends` (0: the connection may be
+        kept), raises the store vocabulary otherwise."""
         path = self.signer.path(self.bucket, key)
         lines = [f"GET {path} HTTP/1.1", f"Host: {self.signer.host}", f"Range: bytes={start}-{end - 1}",
                  *(f"{n}: {v}" for n, v in self.signer.headers(path)), "", ""]
         req = "\r\n".join(lines).encode()
+        loc = self._local
+        if not hasattr(loc, "hdr"):
+            loc.hdr = ctypes.create_string_buffer(_HDR_CAP)
+            loc.info = (ctypes.c_int64 * 7)()
+            loc.bounce = np.empty(0, dtype=np.uint8)
         stale_retried, retries = False, 0
         while True:
             try:
@@ -71,29 +128,25 @@ class RawRangeReader:
             except Unavailable as e:
                 err = e
             else:
-                rc, info, hdr = self._call(sock, req, view)
-                if rc == 0 and info[0] in (200, 206):
-                    self._give(sock, bool(info[3]) and info[0] == 206)
-                    return info[2]
+                rc = call(sock, req, loc)
+                info = list(loc.info)
+                if rc in ends and (rc != 0 or info[0] in (200, 206)):
+                    if rc == 0:
+                        self._give(sock, bool(info[3]) and info[0] == 206)
+                    else:  # the body was left unread
+                        sock.close()
+                    return rc, info
                 sock.close()
                 if rc == -1 and reused and not stale_retried and info[4] in (0, _errno.ECONNRESET, _errno.EPIPE):
                     stale_retried = True  # the server closed an idle keep-alive connection: once more
                     continue
-                err = self._error(rc, info, hdr, key, start, end)
+                err = self._error(rc, info, loc.hdr, key, start, end)
             # a server error or a refused connection may pass; a timeout has used its time already
             if isinstance(err, Unavailable) and "timed out" not in str(err) and retries < self.max_retries:
                 time.sleep(0.05 * 2 ** retries)
                 retries += 1
                 continue
             raise err
-
-    def _call(self, sock, req: bytes, view):
-        loc = self._local
-        if not hasattr(loc, "hdr"):
-            loc.hdr = ctypes.create_string_buffer(_HDR_CAP)
-            loc.info = (ctypes.c_int64 * 6)()
-        rc = self._fn(sock.fileno(), req, len(req), view.ctypes.data, view.nbytes, loc.hdr, _HDR_CAP, loc.info)
-        return rc, list(loc.info), loc.hdr
 
     def _error(self, rc: int, info, hdr, key: str, start: int, end: int) -> StoreError:
         what = f"GET {key} bytes {start}-{end - 1}"
@@ -174,3 +227,25 @@ class StagingBuffers:
             with self._lock:
                 if len(self._free) < self.keep:
                     self._free.append(buf)
+
+
+@dataclass
+class RangeSource:
+    """One planned range of one object, for the pull thread that reads it: received whole into a
+    staging buffer (`filled`), or, where `pieces` is set and the caller can describe its pieces,
+    piece by piece straight into their targets (`apply`)."""
+
+    reader: RawRangeReader
+    staging: StagingBuffers
+    key: str
+    start: int
+    end: int
+    pieces: bool = True
+
+    def filled(self):
+        """A context manager giving a view of exactly the range's bytes."""
+        return self.staging.filled(self.reader, self.key, self.start, self.end)
+
+    def apply(self, pieces: RangePieces, gate) -> int:
+        """`RawRangeReader.read_pieces` of this range."""
+        return self.reader.read_pieces(self.key, self.start, self.end, pieces, gate)
