@@ -34,16 +34,26 @@ from sglang_objectcache import gil_held  # noqa: E402
 
 
 class Busy:
-    """A thread that holds the GIL except when the interpreter makes it switch."""
+    """A thread that holds the GIL except when the interpreter makes it switch. `steps` counts its
+    loop: its pace next to a read path, against its pace alone (`pace_alone`), is the share of
+    the interpreter that path leaves to a Python-bound thread such as SGLang's scheduler."""
 
     def __init__(self):
         self._stop = False
+        self.steps = 0
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        x = 0
         while not self._stop:
-            x += 1
+            self.steps += 1
+
+    @staticmethod
+    def pace_alone(seconds: float = 0.5) -> float:
+        """Steps per second with nothing else running."""
+        with Busy() as b:
+            n0, t0 = b.steps, time.perf_counter()
+            time.sleep(seconds)
+            return (b.steps - n0) / (time.perf_counter() - t0)
 
     def __enter__(self):
         self._t.start()

@@ -19,6 +19,10 @@ next to a thread that runs Python without pause (as SGLang's scheduler does):
 - `engine, staged`: the same with `native_receive: staging` (each range whole into a buffer first);
 - `engine, no verify`: the same with `verify_checksums: false`.
 
+Next to the busy thread it also prints the share of that thread's pace (its loop count per second,
+against the same loop alone) that each way left it: the interpreter time a read path takes from a
+Python-bound thread such as SGLang's scheduler, whose forward pass launches its kernels in Python.
+
 `--order` then asks what the plan's shape does to the layer order: for ranges of 16, 8, 4 and 2 MiB
 (the first of each object one layer), each read by the thread-pulled ways, it prints when layers
 0, 1 and the last are in place (ms after the first request) and what a forward pass of `--t-layer`
@@ -206,20 +210,25 @@ def probe(args, conc: int) -> None:
         }
         print(f"{os.cpu_count()} cores; {conc} in flight; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
               f"{sys.getswitchinterval() * 1e3:.2f} ms; GiB/s, best of {args.reps}", flush=True)
+        pace = Busy.pace_alone()
         for name, fn in ways.items():
-            rates = []
+            rates, kept = [], 0.0
             for busy in (False, True):
                 best = 0.0
-                with Busy() if busy else contextlib.nullcontext():
+                with Busy() if busy else contextlib.nullcontext() as b:
                     for _ in range(args.reps):
                         out[:] = 0
-                        t = time.perf_counter()
+                        n0, t = (b.steps if b else 0), time.perf_counter()
                         fn()
-                        best = max(best, nbytes / (time.perf_counter() - t) / 2**30)
+                        took = time.perf_counter() - t
+                        best = max(best, nbytes / took / 2**30)
+                        if b:  # the busy thread's pace while this way read, as a share of its pace alone
+                            kept = max(kept, (b.steps - n0) / took / pace)
                 if name not in ("plain async", "plain threads", "native threads"):
                     assert np.array_equal(out, data), name
                 rates.append(best)
-            print(f"  {name:18s} alone {rates[0]:5.2f}  next to a busy thread {rates[1]:5.2f}", flush=True)
+            print(f"  {name:18s} alone {rates[0]:5.2f}  next to a busy thread {rates[1]:5.2f}  "
+                  f"busy thread's pace kept {kept:4.2f}", flush=True)
         if args.order:
             sys.setswitchinterval(2e-4)  # as the engine sets it while it reads (switch_interval)
             print(f"layer order, next to a busy thread, 0.2 ms switch interval: GiB/s, ms to layers 0 / 1 / last, stall of a "

@@ -378,9 +378,9 @@ def _delay_reads(tier, delay) -> None:
             time.sleep(delay(start))
             return orig_into(key, start, end, dst)
 
-        def slow_pieces(key, start, end, pieces, gate):
+        def slow_pieces(key, start, end, pieces, gate, layers=None):
             time.sleep(delay(start))
-            return orig_pieces(key, start, end, pieces, gate)
+            return orig_pieces(key, start, end, pieces, gate, layers)
         tier.range_reader.read_into = slow_into
         tier.range_reader.read_pieces = slow_pieces
 

@@ -65,6 +65,18 @@ def test_range_size_follows_the_target_without_merging_past_it(range_mib):
     assert all(r.l1 - r.l0 == layers_per_read for r in plan.reads)
 
 
+@pytest.fixture(params=["native", "python"])
+def counts(request, monkeypatch):
+    """Readiness counted by the native helper (shared with the pull threads), or in Python."""
+    from sglang_objectcache import native
+
+    if request.param == "python":
+        monkeypatch.setattr(native, "layer_words", lambda: None)
+    elif native.layer_words() is None:
+        pytest.skip("native helper unavailable")
+
+
+@pytest.mark.usefixtures("counts")
 def test_readiness_releases_layers_in_order_and_counts():
     r = LayerReadiness(4, [2, 2, 1, 1])
     assert not r.is_ready(0) and r.ready_layers == 0
@@ -76,6 +88,7 @@ def test_readiness_releases_layers_in_order_and_counts():
     assert r.ready_layers == 4 and r.wait_all(0)
 
 
+@pytest.mark.usefixtures("counts")
 def test_readiness_failure_releases_every_waiter_and_reports_nothing_ready():
     r = LayerReadiness(3, [1, 1, 1])
     r.arrived(0, 1)
@@ -93,6 +106,7 @@ def test_readiness_failure_releases_every_waiter_and_reports_nothing_ready():
     assert r.ready_layers == 1 and not r.is_ready(2)
 
 
+@pytest.mark.usefixtures("counts")
 def test_readiness_wait_times_out():
     r = LayerReadiness(2, [1, 1])
     t0 = time.monotonic()

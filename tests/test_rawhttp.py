@@ -3,6 +3,7 @@ signatures, errors as the store vocabulary, keep-alive, timeouts."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -232,12 +233,10 @@ def test_a_bad_piece_stops_the_copies_there_and_short_or_closed_reads_copy_nothi
         r.close()
 
 
-def test_closing_the_gate_during_a_stalled_body_returns_at_once_and_nothing_more_lands():
-    """A server that sends the first piece, then stalls: closing the gate does not wait for the
-    network (only for copies running), and the bytes that come later never reach their targets.
-    (A gap between the pieces: adjacent pieces are received together, up to BOUNCE_BYTES.)"""
-    gap = 4096
-    body = np.random.default_rng(7).integers(0, 256, 2 * PIECE + gap, dtype=np.uint8).tobytes()
+@contextlib.contextmanager
+def stalled_server(body: bytes, sent: int):
+    """A local server that answers one range GET with `body`, sends its first `sent` bytes, then
+    stalls until the event it yields is set."""
     lsn = socket.socket()
     lsn.bind(("127.0.0.1", 0))
     lsn.listen(1)
@@ -246,32 +245,72 @@ def test_closing_the_gate_during_a_stalled_body_returns_at_once_and_nothing_more
     def serve():
         conn, _ = lsn.accept()
         conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:PIECE])
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:sent])
         go.wait(10)
-        conn.sendall(body[PIECE:])
+        conn.sendall(body[sent:])
         time.sleep(0.5)
         conn.close()
     threading.Thread(target=serve, daemon=True).start()
-    r = reader_at(lsn.getsockname()[1], request_timeout=10)
-    p, target, want = pieces_of(body, [0, PIECE + gap])
-    gate, out = native.CopyGate(), []
-    t = threading.Thread(target=lambda: out.append(r.read_pieces("k", 0, len(body), p, gate)))
-    t.start()
     try:
-        deadline = time.monotonic() + 5
-        while not target[PIECE:].any() and time.monotonic() < deadline:  # piece 0 lands (last place)
-            time.sleep(0.01)
+        yield lsn.getsockname()[1], go
+    finally:
+        go.set()
+        lsn.close()
+
+
+def wait_until(cond, seconds=5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+GAP = 4096  # between two pieces: adjacent pieces are received together, up to BOUNCE_BYTES
+
+
+def test_closing_the_gate_during_a_stalled_body_returns_at_once_and_nothing_more_lands():
+    """A server that sends the first piece, then stalls: closing the gate does not wait for the
+    network (only for copies running), and the bytes that come later never reach their targets."""
+    body = np.random.default_rng(7).integers(0, 256, 2 * PIECE + GAP, dtype=np.uint8).tobytes()
+    p, target, want = pieces_of(body, [0, PIECE + GAP])
+    gate, out = native.CopyGate(), []
+    with stalled_server(body, PIECE) as (port, go):
+        r = reader_at(port, request_timeout=10)
+        t = threading.Thread(target=lambda: out.append(r.read_pieces("k", 0, len(body), p, gate)))
+        t.start()
+        wait_until(lambda: target[PIECE:].any())  # piece 0 lands (last place)
         assert np.array_equal(target[PIECE:], want[PIECE:])
         t0 = time.monotonic()
         gate.close()
         assert time.monotonic() - t0 < 0.5, "closing waits for copies, not for the network"
         assert t.is_alive(), "the read is still waiting for its second piece"
-    finally:
         go.set()
         t.join(10)
-        lsn.close()
     assert out == [CLOSED]
     assert not target[:PIECE].any(), "the piece that came after the close is not copied"
+
+
+def test_each_layer_of_a_range_is_ready_as_soon_as_its_pieces_are_in_place():
+    """One range of two layers (a piece each): layer 0 counts as arrived, and its waiter wakes,
+    while layer 1 is still on the wire; then layer 1 lands too."""
+    from sglang_objectcache.engine.readiness import LayerReadiness
+
+    body = np.random.default_rng(8).integers(0, 256, 2 * PIECE + GAP, dtype=np.uint8).tobytes()
+    p, target, want = pieces_of(body, [0, PIECE + GAP])
+    p.l0, p.per_layer = 0, 1
+    layers, out = LayerReadiness(2, [1, 1]), []
+    with stalled_server(body, PIECE) as (port, go):
+        r = reader_at(port, request_timeout=10)
+        t = threading.Thread(target=lambda: out.append(r.read_pieces("k", 0, len(body), p, native.CopyGate(),
+                                                                     layers)))
+        t.start()
+        assert layers.wait(0, 5), "layer 0 is ready before the range has ended"
+        assert np.array_equal(target[PIECE:], want[PIECE:])
+        assert t.is_alive() and not layers.is_ready(1) and layers.ready_layers == 1
+        go.set()
+        assert layers.wait(1, 5)
+        t.join(10)
+    assert out == [APPLIED] and np.array_equal(target, want)
+    assert layers.ready_layers == 2 and layers.ready_at[0] <= layers.ready_at[1]
 
 
 def test_native_reads_config():

@@ -179,7 +179,7 @@ class Fetch:
     def _receive_pieces(self, read: Read, source, pieces) -> object:
         from ..stores.rawhttp import CLOSED, SHORT
 
-        outcome = source.apply(pieces, self._gate)
+        outcome = source.apply(pieces, self._gate, self.readiness)  # counts each layer as it lands
         if outcome == CLOSED:
             return SKIPPED
         job = self._jobs[read.obj]
@@ -188,7 +188,7 @@ class Fetch:
         elif outcome >= 0:
             self._broken(read, job.mismatch(read.l0, outcome))
         else:
-            self._landed(read, [(read.l0, read.l1)], job.landed())
+            self._landed(read, [], job.landed())
         return DELIVERED
 
     def _copy(self, read: Read, data) -> None:

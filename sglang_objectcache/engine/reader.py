@@ -160,7 +160,8 @@ class ObjectRead:
             return None
         rel = off - start
         copies = piece_copies(seg, rel, self.header.piece_bytes, to_targets=True, layer0=l0, page0=self.first)
-        return RangePieces(rel.ravel().astype(np.uint64), self.header.piece_bytes, expect, copies, _per_piece(seg))
+        return RangePieces(rel.ravel().astype(np.uint64), self.header.piece_bytes, expect, copies, _per_piece(seg),
+                           l0=l0, per_layer=len(self.slots))
 
     def landed(self) -> bool | None:
         """A range that `pieces` described is in place. True for exactly one caller, the one that

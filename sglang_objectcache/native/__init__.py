@@ -55,7 +55,7 @@ def _hash_pointer() -> int | None:
         return None
 
 
-SOURCES = ("copyhash.c", "httpget.c")
+SOURCES = ("copyhash.c", "httpget.c", "layers.c")
 
 
 def _compile(srcs: dict[str, bytes], so: Path) -> None:
@@ -109,8 +109,17 @@ def _load():
             pieces.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int64, ctypes.c_void_p)
+                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int64)
             _state["http_get_pieces"] = pieces
+            arrived = lib.oc_layers_arrived
+            arrived.restype = None
+            arrived.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+            _state["layers_arrived"] = arrived
+            wait = lib.oc_layer_wait
+            wait.restype = ctypes.c_int64
+            wait.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+            _state["layer_wait"] = wait
             close = lib.oc_gate_close
             close.restype = ctypes.c_int64
             close.argtypes = (ctypes.c_void_p,)
@@ -132,6 +141,12 @@ def http_get_pieces():
     """The native range GET that checks and copies each piece as it arrives (`httpget.c`), and the
     address of XXH3_64bits it checks with; None where the helper cannot be built."""
     return (_state["http_get_pieces"], _state["hash"]) if _load() is not None else None
+
+
+def layer_words():
+    """(arrived, wait) of `layers.c`, the per-layer readiness counted where bytes land; None where
+    the helper cannot be built."""
+    return (_state["layers_arrived"], _state["layer_wait"]) if _load() is not None else None
 
 
 class CopyGate:

@@ -25,6 +25,8 @@
 
 typedef uint64_t (*oc_hash_fn)(const void *, size_t);
 
+void oc_layers_arrived(int64_t *st, int64_t n, int64_t l0, int64_t l1); /* layers.c */
+
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0
 #endif
@@ -220,13 +222,17 @@ static int64_t skip(body_t *b, char *bounce, int64_t cap, int64_t n)
  * the offset inside piece i. Bytes between pieces are received and dropped. bounce holds at least
  * piece_len bytes: adjacent pieces that fit it together come in one receive, and stay in the core's
  * cache while they are checked and copied. The gate (above) is entered around each piece's copies.
+ * The pieces are layer-major, per_layer of them a layer from layer l0: where layers is not NULL (a
+ * fetch's readiness words, layers.c, of n_layers layers), each layer counts as arrived there as
+ * soon as its last piece is copied, while the rest of the range is still on the wire.
  * Returns OC_OK with the whole body consumed (the connection may be kept), or an error: OC_EBAD
  * (info[6] the bad piece: those before it are in place), OC_ECLOSED, OC_ESHORT or those of
  * recv_head/OC_EIO; after an error the caller drops the connection. */
 int64_t oc_http_get_pieces(int fd, const char *req, int64_t req_len, int64_t want, char *hdr, int64_t hdr_cap,
                            int64_t *info, const uint64_t *off, int64_t n_pieces, uint64_t piece_len,
                            const uint64_t *expect, oc_hash_fn hash, const uint64_t *copies,
-                           const int64_t *first, char *bounce, int64_t bounce_cap, int64_t *gate)
+                           const int64_t *first, char *bounce, int64_t bounce_cap, int64_t *gate,
+                           int64_t *layers, int64_t n_layers, int64_t l0, int64_t per_layer)
 {
     body_t b;
     int64_t at = 0, rc = recv_head(fd, req, req_len, hdr, hdr_cap, info, want, &b.pending, &b.n_pending);
@@ -236,7 +242,7 @@ int64_t oc_http_get_pieces(int fd, const char *req, int64_t req_len, int64_t wan
         return rc;
     if (info[2] < want)
         return OC_ESHORT;
-    if ((int64_t)piece_len > bounce_cap)
+    if ((int64_t)piece_len > bounce_cap || (layers != NULL && (per_layer <= 0 || n_pieces % per_layer != 0)))
         return OC_EPROTO;
     b.fd = fd;
     b.info = info;
@@ -264,6 +270,8 @@ int64_t oc_http_get_pieces(int fd, const char *req, int64_t req_len, int64_t wan
                 memcpy((void *)(uintptr_t)copies[3 * c], piece + (copies[3 * c + 1] - off[k]),
                        (size_t)copies[3 * c + 2]);
             __atomic_fetch_sub(gate, 1, __ATOMIC_RELEASE);
+            if (layers != NULL && (k + 1) % per_layer == 0)
+                oc_layers_arrived(layers, n_layers, l0 + k / per_layer, l0 + k / per_layer + 1);
         }
     }
     return skip(&b, bounce, bounce_cap, want - at);

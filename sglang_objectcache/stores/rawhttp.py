@@ -42,13 +42,17 @@ _PIECE_ENDS = (0, -6, -7, -8)  # native codes that end read_pieces without an er
 class RangePieces:
     """What `read_pieces` does with one range's bytes: piece i is [offsets[i], offsets[i] +
     piece_len) of the range (ascending), checked against expect[i] (None: not checked), then copied
-    by copies[first[i]:first[i + 1]], each (dst address, offset in the range, length)."""
+    by copies[first[i]:first[i + 1]], each (dst address, offset in the range, length). The pieces
+    are layer-major, `per_layer` a layer from layer `l0`: what `read_pieces` counts as each layer
+    lands."""
 
     offsets: np.ndarray  # uint64 [n]
     piece_len: int
     expect: np.ndarray | None  # uint64 [n]
     copies: np.ndarray  # uint64 [k, 3]
     first: np.ndarray  # int64 [n + 1]
+    l0: int = 0
+    per_layer: int = 1
 
 
 class RawRangeReader:
@@ -86,10 +90,11 @@ class RawRangeReader:
         rc, info = self._request(key, start, end, call)
         return info[2]
 
-    def read_pieces(self, key: str, start: int, end: int, pieces: "RangePieces", gate) -> int:
+    def read_pieces(self, key: str, start: int, end: int, pieces: "RangePieces", gate, layers=None) -> int:
         """Bytes [start, end) of object `key`, never held whole: each piece is received into a
         small per-thread buffer, checked, and copied to its targets inside `gate`
-        (native.CopyGate). Returns APPLIED, SHORT (the object ends sooner: nothing copied),
+        (native.CopyGate). Where `layers` (engine/readiness.LayerReadiness) is given, each layer
+        of the range counts as arrived there once its pieces are in place. Returns APPLIED, SHORT (the object ends sooner: nothing copied),
         CLOSED (the gate closed first: nothing more copied) or the index of the first piece that
         failed its check (those before it are in place). Blocking, one GIL release per range."""
         if end <= start:
@@ -103,7 +108,9 @@ class RawRangeReader:
                       pieces.offsets.ctypes.data, len(pieces.offsets), pieces.piece_len,
                       None if pieces.expect is None else pieces.expect.ctypes.data,
                       None if pieces.expect is None else hash_fn, pieces.copies.ctypes.data,
-                      pieces.first.ctypes.data, loc.bounce.ctypes.data, loc.bounce.nbytes, gate.address)
+                      pieces.first.ctypes.data, loc.bounce.ctypes.data, loc.bounce.nbytes, gate.address,
+                      None if layers is None else layers.address, 0 if layers is None else layers.n_layers,
+                      pieces.l0, pieces.per_layer)
         rc, info = self._request(key, start, end, call, ends=_PIECE_ENDS)
         return {0: APPLIED, -6: info[6], -7: CLOSED, -8: SHORT}[rc]
 
@@ -246,6 +253,6 @@ class RangeSource:
         """A context manager giving a view of exactly the range's bytes."""
         return self.staging.filled(self.reader, self.key, self.start, self.end)
 
-    def apply(self, pieces: RangePieces, gate) -> int:
+    def apply(self, pieces: RangePieces, gate, layers=None) -> int:
         """`RawRangeReader.read_pieces` of this range."""
-        return self.reader.read_pieces(self.key, self.start, self.end, pieces, gate)
+        return self.reader.read_pieces(self.key, self.start, self.end, pieces, gate, layers)
