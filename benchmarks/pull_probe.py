@@ -210,10 +210,10 @@ def probe(args, conc: int) -> None:
         }
         print(f"{os.cpu_count()} cores; {conc} in flight; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
               f"{sys.getswitchinterval() * 1e3:.2f} ms; GiB/s, best of {args.reps}", flush=True)
-        pace = Busy.pace_alone()
         for name, fn in ways.items():
             rates, kept = [], 0.0
             for busy in (False, True):
+                pace = Busy.pace_alone() if busy else 0.0  # just before: the machine is noisy
                 best = 0.0
                 with Busy() if busy else contextlib.nullcontext() as b:
                     for _ in range(args.reps):
