@@ -1,11 +1,14 @@
-"""When does layer 0 land? The plain plan against `first_range_layers: 1`, side by side.
+"""When do the first layers land? Plans and receive paths side by side.
 
-A layer-wise forward can start layer 0 only once layer 0 of every page is in host memory. With
-layer groups of `read_range_bytes` (16 MiB = 8 layers of an 8-page Llama-3.1-8B object), that is
-a whole group of every object; with `first_range_layers: 1`, layer 0 of every object comes first
-in ranges of its own. This reads the same prefix with both plans, alternating, under a bandwidth cap
-(the scheduler's token bucket, so the transfer and not this machine decides), and prints when
-layer 0 and the last layer were ready, and the request counts.
+A layer-wise forward can start layer l only once layer l of every page is in host memory. With
+layer groups of `read_range_bytes` (16 MiB = 8 layers of an 8-page Llama-3.1-8B object) received
+whole (`native_receive: staging`), that is a whole group of every object; `first_range_layers: 1`
+brings layer 0 of every object first in ranges of its own (more requests); received piece by piece
+(`native_receive: pieces`, the default), each layer of a range counts as soon as its pieces are in
+place, with no more requests. This reads the same prefix with each way, in turn, under a bandwidth
+cap (the scheduler's token bucket, so the transfer and not this machine decides), into an array of
+targets as SGLang's pools give it, and prints when layers 0 and 1 and the last layer were ready, and
+the request counts.
 
     python benchmarks/first_layer.py --pages 128 --bandwidth 512MiB --reps 3
 """
@@ -23,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from transports import LAYERS, PIECE, llama_fingerprint, page_keys, segments_of  # noqa: E402
+from transports import LAYERS, PIECE, llama_fingerprint, page_keys, segments_of, table_of  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,29 +50,36 @@ def main(argv=None) -> int:
         w = ObjectCache(parse_config({"tiers": [tier]}), fp)
         assert all(w.put(keys, segments_of(data)))
         w.close()
-        res: dict[int, list] = {0: [], 1: []}
         cap = 0 if args.bandwidth in ("0", "none") else args.bandwidth
-        caches = {n: ObjectCache(parse_config({"tiers": [tier], "bandwidth": cap,
-                                               "read_range_bytes": args.range, "first_range_layers": n}), fp)
-                  for n in res}
+        ways = {"whole ranges (staging)": {"native_receive": "staging"},
+                "first_range_layers=1 (staging)": {"native_receive": "staging", "first_range_layers": 1},
+                "per layer (pieces, default)": {}}
+        caches = {name: ObjectCache(parse_config({"tiers": [{**tier, "native_receive": kw.get("native_receive",
+                                                                                                 "pieces")}],
+                                                  "bandwidth": cap, "read_range_bytes": args.range,
+                                                  "first_range_layers": kw.get("first_range_layers", 0)}), fp)
+                  for name, kw in ways.items()}
+        res: dict[str, list] = {name: [] for name in ways}
         try:
             for rep in range(args.reps):
-                for n in (0, 1) if rep % 2 == 0 else (1, 0):
+                for name in ways if rep % 2 == 0 else reversed(ways):
                     out = np.zeros_like(data)
-                    f = caches[n].fetch(keys, segments_of(out))
+                    f = caches[name].fetch(keys, table_of(out))
                     assert all(f.wait(120)) and np.array_equal(out, data)
                     at = [t - f.started for t in f.readiness.ready_at]
-                    res[n].append((at[0], at[-1], len(f.plan.reads)))
+                    res[name].append((at[0], at[1], at[-1], len(f.plan.reads)))
         finally:
             for c in caches.values():
                 c.close()
         print(f"{args.pages} pages ({args.pages * LAYERS * PIECE / 2**30:.2f} GiB), {args.range} ranges, "
-              f"cap {args.bandwidth}, {args.reps} reps each (median):")
-        med = {n: [statistics.median(r[i] for r in res[n]) for i in range(3)] for n in res}
-        for n, (first, last, reqs) in med.items():
-            print(f"  first_range_layers={n}: layer 0 ready {first * 1e3:8.1f} ms, all layers {last * 1e3:8.1f} ms, "
+              f"cap {args.bandwidth}, {args.reps} reps each (median), ms after the fetch began:")
+        base = None
+        for name, rows in res.items():
+            first, second, last, reqs = (statistics.median(r[i] for r in rows) for i in range(4))
+            base = base or (first, second, last)
+            print(f"  {name:32s} layer 0 {first * 1e3:7.1f}  layer 1 {second * 1e3:7.1f}  all {last * 1e3:7.1f}  "
+                  f"({first / base[0]:.2f} / {second / base[1]:.2f} / {last / base[2]:.2f} of the first)  "
                   f"{reqs:.0f} requests")
-        print(f"  layer 0 ratio {med[1][0] / med[0][0]:.2f}, all layers ratio {med[1][1] / med[0][1]:.2f}")
     finally:
         srv.stop()
     return 0
