@@ -17,7 +17,9 @@ next to a thread that runs Python without pause (as SGLang's scheduler does):
 - `engine`: `ObjectCache.get` as configured by default (native reads on pull threads, received
   piece by piece), with an array of targets as SGLang's pools give it;
 - `engine, staged`: the same with `native_receive: staging` (each range whole into a buffer first);
-- `engine, no verify`: the same with `verify_checksums: false`.
+- `engine, no verify`: the same with `verify_checksums: false`;
+- `engine, 1 ms switch`, `engine, Python's 5 ms`: the same with `switch_interval` 1 ms and 0 (the
+  engine's default lowers it to 0.2 ms while it reads).
 
 Next to the busy thread it also prints the share of that thread's pace (its loop count per second,
 against the same loop alone) that each way left it: the interpreter time a read path takes from a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import queue
 import sys
@@ -143,12 +146,18 @@ def probe(args, conc: int) -> None:
     fp = llama_fingerprint("pull")
     data = np.random.default_rng(0).integers(0, 256, size=(args.pages, LAYERS, PIECE), dtype=np.uint8)
     keys = page_keys(args.pages)
-    caches = {(v, n, r): ObjectCache(parse_config({"tiers": [{**tier, "native_reads": n, "native_receive": r}],
-                                                   "verify_checksums": v}), fp)
-              for v, n, r in ((True, "auto", "pieces"), (True, "auto", "staging"), (False, "auto", "pieces"),
-                              (True, "off", "pieces"))}
+    engines = {  # the engine's ways: changes to the tier's keys, and to the top level
+        "engine, obstore": ({"native_reads": "off"}, {}),
+        "engine": ({}, {}),
+        "engine, staged": ({"native_receive": "staging"}, {}),
+        "engine, no verify": ({}, {"verify_checksums": False}),
+        "engine, 1 ms switch": ({}, {"switch_interval": "1ms"}),
+        "engine, Python's 5 ms": ({}, {"switch_interval": 0}),
+    }
+    caches = {name: ObjectCache(parse_config({"tiers": [{**tier, **t}], **top}), fp)
+              for name, (t, top) in engines.items()}
     try:
-        cache = caches[True, "off", "pieces"]
+        cache = caches["engine, obstore"]
         assert all(cache.put(keys, segments_of(data)))
         cache.flush()
         out = np.zeros_like(data)
@@ -203,10 +212,7 @@ def probe(args, conc: int) -> None:
             "native threads": lambda: threads(reads, lambda r: native_get(*r), conc),
             "native + copy": lambda: copy_run(native_get),
             "native pieces": lambda: pieces_run(),
-            "engine, obstore": lambda: caches[True, "off", "pieces"].get(keys, table_of(out)),
-            "engine": lambda: caches[True, "auto", "pieces"].get(keys, table_of(out)),
-            "engine, staged": lambda: caches[True, "auto", "staging"].get(keys, table_of(out)),
-            "engine, no verify": lambda: caches[False, "auto", "pieces"].get(keys, table_of(out)),
+            **{name: functools.partial(lambda c: c.get(keys, table_of(out)), c) for name, c in caches.items()},
         }
         print(f"{os.cpu_count()} cores; {conc} in flight; {len(reads)} ranges, {nbytes / 2**30:.2f} GiB; GIL switch interval "
               f"{sys.getswitchinterval() * 1e3:.2f} ms; GiB/s, best of {args.reps}", flush=True)
@@ -227,7 +233,7 @@ def probe(args, conc: int) -> None:
                 if name not in ("plain async", "plain threads", "native threads"):
                     assert np.array_equal(out, data), name
                 rates.append(best)
-            print(f"  {name:18s} alone {rates[0]:5.2f}  next to a busy thread {rates[1]:5.2f}  "
+            print(f"  {name:22s} alone {rates[0]:5.2f}  next to a busy thread {rates[1]:5.2f}  "
                   f"busy thread's pace kept {kept:4.2f}", flush=True)
         if args.order:
             sys.setswitchinterval(2e-4)  # as the engine sets it while it reads (switch_interval)
