@@ -112,7 +112,8 @@ def _load():
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_int64)
             _state["http_get_pieces"] = pieces
-            arrived = lib.oc_layers_arrived
+            # a few atomic adds: called with the GIL held (PyDLL), so no hand-over per arrival
+            arrived = ctypes.PyDLL(str(so)).oc_layers_arrived
             arrived.restype = None
             arrived.argtypes = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
             _state["layers_arrived"] = arrived

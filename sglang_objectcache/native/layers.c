@@ -30,12 +30,16 @@ void oc_layers_arrived(int64_t *st, int64_t n, int64_t l0, int64_t l1)
 }
 
 /* Wait until layer is in place (1), the fetch failed (-1) or timeout_ns passed (0). Polls every
- * 20 us: only the thread that gates a layer's host-to-GPU copy waits here, without the GIL. */
+ * 20 us for the first 100 polls (a layer behind the forward pass lands within milliseconds), then
+ * every 200 us (a stalled server should not cost a core): only the thread that gates a layer's
+ * host-to-GPU copy waits here, without the GIL. */
 int64_t oc_layer_wait(const int64_t *st, int64_t n, int64_t layer, int64_t timeout_ns)
 {
     int64_t deadline = now_ns() + timeout_ns;
     struct timespec nap = {0, 20000};
-    for (;;) {
+    for (int polls = 0;; polls++) {
+        if (polls == 100)
+            nap.tv_nsec = 200000;
         if (__atomic_load_n(&st[3 * n], __ATOMIC_ACQUIRE))
             return -1;
         if (__atomic_load_n(&st[layer], __ATOMIC_ACQUIRE) >= st[n + layer])
