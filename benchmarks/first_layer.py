@@ -5,7 +5,8 @@ layer groups of `read_range_bytes` (16 MiB = 8 layers of an 8-page Llama-3.1-8B 
 whole (`native_receive: staging`), that is a whole group of every object; `first_range_layers: 1`
 brings layer 0 of every object first in ranges of its own (more requests); received piece by piece
 (`native_receive: pieces`, the default), each layer of a range counts as soon as its pieces are in
-place, with no more requests. This reads the same prefix with each way, in turn, under a bandwidth
+place, with no more requests; `first_layer_hold` also holds the ranges after the first ones until
+layer 0 is in. This reads the same prefix with each way, in turn, under a bandwidth
 cap (the scheduler's token bucket, so the transfer and not this machine decides), into an array of
 targets as SGLang's pools give it, and prints when layers 0 and 1 and the last layer were ready, and
 the request counts.
@@ -53,11 +54,13 @@ def main(argv=None) -> int:
         cap = 0 if args.bandwidth in ("0", "none") else args.bandwidth
         ways = {"whole ranges (staging)": {"native_receive": "staging"},
                 "first_range_layers=1 (staging)": {"native_receive": "staging", "first_range_layers": 1},
-                "per layer (pieces, default)": {}}
+                "per layer (pieces, default)": {},
+                "per layer + first_layer_hold 200ms": {"first_layer_hold": "200ms"}}
         caches = {name: ObjectCache(parse_config({"tiers": [{**tier, "native_receive": kw.get("native_receive",
                                                                                                  "pieces")}],
                                                   "bandwidth": cap, "read_range_bytes": args.range,
-                                                  "first_range_layers": kw.get("first_range_layers", 0)}), fp)
+                                                  "first_range_layers": kw.get("first_range_layers", 0),
+                                                  "first_layer_hold": kw.get("first_layer_hold", 0)}), fp)
                   for name, kw in ways.items()}
         res: dict[str, list] = {name: [] for name in ways}
         try:
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         for name, rows in res.items():
             first, second, last, reqs = (statistics.median(r[i] for r in rows) for i in range(4))
             base = base or (first, second, last)
-            print(f"  {name:32s} layer 0 {first * 1e3:7.1f}  layer 1 {second * 1e3:7.1f}  all {last * 1e3:7.1f}  "
+            print(f"  {name:36s} layer 0 {first * 1e3:7.1f}  layer 1 {second * 1e3:7.1f}  all {last * 1e3:7.1f}  "
                   f"({first / base[0]:.2f} / {second / base[1]:.2f} / {last / base[2]:.2f} of the first)  "
                   f"{reqs:.0f} requests")
     finally:

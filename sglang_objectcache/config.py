@@ -152,6 +152,9 @@ class ObjectCacheConfig:
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
     first_range_layers: int = 0  # > 0: each object's first range holds only this many layers
+    # > 0: a request's reads that do not carry layer 0 wait up to this long for its layer 0 to land,
+    # so that its first ranges have the server to themselves (engine/scheduler.py); 0: off
+    first_layer_hold: float = 0.0
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
     # Python's GIL switch interval while reads are in flight (sys.setswitchinterval; engine/switch.py);
     # 0 leaves Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy
@@ -283,6 +286,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["bandwidth"] = parse_size(ours["bandwidth"], "bandwidth")
     if "copy_threads" in ours:
         kw["copy_threads"] = _int(ours["copy_threads"], "copy_threads", 0, 64)
+    if "first_layer_hold" in ours:
+        kw["first_layer_hold"] = parse_duration(ours["first_layer_hold"], "first_layer_hold", allow_zero=True)
+        if kw["first_layer_hold"] > 10:
+            raise ConfigError("first_layer_hold: at most 10s (it delays the rest of a read); 0 turns it off")
     if "switch_interval" in ours:
         kw["switch_interval"] = parse_duration(ours["switch_interval"], "switch_interval", allow_zero=True)
         if kw["switch_interval"] > 0.1:

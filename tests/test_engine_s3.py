@@ -603,3 +603,34 @@ def test_closing_during_a_fetch_ends_it_with_misses(s3_env, prefix, cap):
     assert time.monotonic() - t0 < 10
     assert ok == [False] * 4 or ok == [True] * 4
     assert dst.only_verified_from(src)
+
+
+@pytest.mark.parametrize("hold", ["0", "5s"], ids=["no-hold", "hold"])
+def test_first_layer_hold_starts_later_ranges_once_layer_zero_is_in(s3_env, prefix, hold):
+    """With `first_layer_hold`, the ranges that do not carry layer 0 start only once layer 0 has
+    landed (counted piece by piece on the pull threads); without it they start at once."""
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=16, native="on", read_range_bytes="64KiB",
+                                      first_layer_hold=hold)  # 2 layers a range: [0, 2) and [2, 4)
+    starts = []
+    reader = b.tiers[0].range_reader
+    orig = reader.read_pieces
+
+    def logged(key, start, end, pieces, gate, layers=None):
+        starts.append((time.monotonic(), start))
+        if start == 0:
+            time.sleep(0.3)  # the first range's server is slow
+        return orig(key, start, end, pieces, gate, layers)
+    reader.read_pieces = logged
+    try:
+        dst = Pages.empty_like(src)
+        f = b.fetch(ks, dst.segments(table=True))
+        assert all(f.wait(10)) and np.array_equal(dst.data, src.data)
+        layer0 = f.readiness.ready_at[0]
+        later = [t for t, start in starts if start > 0]
+        assert later
+        if hold == "0":
+            assert min(later) < layer0, "without a hold the second range does not wait"
+        else:
+            assert min(later) >= layer0, "the second range started before layer 0 was in"
+    finally:
+        b.close()

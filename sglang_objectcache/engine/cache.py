@@ -191,12 +191,17 @@ class ObjectCache:
         rids: dict[int, int] = {}  # tier -> its scheduler's id for this request
         positions: dict[int, int] = {}  # read -> its place in its tier's registered sequence
 
+        def layer0() -> bool:
+            """For the scheduler's first-layer hold: layer 0 is in place, or will not be."""
+            return fetch.readiness.is_ready(0) or fetch.readiness.failed is not None
+
         def register() -> None:
             """On the loop, just before the reads start: no round trip from the calling thread."""
             for tier_id, s in sched.items():
                 mine = [r for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
                 if mine:
-                    rids[tier_id] = s.register([(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer)
+                    rids[tier_id] = s.register([(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer,
+                                               hold=self.cfg.first_layer_hold, layer0=layer0)
                     positions.update((id(r), n) for n, r in enumerate(mine))
 
         def submit(o: PlannedObject, r: Read):

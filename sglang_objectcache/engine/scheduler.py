@@ -6,6 +6,13 @@ fewer than `max_inflight` reads are in flight and the token bucket holds the rea
 `rate` bytes/s; none when rate is 0), to the request the policy ranks first (engine/policy.py), one
 read at a time in that request's plan order. Writes are not scheduled here: they have their own,
 lower-priority slots (engine/slots.py), so they only use what reads leave.
+
+A request registered with a first-layer hold grants the reads that carry layer 0 (its first
+ranges) at once and holds the rest until its layer 0 has landed or the hold has passed: a server
+serves concurrent ranges unevenly, and the first layer of each first range comes later when the
+second ranges compete with it (`benchmarks/first_bytes.py`). The loop looks at the request's layer
+0 every millisecond while a hold lasts (its readiness is counted by the pull threads, with no call
+to the loop).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .policy import Policy, RequestState
+
+_HOLD_POLL = 0.001  # seconds between looks at a held request's layer 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,19 @@ class _Req:
     waiting: dict[int, "asyncio.Future | DirectRead"] = field(default_factory=dict)
     pending_per_layer: list[int] = field(default_factory=list)
     last_grant: int = -1
+    # first-layer hold: until `hold_until` (monotonic), or until layer0() is true, reads that do
+    # not carry layer 0 wait; None: no hold (or over)
+    hold_until: float | None = None
+    layer0: Callable[[], bool] | None = None
+
+    def held(self, now: float) -> bool:
+        """Is the next read held back? Ends the hold for good once layer 0 is in or time is up."""
+        if self.hold_until is None:
+            return False
+        if now >= self.hold_until or self.layer0():
+            self.hold_until = None
+            return False
+        return self.view.reads[self.view.next_read][1] > 0
 
 
 class ReadScheduler:
@@ -68,17 +90,24 @@ class ReadScheduler:
         self._last = time.monotonic()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._poll: asyncio.TimerHandle | None = None  # a look at held requests, while any is held
         self.granted_bytes = 0
 
-    def register(self, reads: list[tuple[int, int, int]], n_layers: int, t_layer: float = 0.0) -> int:
-        """A request's reads as (bytes, first layer, end layer), in plan order. On the loop."""
+    def register(self, reads: list[tuple[int, int, int]], n_layers: int, t_layer: float = 0.0, *,
+                 hold: float = 0.0, layer0: Callable[[], bool] | None = None) -> int:
+        """A request's reads as (bytes, first layer, end layer), in plan order. With `hold` > 0 and
+        `layer0` (is the request's layer 0 in place, or has it failed?), reads that do not carry
+        layer 0 wait for it, at most `hold` seconds. On the loop."""
         rid = next(self._ids)
-        view = _View(f"r{rid}", time.monotonic(), list(reads), n_layers, t_layer)
+        now = time.monotonic()
+        view = _View(f"r{rid}", now, list(reads), n_layers, t_layer)
         pending = [0] * n_layers
         for _, l0, l1 in reads:
             for layer in range(max(l0, 0), l1):
                 pending[layer] += 1
-        self._reqs[rid] = _Req(view, {}, pending)
+        held = hold > 0 and layer0 is not None
+        self._reqs[rid] = _Req(view, {}, pending, hold_until=now + hold if held else None,
+                               layer0=layer0 if held else None)
         return rid
 
     async def read(self, rid: int, index: int, factory):
@@ -151,8 +180,21 @@ class ReadScheduler:
         self._wake.set()
 
     def _candidates(self) -> list[_Req]:
-        return [r for r in self._reqs.values()
-                if not r.view.done and r.view.next_read in r.waiting]
+        now, cands, holding = time.monotonic(), [], False
+        for r in self._reqs.values():
+            if r.view.done or r.view.next_read not in r.waiting:
+                continue
+            if r.held(now):
+                holding = True
+                continue
+            cands.append(r)
+        if holding and self._poll is None:  # look again soon: layer 0 lands with no call to the loop
+            self._poll = asyncio.get_running_loop().call_later(_HOLD_POLL, self._end_poll)
+        return cands
+
+    def _end_poll(self) -> None:
+        self._poll = None
+        self._kick()
 
     async def _run(self) -> None:
         while True:
