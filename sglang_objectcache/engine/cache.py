@@ -222,10 +222,10 @@ class ObjectCache:
             comes back to the loop, to free the grant."""
             if o.tier.range_reader is None or not o.trusted:
                 return False
-            filled = o.tier.source(o.info.name, r.start, r.end)
+            source = o.tier.source(o.info.name, r.start, r.end)
             tid = id(o.tier)
             if tid not in rids:
-                o.tier.start_pull(functools.partial(run, filled, lambda landed: None), skip)
+                o.tier.start_pull(functools.partial(run, source, lambda landed: None), skip)
                 return True
             s, rid, index = sched[tid], rids[tid], positions[id(r)]
 
@@ -239,7 +239,7 @@ class ObjectCache:
                 skip()
                 end(False)
             s.submit(rid, index, DirectRead(
-                lambda: o.tier.start_pull(functools.partial(run, filled, end), never_ran), skip))
+                lambda: o.tier.start_pull(functools.partial(run, source, end), never_ran), skip))
             return True
 
         def drop() -> None:
