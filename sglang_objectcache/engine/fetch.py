@@ -215,8 +215,8 @@ class Fetch:
             self._fail(read, f"cannot copy {obj.info.name}: {e}")
 
     def _landed(self, read: Read, applied, complete) -> None:
-        """The read's layer spans `applied` are in place; `complete`: its object is whole (None
-        or False: not yet, or failed meanwhile)."""
+        """The read's layer spans `applied` are in place; `complete`: its object is whole (False:
+        not yet; None: the object failed meanwhile)."""
         obj, job = self.plan.objects[read.obj], self._jobs[read.obj]
         if complete is None:  # the object failed on another read: this one counts as done
             self._one_done(read)

@@ -42,16 +42,16 @@ class ObjectRead:
         if self.info.checksums and self.trusted:  # no footer round trip needed
             self.header = self.info.header(self.digest)
 
-    def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> tuple[list, bool]:
+    def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> tuple[list, bool | None]:
         """Take one range's bytes. Returns the layer spans [(l0, l1)] now verified and copied (a
-        range that waits for its footer gives none yet), and True for exactly one caller: the one
-        that completes the object.
+        range that waits for its footer gives none yet), and True for exactly one caller, the one
+        that completes the object (None, with no spans, once the object has failed).
 
         Ranges of one object may be delivered from several threads at once; the lock guards only
         the bookkeeping, never the copies."""
         with self.lock:
             if self.failed:
-                return [], False
+                return [], None
             if len(data) != end - start:
                 raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
             if l0 == META or (start == 0 and end == self.info.size):
@@ -73,11 +73,8 @@ class ObjectRead:
                 applied.append((a, b))
             if self.promote is not None:
                 self.promote[s:e] = buf
-        with self.lock:
-            if self.failed:
-                return [], False
-            self.done_ranges += len(todo)
-            return applied, self.done_ranges == self.n_ranges
+        complete = self.landed(len(todo))
+        return ([], None) if complete is None else (applied, complete)
 
     def _check(self, h: Header) -> Header:
         if h.fingerprint != self.digest:
@@ -163,13 +160,14 @@ class ObjectRead:
         return RangePieces(rel.ravel().astype(np.uint64), self.header.piece_bytes, expect, copies, _per_piece(seg),
                            l0=l0, per_layer=len(self.slots))
 
-    def landed(self) -> bool | None:
-        """A range that `pieces` described is in place. True for exactly one caller, the one that
-        completes the object; None if the object failed meanwhile."""
+    def landed(self, ranges: int = 1) -> bool | None:
+        """`ranges` more ranges of the object are in place (`deliver`'s, or one that `pieces`
+        described). True for exactly one caller, the one that completes the object; None if the
+        object failed meanwhile."""
         with self.lock:
             if self.failed:
                 return None
-            self.done_ranges += 1
+            self.done_ranges += ranges
             return self.done_ranges == self.n_ranges
 
 
