@@ -147,6 +147,47 @@ def test_unreachable_and_stalled_servers_are_unavailable_within_the_timeouts():
     lsn.close()
 
 
+@pytest.mark.parametrize("way", ["whole", "pieces"])
+def test_a_server_that_trickles_bytes_times_out_within_the_request_timeout(way):
+    """request_timeout bounds the whole request, not each wait: a server that sends a byte every
+    20 ms (each wait short) still fails the read after about request_timeout, without a retry."""
+    body = bytes(64 << 10)
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = lsn.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body))
+        try:
+            for i in range(len(body)):
+                if stop.wait(0.02):
+                    break
+                conn.sendall(body[i:i + 1])
+        except OSError:  # the reader gave up and closed
+            pass
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    r = reader_at(lsn.getsockname()[1], request_timeout=0.5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Unavailable, match="timed out"):
+            if way == "whole":
+                r.read_into("k", 0, len(body), bytearray(len(body)))
+            else:
+                target = np.zeros(len(body), dtype=np.uint8)  # one piece, the whole body
+                one = RangePieces(np.zeros(1, dtype=np.uint64), len(body), None,
+                                  np.array([[target.ctypes.data, 0, len(body)]], dtype=np.uint64),
+                                  np.array([0, 1], dtype=np.int64))
+                r.read_pieces("k", 0, len(body), one, native.CopyGate())
+        assert time.monotonic() - t0 < 1.5, "the deadline is the request's, not each wait's"
+    finally:
+        stop.set()
+        lsn.close()
+
+
 def test_staging_buffers_are_reused_and_bounded(s3, obj):
     key, data = obj
     r, st = reader(s3), StagingBuffers(keep=2, min_bytes=1 << 20)

@@ -21,7 +21,9 @@
 #include <strings.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/types.h>
+#include <time.h>
 
 typedef uint64_t (*oc_hash_fn)(const void *, size_t);
 
@@ -43,10 +45,35 @@ enum {
     OC_ESHORT = -8,     /* oc_http_get_pieces: a body shorter than asked (info[2]): nothing copied */
 };
 
-/* Send or receive exactly n bytes: EINTR resumed, a timeout or a closed peer is OC_EIO. */
+/* Bound the next wait by the request's deadline, info[7] (CLOCK_MONOTONIC ns; 0: none): the
+ * socket's timeouts become the time left, so a server that trickles bytes cannot hold a request
+ * past it. 0 (info[4] = EAGAIN, as a timed-out wait) once the deadline has passed. */
+static int arm(int fd, int64_t *info)
+{
+    if (info[7] <= 0)
+        return 1;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t left = info[7] - ((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec);
+    if (left <= 0) {
+        info[4] = EAGAIN;
+        return 0;
+    }
+    struct timeval tv = {(time_t)(left / 1000000000), (suseconds_t)(left % 1000000000 / 1000)};
+    if (tv.tv_sec == 0 && tv.tv_usec == 0)
+        tv.tv_usec = 1; /* zero would mean no timeout at all */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return 1;
+}
+
+/* Send or receive exactly n bytes: EINTR resumed, a timeout, the deadline or a closed peer is
+ * OC_EIO. */
 static int64_t xfer_all(int fd, char *p, int64_t n, int sending, int64_t *info)
 {
     while (n > 0) {
+        if (!arm(fd, info))
+            return OC_EIO;
         ssize_t k = sending ? send(fd, p, (size_t)n, MSG_NOSIGNAL) : recv(fd, p, (size_t)n, MSG_WAITALL);
         if (k < 0 && errno == EINTR)
             continue;
@@ -77,8 +104,9 @@ static const char *find_crlf(const char *p, const char *end)
 
 /* Send req, then receive the response's header block into hdr (hdr_cap bytes; for an error status,
  * the body's start follows it there). info[0] status, [1] header bytes, [2] Content-Length, [3]
- * keep-alive (1/0), [4] errno, [5] body bytes kept after the header in hdr (error statuses only).
- * On OC_OK, *body points at the body bytes that came with the header and *extra counts them. */
+ * keep-alive (1/0), [4] errno, [5] body bytes kept after the header in hdr (error statuses only);
+ * in: [7] the request's deadline (arm). On OC_OK, *body points at the body bytes that came with the
+ * header and *extra counts them. */
 static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, int64_t hdr_cap, int64_t *info,
                          int64_t want, const char **body, int64_t *extra_out)
 {
@@ -94,6 +122,8 @@ static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, in
     while (eoh == NULL) {
         if (have >= hdr_cap)
             return OC_EPROTO;
+        if (!arm(fd, info))
+            return OC_EIO;
         ssize_t k = recv(fd, hdr + have, (size_t)(hdr_cap - have), 0);
         if (k < 0 && errno == EINTR)
             continue;

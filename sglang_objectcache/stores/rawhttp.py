@@ -126,7 +126,7 @@ class RawRangeReader:
         loc = self._local
         if not hasattr(loc, "hdr"):
             loc.hdr = ctypes.create_string_buffer(_HDR_CAP)
-            loc.info = (ctypes.c_int64 * 7)()
+            loc.info = (ctypes.c_int64 * 8)()  # [7], in: the request's deadline (httpget.c, arm)
             loc.bounce = np.empty(0, dtype=np.uint8)
         stale_retried, retries = False, 0
         while True:
@@ -135,6 +135,7 @@ class RawRangeReader:
             except Unavailable as e:
                 err = e
             else:
+                loc.info[7] = time.monotonic_ns() + int(self.request_timeout * 1e9)  # the whole request
                 rc = call(sock, req, loc)
                 info = list(loc.info)
                 if rc in ends and (rc != 0 or info[0] in (200, 206)):
