@@ -104,8 +104,10 @@ def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch
     assert host < 6 * 512  # the pools cannot hold every prefix
     names, _ = replay.available_backends(["objectcache", "seaweedfs"])
     for name in names:
+        # each request's backups are written before the next: otherwise whether a prefix reaches
+        # storage at all depends on how fast its write went against the host pool's evictions
         run = replay.run_backend(name, reqs, srv=seaweedfs, geo=geo, concurrency=1, device_tokens=device,
-                                 host_tokens=host, prefetch_threshold=64)
+                                 host_tokens=host, prefetch_threshold=64, settle_writes=True)
         first, second = run.requests[:6], run.requests[6:]
         assert all(r.device_hit == r.host_hit == r.storage_hit == 0 for r in first), name
         assert all(r.corrupt_tokens == 0 for r in run.requests), name

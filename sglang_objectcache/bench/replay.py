@@ -332,9 +332,12 @@ def s3_requests(tree: Tree, backend: str, probe: Probe) -> dict[str, int] | None
 
 def run_backend(backend: str, reqs: list[Request], *, srv, geo: Geometry, concurrency: int,
                 device_tokens: int, host_tokens: int, prefetch_threshold: int,
-                progress: Callable[[str], None] | None = None) -> BackendRun:
+                progress: Callable[[str], None] | None = None, settle_writes: bool = False) -> BackendRun:
     """Replay `reqs` through a fresh tree with `backend`; waves of `concurrency` requests prefetch
-    together (SGLang's one prefetch IO thread serves them in turn), then are admitted one by one."""
+    together (SGLang's one prefetch IO thread serves them in turn), then are admitted one by one.
+    `settle_writes`: each wave's backups are written before the next wave starts, so what reaches
+    storage does not depend on how fast the writes went against the host pool's evictions (a
+    test's deterministic mode; the benchmark races them, as a server does)."""
     import torch
     from sglang.srt.mem_cache.base_prefix_cache import (CacheRequestHandle, EvictParams, InsertParams,
                                                         MatchPrefixParams)
@@ -357,6 +360,8 @@ def run_backend(backend: str, reqs: list[Request], *, srv, geo: Geometry, concur
 
     try:
         for w0 in range(0, len(reqs), concurrency):
+            if settle_writes:
+                tree.drain_writes()
             wave = reqs[w0:w0 + concurrency]
             res: dict[int, ReqResult] = {}
             pending: dict[int, tuple] = {}
