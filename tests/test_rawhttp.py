@@ -152,40 +152,29 @@ def test_a_server_that_trickles_bytes_times_out_within_the_request_timeout(way):
     """request_timeout bounds the whole request, not each wait: a server that sends a byte every
     20 ms (each wait short) still fails the read after about request_timeout, without a retry."""
     body = bytes(64 << 10)
-    lsn = socket.socket()
-    lsn.bind(("127.0.0.1", 0))
-    lsn.listen(1)
     stop = threading.Event()
 
-    def serve():
-        conn, _ = lsn.accept()
-        conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body))
-        try:
-            for i in range(len(body)):
-                if stop.wait(0.02):
-                    break
-                conn.sendall(body[i:i + 1])
-        except OSError:  # the reader gave up and closed
-            pass
-        conn.close()
-    threading.Thread(target=serve, daemon=True).start()
-    r = reader_at(lsn.getsockname()[1], request_timeout=0.5)
-    t0 = time.monotonic()
+    def trickle(conn):
+        for i in range(len(body)):
+            if stop.wait(0.02):
+                break
+            conn.sendall(body[i:i + 1])
     try:
-        with pytest.raises(Unavailable, match="timed out"):
-            if way == "whole":
-                r.read_into("k", 0, len(body), bytearray(len(body)))
-            else:
-                target = np.zeros(len(body), dtype=np.uint8)  # one piece, the whole body
-                one = RangePieces(np.zeros(1, dtype=np.uint64), len(body), None,
-                                  np.array([[target.ctypes.data, 0, len(body)]], dtype=np.uint64),
-                                  np.array([0, 1], dtype=np.int64))
-                r.read_pieces("k", 0, len(body), one, native.CopyGate())
-        assert time.monotonic() - t0 < 1.5, "the deadline is the request's, not each wait's"
+        with range_server(body, trickle) as port:
+            r = reader_at(port, request_timeout=0.5)
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable, match="timed out"):
+                if way == "whole":
+                    r.read_into("k", 0, len(body), bytearray(len(body)))
+                else:
+                    target = np.zeros(len(body), dtype=np.uint8)  # one piece, the whole body
+                    one = RangePieces(np.zeros(1, dtype=np.uint64), len(body), None,
+                                      np.array([[target.ctypes.data, 0, len(body)]], dtype=np.uint64),
+                                      np.array([0, 1], dtype=np.int64))
+                    r.read_pieces("k", 0, len(body), one, native.CopyGate())
+            assert time.monotonic() - t0 < 1.5, "the deadline is the request's, not each wait's"
     finally:
         stop.set()
-        lsn.close()
 
 
 def test_staging_buffers_are_reused_and_bounded(s3, obj):
@@ -275,28 +264,45 @@ def test_a_bad_piece_stops_the_copies_there_and_short_or_closed_reads_copy_nothi
 
 
 @contextlib.contextmanager
-def stalled_server(body: bytes, sent: int):
-    """A local server that answers one range GET with `body`, sends its first `sent` bytes, then
-    stalls until the event it yields is set."""
+def range_server(body: bytes, feed):
+    """A local server that answers one range GET with a 206 header for `body`, then lets
+    `feed(conn)` send the body as the test wants; yields its port."""
     lsn = socket.socket()
     lsn.bind(("127.0.0.1", 0))
     lsn.listen(1)
-    go = threading.Event()
 
     def serve():
         conn, _ = lsn.accept()
         conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:sent])
-        go.wait(10)
-        conn.sendall(body[sent:])
-        time.sleep(0.5)
+        try:
+            conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body))
+            feed(conn)
+        except OSError:  # the reader gave up and closed
+            pass
         conn.close()
     threading.Thread(target=serve, daemon=True).start()
     try:
-        yield lsn.getsockname()[1], go
+        yield lsn.getsockname()[1]
+    finally:
+        lsn.close()
+
+
+@contextlib.contextmanager
+def stalled_server(body: bytes, sent: int):
+    """A local server that answers one range GET with `body`, sends its first `sent` bytes, then
+    stalls until the event it yields is set."""
+    go = threading.Event()
+
+    def feed(conn):
+        conn.sendall(body[:sent])
+        go.wait(10)
+        conn.sendall(body[sent:])
+        time.sleep(0.5)
+    try:
+        with range_server(body, feed) as port:
+            yield port, go
     finally:
         go.set()
-        lsn.close()
 
 
 def wait_until(cond, seconds=5.0) -> None:
