@@ -52,7 +52,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from gil import Busy  # noqa: E402
-from transports import LAYERS, PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of, table_of  # noqa: E402
+from transports import LAYERS, PIECE, llama_fingerprint, page_keys, segments_of, table_of  # noqa: E402
 
 
 

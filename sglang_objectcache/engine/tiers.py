@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
-import functools
 import logging
 import os
 import time

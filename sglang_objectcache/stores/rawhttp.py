@@ -94,9 +94,10 @@ class RawRangeReader:
         """Bytes [start, end) of object `key`, never held whole: each piece is received into a
         small per-thread buffer, checked, and copied to its targets inside `gate`
         (native.CopyGate). Where `layers` (engine/readiness.LayerReadiness) is given, each layer
-        of the range counts as arrived there once its pieces are in place. Returns APPLIED, SHORT (the object ends sooner: nothing copied),
-        CLOSED (the gate closed first: nothing more copied) or the index of the first piece that
-        failed its check (those before it are in place). Blocking, one GIL release per range."""
+        of the range counts as arrived there once its pieces are in place. Returns APPLIED, SHORT
+        (the object ends sooner: nothing copied), CLOSED (the gate closed first: nothing more
+        copied) or the index of the first piece that failed its check (those before it are in
+        place). Blocking, one GIL release per range."""
         if end <= start:
             raise ValueError(f"range {start}-{end}")
         fn, hash_fn = self._pieces_fn
