@@ -152,6 +152,9 @@ class ObjectCacheConfig:
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
     first_range_layers: int = 0  # > 0: each object's first range holds only this many layers
+    # > 0: ranges shrink (to one layer at least) until a fetch has this many per S3 connection, so
+    # that a small prefix lands in layer order (engine/plan.py, wave_range_bytes); 0: off
+    read_waves: int = 0
     # > 0: a request's reads that do not carry layer 0 wait up to this long for its layer 0 to land,
     # so that its first ranges have the server to themselves (engine/scheduler.py); 0: off
     first_layer_hold: float = 0.0
@@ -280,6 +283,8 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["read_range_bytes"] = parse_size(ours["read_range_bytes"], "read_range_bytes")
     if "first_range_layers" in ours:
         kw["first_range_layers"] = _int(ours["first_range_layers"], "first_range_layers", 0, 1024)
+    if "read_waves" in ours:
+        kw["read_waves"] = _int(ours["read_waves"], "read_waves", 0, 64)
     if "fetch_policy" in ours:
         kw["fetch_policy"] = _choice(ours["fetch_policy"], "fetch_policy", ("slack", "srpt", "fair"))
     if "bandwidth" in ours and ours["bandwidth"] not in (0, None):

@@ -37,6 +37,7 @@ def test_the_issue_example_parses():
     ({"tiers": [S3], "switch_interval": "1s"}, r"^switch_interval: at most 100ms"),
     ({"tiers": [S3], "switch_interval": "soon"}, r"^switch_interval: cannot read"),
     ({"tiers": [S3], "first_layer_hold": "1m"}, r"^first_layer_hold: at most 10s"),
+    ({"tiers": [S3], "read_waves": 100}, r"^read_waves: 100 is out of range"),
     (None, r"^tiers: no configuration given"),
 ])
 def test_errors_name_the_key(raw, match):
@@ -63,6 +64,7 @@ def test_units():
     assert parse_config({"tiers": [S3], "switch_interval": 0}).switch_interval == 0.0  # Python's own
     assert parse_config({"tiers": [S3]}).first_layer_hold == 0.0  # off
     assert parse_config({"tiers": [S3], "first_layer_hold": "50ms"}).first_layer_hold == 0.05
+    assert parse_config({"tiers": [S3], "read_waves": 4}).read_waves == 4
 
 
 def test_files(tmp_path):

@@ -634,3 +634,19 @@ def test_first_layer_hold_starts_later_ranges_once_layer_zero_is_in(s3_env, pref
             assert min(later) >= layer0, "the second range started before layer 0 was in"
     finally:
         b.close()
+
+
+def test_read_waves_read_a_small_prefix_in_more_ranges_with_the_same_bytes(s3_env, prefix):
+    """`read_waves` cuts a prefix that would be one range into a range per layer band; the pages
+    that land are the same, every byte read once."""
+    src, ks, b = _written_then_reader(s3_env, prefix, seed=17, native="on", read_range_bytes="16MiB",
+                                      read_waves=1)
+    try:
+        dst = Pages.empty_like(src)
+        f = b.fetch(ks, dst.segments(table=True))
+        assert all(f.wait(10)) and np.array_equal(dst.data, src.data)
+        # one 4-page object; 32 connections want 32 reads: one layer per range, at most
+        assert len(f.plan.reads) == f.plan.n_layers
+        assert all(r.l1 - r.l0 == 1 for r in f.plan.reads)
+    finally:
+        b.close()

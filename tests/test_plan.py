@@ -65,6 +65,30 @@ def test_range_size_follows_the_target_without_merging_past_it(range_mib):
     assert all(r.l1 - r.l0 == layers_per_read for r in plan.reads)
 
 
+def _band(plan, conc: int) -> int:
+    """The widest span of layers among `conc` reads started together in plan order, as the
+    scheduler starts them (each next read when one ends): the layers that land together."""
+    return max(max(r.l1 for r in plan.reads[i:i + conc]) - min(r.l0 for r in plan.reads[i:i + conc])
+               for i in range(0, len(plan.reads), conc))
+
+
+def test_read_waves_cut_a_small_prefix_into_layer_bands():
+    small = [obj(8, f"o{i}") for i in range(8)]  # a 4K-token Llama prefix: 8 objects, 512 MiB
+    plain = plan_fetch(planned(*small), L, 16 << 20)
+    waved = plan_fetch(planned(*small), L, 16 << 20, min_reads=4 * 32)
+    assert len(plain.reads) == 32 and _band(plain, 32) == L  # every layer in flight at once
+    assert len(waved.reads) == 128 and {r.l1 - r.l0 for r in waved.reads} == {2}
+    assert _band(waved, 32) == 8  # 32 connections hold 8 layers at a time
+    assert waved.nbytes == plain.nbytes and waved.pending_per_layer() == [8] * L
+    # one layer per range is the floor, however many reads are asked for
+    assert {r.l1 - r.l0 for r in plan_fetch(planned(*small), L, 16 << 20, min_reads=10_000).reads} == {1}
+
+
+def test_read_waves_leave_a_large_prefix_alone():
+    big = planned(*[obj(8, f"o{i}") for i in range(32)])  # 16K tokens: as many objects as connections
+    assert plan_fetch(big, L, 16 << 20, min_reads=4 * 32).reads == plan_fetch(big, L, 16 << 20).reads
+
+
 @pytest.fixture(params=["native", "python"])
 def counts(request, monkeypatch):
     """Readiness counted by the native helper (shared with the pull threads), or in Python."""

@@ -185,9 +185,10 @@ class ObjectCache:
                 o.slots.append(slot)
             else:
                 objects.append(PlannedObject(tier, info, i, [slot], info.name.startswith(self.ns.root)))
-        plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes, self.cfg.first_range_layers)
         # S3 reads go through the tier's scheduler (disk reads need no sharing)
         sched = {id(t): t.scheduler for t in self.tiers if isinstance(t, S3Tier)}
+        waves = self.cfg.read_waves * max((s.max_inflight for s in sched.values()), default=0)
+        plan = plan_fetch(objects, self.fp.n_layers, self.cfg.read_range_bytes, self.cfg.first_range_layers, waves)
         rids: dict[int, int] = {}  # tier -> its scheduler's id for this request
         positions: dict[int, int] = {}  # read -> its place in its tier's registered sequence
 

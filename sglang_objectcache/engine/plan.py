@@ -86,7 +86,11 @@ def object_ranges(info: ObjectInfo, range_bytes: int, footer: bool,
 
 
 def plan_fetch(objects: list[PlannedObject], n_layers: int, range_bytes: int,
-               first_layers: int = 0) -> FetchPlan:
+               first_layers: int = 0, min_reads: int = 0) -> FetchPlan:
+    """`min_reads` > 0 shrinks the ranges (down to one layer each) until the plan has about that
+    many: see `wave_range_bytes`."""
+    if min_reads > 0:
+        range_bytes = wave_range_bytes(objects, range_bytes, min_reads)
     reads = []
     for i, o in enumerate(objects):
         reads.extend(Read(i, s, e, a, b) for s, e, a, b in
@@ -94,3 +98,17 @@ def plan_fetch(objects: list[PlannedObject], n_layers: int, range_bytes: int,
     # Footers first (their object's data waits for them), then by first layer, then request order.
     reads.sort(key=lambda r: (r.l0 != META, r.l0, r.obj))
     return FetchPlan(objects, reads, n_layers)
+
+
+def wave_range_bytes(objects: list[PlannedObject], range_bytes: int, min_reads: int) -> int:
+    """The range size that cuts these objects into about `min_reads` reads, at most `range_bytes`.
+
+    Why: reads in flight at once progress together, and each delivers its layers in order, so the
+    layers that land together are those of the ranges in flight. With fewer objects than
+    connections, a plan of large ranges has every layer group of every object in flight at once:
+    layer 7 lands with layer 31, and the forward pass, which needs them in order, still has 24
+    layers to run after the last byte. Smaller ranges, several per connection, keep the layers in
+    flight to a narrow band that moves up as the forward does. Large prefixes (at least as many
+    objects as connections) already do this and keep `range_bytes`."""
+    total = sum(o.info.data_bytes for o in objects)
+    return max(1, min(range_bytes, total // min_reads))
