@@ -67,11 +67,12 @@ def main(argv=None) -> int:
         assert all(w.put(keys, segments_of(data)))
         w.close()
         cap = 0 if args.bandwidth in ("0", "none") else args.bandwidth
-        ways = {"whole ranges (staging)": {"native_receive": "staging"},
-                "first_range_layers=1 (staging)": {"native_receive": "staging", "first_range_layers": 1},
-                "per layer (pieces, default)": {},
-                "per layer + first_layer_hold 200ms": {"first_layer_hold": "200ms"},
-                "per layer + read_waves 4": {"read_waves": 4}}
+        ways = {"whole ranges (staging)": {"native_receive": "staging", "first_layer_hold": 0},
+                "first_range_layers=1 (staging)": {"native_receive": "staging", "first_range_layers": 1,
+                                                   "first_layer_hold": 0},
+                "per layer (pieces), no hold": {"first_layer_hold": 0},
+                "per layer + first_layer_hold (default)": {},
+                "per layer + read_waves 4, no hold": {"read_waves": 4, "first_layer_hold": 0}}
         caches = {name: ObjectCache(parse_config({"tiers": [{**tier, "native_receive": kw.pop("native_receive",
                                                                                                  "pieces")}],
                                                   "bandwidth": cap, "read_range_bytes": args.range, **kw}), fp)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
             for rep in range(args.reps):
                 for name in ways if rep % 2 == 0 else reversed(ways):
                     out = np.zeros_like(data)
-                    f = caches[name].fetch(keys, table_of(out))
+                    f = caches[name].fetch(keys, table_of(out), streamed=True)  # as SGLang's layer-wise path
                     assert all(f.wait(120)) and np.array_equal(out, data)
                     at = [t - f.started for t in f.readiness.ready_at]
                     res[name].append((at[0], at[1], at[-1], len(f.plan.reads), forward_end(at, args.t_layer / 1e3)))
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         for name, rows in res.items():
             first, second, last, reqs, end = (statistics.median(r[i] for r in rows) for i in range(5))
             base = base or (first, second, last, end)
-            print(f"  {name:36s} layer 0 {first * 1e3:7.1f}  layer 1 {second * 1e3:7.1f}  all {last * 1e3:7.1f}  "
+            print(f"  {name:40s} layer 0 {first * 1e3:7.1f}  layer 1 {second * 1e3:7.1f}  all {last * 1e3:7.1f}  "
                   f"({first / base[0]:.2f} / {second / base[1]:.2f} / {last / base[2]:.2f} of the first)  "
                   f"{reqs:.0f} requests  forward ends {end * 1e3:7.1f} ({end / base[3]:.2f}; "
                   f"+{(end - last) * 1e3:.1f} after the last byte)")

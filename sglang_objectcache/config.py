@@ -157,7 +157,7 @@ class ObjectCacheConfig:
     read_waves: int = 0
     # > 0: a request's reads that do not carry layer 0 wait up to this long for its layer 0 to land,
     # so that its first ranges have the server to themselves (engine/scheduler.py); 0: off
-    first_layer_hold: float = 0.0
+    first_layer_hold: float = 0.1
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
     # Python's GIL switch interval while reads are in flight (sys.setswitchinterval; engine/switch.py);
     # 0 leaves Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy

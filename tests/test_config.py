@@ -62,7 +62,8 @@ def test_units():
     assert parse_config({"tiers": [S3], "first_range_layers": 2}).first_range_layers == 2
     assert parse_config({"tiers": [S3], "switch_interval": "0.3ms"}).switch_interval == 0.0003
     assert parse_config({"tiers": [S3], "switch_interval": 0}).switch_interval == 0.0  # Python's own
-    assert parse_config({"tiers": [S3]}).first_layer_hold == 0.0  # off
+    assert parse_config({"tiers": [S3]}).first_layer_hold == 0.1  # on for streamed fetches
+    assert parse_config({"tiers": [S3], "first_layer_hold": 0}).first_layer_hold == 0.0  # off
     assert parse_config({"tiers": [S3], "first_layer_hold": "50ms"}).first_layer_hold == 0.05
     assert parse_config({"tiers": [S3], "read_waves": 4}).read_waves == 4
 

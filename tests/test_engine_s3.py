@@ -605,10 +605,12 @@ def test_closing_during_a_fetch_ends_it_with_misses(s3_env, prefix, cap):
     assert dst.only_verified_from(src)
 
 
-@pytest.mark.parametrize("hold", ["0", "5s"], ids=["no-hold", "hold"])
-def test_first_layer_hold_starts_later_ranges_once_layer_zero_is_in(s3_env, prefix, hold):
-    """With `first_layer_hold`, the ranges that do not carry layer 0 start only once layer 0 has
-    landed (counted piece by piece on the pull threads); without it they start at once."""
+@pytest.mark.parametrize("hold,streamed", [("0", True), ("5s", True), ("5s", False)],
+                         ids=["no-hold", "hold", "hold-whole-fetch"])
+def test_first_layer_hold_starts_later_ranges_once_layer_zero_is_in(s3_env, prefix, hold, streamed):
+    """With `first_layer_hold`, the ranges of a streamed fetch that do not carry layer 0 start only
+    once layer 0 has landed (counted piece by piece on the pull threads); without it, or for a
+    fetch whose caller waits for the whole of it, they start at once."""
     src, ks, b = _written_then_reader(s3_env, prefix, seed=16, native="on", read_range_bytes="64KiB",
                                       first_layer_hold=hold)  # 2 layers a range: [0, 2) and [2, 4)
     starts = []
@@ -623,12 +625,12 @@ def test_first_layer_hold_starts_later_ranges_once_layer_zero_is_in(s3_env, pref
     reader.read_pieces = logged
     try:
         dst = Pages.empty_like(src)
-        f = b.fetch(ks, dst.segments(table=True))
+        f = b.fetch(ks, dst.segments(table=True), streamed=streamed)
         assert all(f.wait(10)) and np.array_equal(dst.data, src.data)
         layer0 = f.readiness.ready_at[0]
         later = [t for t, start in starts if start > 0]
         assert later
-        if hold == "0":
+        if hold == "0" or not streamed:
             assert min(later) < layer0, "without a hold the second range does not wait"
         else:
             assert min(later) >= layer0, "the second range started before layer 0 was in"

@@ -169,11 +169,14 @@ class ObjectCache:
 
     # ---- reads ---------------------------------------------------------------------------
 
-    def fetch(self, keys: Sequence[str], segments: SegmentFn, t_layer: float = 0.0) -> Fetch:
+    def fetch(self, keys: Sequence[str], segments: SegmentFn, t_layer: float = 0.0, *,
+              streamed: bool = False) -> Fetch:
         """Start fetching pages in layer order and return at once: `.readiness.wait(layer)` blocks
         until that layer of every found page is in place and verified, `.wait(timeout)` gives one
         bool per key. Stops at the first page not stored. `t_layer`, the forward pass's compute
-        time per layer for this request when known, lets the scheduler share bandwidth by need."""
+        time per layer for this request when known, lets the scheduler share bandwidth by need.
+        `streamed`: the caller uses each layer as it lands (SGLang's layer-wise path), so the
+        first-layer hold applies; a caller that waits for the whole fetch gains nothing from it."""
         objects: list[PlannedObject] = []
         for i, key in enumerate(keys):
             loc = self._locate(key)
@@ -202,7 +205,8 @@ class ObjectCache:
                 mine = [r for r in plan.reads if id(plan.objects[r.obj].tier) == tier_id]
                 if mine:
                     rids[tier_id] = s.register([(r.nbytes, r.l0, r.l1) for r in mine], self.fp.n_layers, t_layer,
-                                               hold=self.cfg.first_layer_hold, layer0=layer0)
+                                               hold=self.cfg.first_layer_hold if streamed else 0.0,
+                                               layer0=layer0)
                     positions.update((id(r), n) for n, r in enumerate(mine))
 
         def submit(o: PlannedObject, r: Read):

@@ -103,7 +103,7 @@ class ObjectCacheStorage(HiCacheStorage):
         if not keys or not self._ready():
             return None
         try:
-            return self.cache.fetch(keys, self._segments(keys, host_indices))
+            return self.cache.fetch(keys, self._segments(keys, host_indices), streamed=True)
         except Exception:  # noqa: BLE001 - the prefetch IO thread must survive
             log.exception("objectcache: cannot start a layer-wise fetch of %d pages", len(keys))
             return None
