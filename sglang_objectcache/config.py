@@ -155,8 +155,8 @@ class ObjectCacheConfig:
     # > 0: ranges shrink (to one layer at least) until a fetch has this many per S3 connection, so
     # that a small prefix lands in layer order (engine/plan.py, wave_range_bytes); 0: off
     read_waves: int = 0
-    # > 0: a request's reads that do not carry layer 0 wait up to this long for its layer 0 to land,
-    # so that its first ranges have the server to themselves (engine/scheduler.py); 0: off
+    # > 0: a streamed fetch's reads that do not carry layer 0 wait up to this long for its layer 0
+    # to land, so that its first ranges have the server to themselves (engine/scheduler.py); 0: off
     first_layer_hold: float = 0.1
     copy_threads: int = 0  # threads verifying and copying arrived ranges; 0 = min(8, cores)
     # Python's GIL switch interval while reads are in flight (sys.setswitchinterval; engine/switch.py);

@@ -204,9 +204,17 @@ def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
     tokens = list(range(1, TOKENS + 1))
     want = store_prefix(tree, tokens)
     python_own = sys.getswitchinterval()
+    cache, calls = cc.storage_backend.cache, []
+    fetch = cache.fetch
+
+    def recorded(*a, **kw):
+        calls.append(kw)
+        return fetch(*a, **kw)
+    cache.fetch = recorded
 
     _admit(tree, tokens)
     assert lw.counters["admitted"] == 1
+    assert calls and all(kw.get("streamed") for kw in calls)  # so the first-layer hold applies
     (stream,) = lw._active
     dev, last, pid = _load(tree, tokens)
     gate = cc.layer_done_counter.events[pid].oc_gate
