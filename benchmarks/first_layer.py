@@ -73,10 +73,14 @@ def main(argv=None) -> int:
                 "per layer (pieces), no hold": {"first_layer_hold": 0},
                 "per layer + first_layer_hold (default)": {},
                 "per layer + read_waves 4, no hold": {"read_waves": 4, "first_layer_hold": 0}}
-        caches = {name: ObjectCache(parse_config({"tiers": [{**tier, "native_receive": kw.pop("native_receive",
-                                                                                                 "pieces")}],
-                                                  "bandwidth": cap, "read_range_bytes": args.range, **kw}), fp)
-                  for name, kw in ways.items()}
+
+        def config(way: dict):
+            """A way's keys: `native_receive` goes to the tier, the rest to the top level."""
+            top = {k: v for k, v in way.items() if k != "native_receive"}
+            receive = way.get("native_receive", "pieces")
+            return parse_config({"tiers": [{**tier, "native_receive": receive}], "bandwidth": cap,
+                                 "read_range_bytes": args.range, **top})
+        caches = {name: ObjectCache(config(kw), fp) for name, kw in ways.items()}
         res: dict[str, list] = {name: [] for name in ways}
         try:
             for rep in range(args.reps):
