@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Ceph daemons that sglang_objectcache/testbed/ceph-rgw-start.sh needs, on a fresh
+# Install the Ceph daemons that tests/testbed/ceph-rgw-start.sh needs, on a fresh
 # Debian 12 (bookworm) machine, as root. Idempotent: does nothing when every package is present.
 #
 # ceph-mgr is deliberately left out: the test bed runs without a mgr (saves ~300 MB RSS and start

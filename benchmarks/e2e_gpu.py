@@ -45,6 +45,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # transports.py: the shared geometry
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: the local SeaweedFS
 
 PORT = 30000
 URL = f"http://127.0.0.1:{PORT}"
@@ -214,12 +215,33 @@ class Bucket:
         return total[0] / (time.perf_counter() - t) / 2**30
 
 
+class Busy:
+    """A thread that runs Python without pause, as SGLang's scheduler does: it holds the GIL except
+    when the interpreter makes it switch, so every call that releases the GIL has to win it back."""
+
+    def __init__(self):
+        self._stop = False
+        self.steps = 0
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop:
+            self.steps += 1
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+
+
 def engine_probe(srv, cfg: dict, pages: int = 256) -> dict:
     """The engine alone, in this process, on the same server: put then get `pages` Llama-8B pages
     (256 KiB per layer; 2 GiB), so a slow server-side rate can be told from a slow server. The get
     runs with the native verify-and-copy and with its per-piece Python fallback."""
     import numpy as np
-    from gil import Busy
     from transports import PAGE_BYTES, PIECE, llama_fingerprint, page_keys, segments_of
 
     from sglang_objectcache import native
@@ -355,7 +377,7 @@ def main(argv=None) -> int:
                     "while (d) runs: where the read path spends its time inside SGLang")
     args = ap.parse_args(argv)
     from sglang_objectcache.config import parse_size
-    from sglang_objectcache.testbed.servers import start_seaweedfs
+    from testbed.servers import start_seaweedfs
 
     lengths = [int(x) for x in args.lengths.split(",")]
     shapes = args.shapes.split(",")

@@ -30,11 +30,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # fluid.py: the fluid model
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: local S3 servers
 
-from sglang_objectcache.engine.fluid import best_serial, mean_added, simulate  # noqa: E402
 from sglang_objectcache.engine.index import ObjectInfo  # noqa: E402
 from sglang_objectcache.engine.plan import PlannedObject, plan_fetch  # noqa: E402
 from sglang_objectcache.engine.policy import POLICIES, Policy, RequestState, Serial  # noqa: E402
+
+from fluid import best_serial, mean_added, simulate  # noqa: E402
 
 LAYERS, PIECE, PAGE_TOKENS, PAGES_PER_OBJECT = 32, 256 << 10, 64, 8
 RANGE = 8 << 20
@@ -241,7 +244,7 @@ def run_real(cap_gib: float, scale: int, reps: int, model_rows: dict) -> list[di
     from sglang_objectcache.config import parse_config
     from sglang_objectcache.engine.cache import ObjectCache
     from sglang_objectcache.keys import Fingerprint
-    from sglang_objectcache.testbed import servers
+    from testbed import servers
 
     cap = cap_gib * (1 << 30)
     FP = Fingerprint("sched-bench", "bfloat16", PAGE_TOKENS, LAYERS, 0, PIECE, "mha", 8, 128, 128, 0, 1)

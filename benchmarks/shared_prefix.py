@@ -1,18 +1,136 @@
-"""Shared-prefix workload benchmark (thin entry; the code is in sglang_objectcache.bench).
+"""Shared-prefix workload benchmark: both modes.
 
     python benchmarks/shared_prefix.py replay                      # CPU: SGLang 0.5.23's HiCache + SeaweedFS
     python benchmarks/shared_prefix.py replay --system-prompt-len 512,2048 --concurrency 1,4
     python benchmarks/shared_prefix.py live --url http://127.0.0.1:30000 --concurrency 1,8
 
-Same as `objectcache bench shared-prefix ...`; `-h` after the mode lists the options.
+`live` is the package's `objectcache bench shared-prefix live` (sglang_objectcache/cli/bench.py).
+`replay` runs SGLang's HiCache tree and cache controller on CPU with synthetic KV (benchmarks/replay.py,
+with the CPU shims and the local SeaweedFS of tests/testbed); `make bench` runs it. `-h` after the
+mode lists the options.
 """
 
+from __future__ import annotations
+
+import argparse
+import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: local S3 servers, CPU shims
 
-from sglang_objectcache.cli.bench import main  # noqa: E402
+from sglang_objectcache.bench import report  # noqa: E402
+from sglang_objectcache.bench.workload import describe, generate  # noqa: E402
+from sglang_objectcache.cli.bench import _meta, _spec_args, _specs, add_modes  # noqa: E402
+
+
+def add_replay(modes) -> None:
+    rp = modes.add_parser("replay", help="SGLang's HiCache tree + controller on CPU with synthetic KV")
+    _spec_args(rp)
+    rp.add_argument("--backends", default="objectcache,file,seaweedfs",
+                    help="comma list; objectcache-obstore = objectcache with native_reads: off")
+    rp.add_argument("--endpoint", help="an S3 server to use instead of starting SeaweedFS (credentials from "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, bucket from --bucket)")
+    rp.add_argument("--bucket", default="kv-cache")
+    rp.add_argument("--layers", type=int, default=32)
+    rp.add_argument("--heads", type=int, default=8, help="KV heads")
+    rp.add_argument("--head-dim", type=int, default=128)
+    rp.add_argument("--page-size", type=int, default=64)
+    rp.add_argument("--host-frac", type=float, default=0.5,
+                    help="host pool as a fraction of the distinct prefixes (small: prefixes spill to storage)")
+    rp.add_argument("--prefetch-threshold", type=int, default=256)
+    rp.set_defaults(fn=run_replay)
+
+
+def run_replay(args) -> int:
+    import replay
+    from testbed import servers
+
+    replay.setup_sglang()
+    logging.getLogger().setLevel(logging.WARNING)
+    names, skipped = replay.available_backends([b.strip() for b in args.backends.split(",") if b.strip()])
+    for s in skipped:
+        print(f"skipping {s}", file=sys.stderr)
+    geo = replay.Geometry(args.layers, args.heads, args.head_dim, args.page_size)
+
+    owned = False
+    if any(n in ("objectcache", "seaweedfs") for n in names):
+        if args.endpoint:
+            srv = servers.S3Server(kind="external", endpoint=args.endpoint,
+                                   access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
+                                   secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""), bucket=args.bucket)
+        else:
+            print("starting SeaweedFS on 127.0.0.1 (temporary directory, removed at the end) ...", file=sys.stderr)
+            srv = servers.start_seaweedfs()
+            owned = True
+        os.environ.update(srv.env())
+    else:
+        srv = None
+    specs = list(_specs(args))
+    total = sum(len(generate(s)) for s in specs) * len(names)
+    bar = report.Progress(total, "replay")
+    rows, raw = [], []
+    try:
+        for spec in specs:
+            reqs = generate(spec)
+            dev, host = replay.sizes_for(reqs, spec.concurrency, geo.page_size, args.host_frac)
+            for name in names:
+                run = replay.run_backend(name, reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
+                                         device_tokens=dev, host_tokens=host,
+                                         prefetch_threshold=args.prefetch_threshold,
+                                         progress=lambda b, spl=spec.system_prompt_len, c=spec.concurrency:
+                                         bar.step(f"{b} prefix={spl} c={c}"))
+                row = replay.summarize(run)
+                rows.append(row)
+                raw.append({"spec": spec.__dict__, "shape": describe(reqs), "device_tokens": dev,
+                            "host_tokens": host, "summary": row, "run": run.to_dict()})
+    finally:
+        if owned:
+            srv.stop()
+    print()
+    print(f"replay: SGLang {_sglang_version()} HiCache (UnifiedRadixCache + HybridCacheController) on CPU, "
+          f"synthetic KV {geo.layers} layers x {geo.heads} heads x {geo.head_dim} dim bf16, page {geo.page_size} "
+          f"({geo.bytes_per_token * geo.page_size / 2**20:g} MiB/page); {os.cpu_count()} cores")
+    print(replay.table(rows))
+    print("\nfetch, first batch, first layer: measured here (storage -> host pool). TTFT (modelled) = measured fetch"
+          " + modelled host->GPU copy (55 GB/s) + modelled prefill of the uncached tokens (H200 per-layer fit,"
+          " docs/benchmarks.md). first layer: objectcache's per-layer readiness; n/a = the backend cannot tell"
+          " (whole 128-page batches).")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "replay.json")
+    report.write_json(path, {"meta": {**_meta(), "sglang": _sglang_version(), "geometry": geo.__dict__,
+                                      "server": getattr(srv, "kind", None),
+                                      "modelled": {"prefill_ms_per_layer": "c + a*n + b*n*ctx",
+                                                   "coefficients": replay.PREFILL_MS,
+                                                   "h2d_bytes_per_s": replay.H2D_BYTES_PER_S}},
+                                "runs": raw})
+    pngs = report.plots(rows, args.out,
+                        [("fetch_ms_mean", "storage fetch, mean (ms)"),
+                         ("ttft_modelled_ms_mean", "TTFT mean (ms, modelled)")],
+                        [("system_prompt_len", "shared prefix (tokens)"), ("concurrency", "concurrency")], "replay")
+    print(f"\nresults: {path}" + "".join(f"\nplot: {p}" for p in pngs))
+    bad = [r for r in rows if r["corrupt_tokens"]]
+    return 1 if bad else 0
+
+
+def _sglang_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sglang")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks/shared_prefix.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_replay(add_modes(ap))
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,8 +34,9 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: local S3 servers, CPU shims
 
-from sglang_objectcache.testbed import cpu_shims  # noqa: E402
+from testbed import cpu_shims  # noqa: E402
 
 PAGE, LAYERS, HEADS, DIM = 64, 32, 8, 128
 PAGE_BYTES = PAGE * LAYERS * HEADS * DIM * 2 * 2
@@ -147,7 +148,7 @@ class Counted:
 
 
 def make_backend(name: str, srv, prefix: str, pool):
-    from sglang_objectcache.testbed.sglang_pools import storage_config
+    from testbed.sglang_pools import storage_config
 
     cfg_kw = dict(mla=False, layout="layer_first", model="Llama-3.1-8B")
     if name == "seaweedfs":
@@ -288,8 +289,8 @@ def main(argv=None) -> int:
     import torch
 
     cpu_shims.install_cpu_hicache_patches()
-    from sglang_objectcache.testbed import servers
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool
+    from testbed import servers
+    from testbed.sglang_pools import make_host_pool
 
     sizes = parse_sizes(args.sizes)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -26,6 +26,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: local S3 servers
 
 from sglang_objectcache.config import parse_config  # noqa: E402
 from sglang_objectcache.engine.cache import ObjectCache  # noqa: E402
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bucket", default="kv-cache")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "transports.json"))
     args = ap.parse_args(argv)
-    from sglang_objectcache.testbed import servers
+    from testbed import servers
 
     owned = False  # whether this run started the server (and so stops it)
     if args.endpoint:

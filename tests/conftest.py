@@ -10,12 +10,12 @@ import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from sglang_objectcache.testbed import cpu_shims  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))  # engine_util, and testbed (tests/testbed: S3 servers, CPU shims)
+from testbed import cpu_shims  # noqa: E402
 
 cpu_shims.install()
 
-from sglang_objectcache.testbed import servers  # noqa: E402
+from testbed import servers  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -46,7 +46,7 @@ def test_sglang_argument_parser_accepts_objectcache(plugins_loaded, tmp_path):
 
 def test_factory_builds_our_class_with_the_host_pool(plugins_loaded, tmpdir_path):
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool, storage_config
+    from testbed.sglang_pools import make_host_pool, storage_config
 
     from sglang_objectcache.sglang.backend import ObjectCacheStorage
 
@@ -64,7 +64,7 @@ def test_factory_builds_our_class_with_the_host_pool(plugins_loaded, tmpdir_path
 def test_dynamic_route_works_without_the_plugin(tmpdir_path):
     """`--hicache-storage-backend dynamic` (no plugin needed) passes {} instead of the pool."""
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool, storage_config
+    from testbed.sglang_pools import make_host_pool, storage_config
 
     pool = make_host_pool("mha", "layer_first")
     extra = {"backend_name": "objectcache", "module_path": "sglang_objectcache.sglang.backend",
@@ -84,7 +84,7 @@ def test_controller_selects_the_zero_copy_functions(plugins_loaded, tmpdir_path,
     """SGLang's real HiCacheController.attach_storage_backend, with only its process-group and
     thread plumbing stubbed, ends up with batch_get_v1/batch_set_v1 for objectcache."""
     from sglang.srt.managers import cache_controller as cc
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool, storage_config
+    from testbed.sglang_pools import make_host_pool, storage_config
 
     pool = make_host_pool("mha", "layer_first")
     extra = {"tiers": [{"kind": "disk", "path": tmpdir_path, "capacity": "1GiB"}]}
@@ -114,10 +114,12 @@ def test_controller_selects_the_zero_copy_functions(plugins_loaded, tmpdir_path,
 def test_sglang_launch_server_offers_objectcache():
     """`python -m sglang.launch_server` itself (its __main__ block: load_plugins, then argument
     parsing), in a fresh process; only the CPU import shims are added."""
+    import os
     import subprocess
     import sys
 
-    code = ("from sglang_objectcache.testbed import cpu_shims; cpu_shims.install()\n"
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+            "from testbed import cpu_shims; cpu_shims.install()\n"
             "import runpy, sys; sys.argv = ['sglang.launch_server', '--help']\n"
             "runpy.run_module('sglang.launch_server', run_name='__main__')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
-from sglang_objectcache.engine.fluid import best_serial, mean_added, simulate
 from sglang_objectcache.engine.policy import POLICIES, RequestState
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from fluid import best_serial, mean_added, simulate  # noqa: E402
 
 L = 32
 MiB = 1 << 20
@@ -103,3 +108,21 @@ def test_request_state_answers_match_a_pass_over_the_reads():
                 n for n, l0, _ in reads[r.next_read + 1:] if l0 <= k)
             r.advance(r.left_in_read, 1.0)
         assert r.bytes_left == 0 and r.bytes_for_next_layer() == 0
+
+
+def test_without_a_compute_time_slack_picks_as_srpt_does():
+    """SGLang passes no compute time per layer (t_layer = 0): the README says `slack` then orders
+    requests exactly as `srpt`. Same pick at every step of random mixes, part-way through reads too."""
+    import random
+
+    rng = random.Random(7)
+    slack, srpt = POLICIES["slack"], POLICIES["srpt"]
+    for trial in range(200):
+        now = 10.0
+        reqs = [req(f"r{i}", pages=8 * rng.randrange(1, 9), arrival=rng.uniform(0, now), t_layer=0.0,
+                    group=rng.choice([1, 2, 4, 8])) for i in range(rng.randrange(2, 6))]
+        for r in reqs:  # some reads already landed
+            for _ in range(rng.randrange(0, len(r.reads) - 1)):
+                r.advance(r.left_in_read, rng.uniform(r.arrival, now))
+        rate = rng.choice([0.25, 1.0, 8.0]) * (1 << 30)
+        assert slack.shares(reqs, now, rate) == srpt.shares(reqs, now, rate), trial

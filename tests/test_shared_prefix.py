@@ -1,10 +1,12 @@
-"""The shared-prefix benchmark: workload shape, the CPU replay through SGLang's real HiCache on a
-real SeaweedFS, and the live client against a local server speaking SGLang's streaming format."""
+"""The shared-prefix benchmark: workload shape, the CPU replay (benchmarks/replay.py) through
+SGLang's real HiCache on a real SeaweedFS, and the live client against a local server speaking
+SGLang's streaming format."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +15,8 @@ import pytest
 
 from sglang_objectcache.bench import live
 from sglang_objectcache.bench.workload import Request, WorkloadSpec, describe, generate, zipf_probs
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 # ---- workload ---------------------------------------------------------------------------------
@@ -93,7 +97,8 @@ def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch
 
     if sglang_version() != "0.5.23":  # 0.5.17 has the module but not the API the replay drives
         pytest.skip("replay drives SGLang 0.5.23's tree")
-    from sglang_objectcache.bench import replay
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import replay
 
     for k, v in seaweedfs.env().items():
         monkeypatch.setenv(k, v)

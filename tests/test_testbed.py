@@ -22,7 +22,7 @@ from botocore import UNSIGNED  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
 
-from sglang_objectcache.testbed import (  # noqa: E402
+from testbed import (  # noqa: E402
     CEPH_INSTALL_HINT,
     S3Server,
     ceph_available,
@@ -167,11 +167,10 @@ def test_two_seaweedfs_servers_do_not_collide(tmp_path):
 
 
 def test_cli_prints_exports_and_stops_on_sigterm(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    p = subprocess.Popen([sys.executable, "-m", "sglang_objectcache.testbed", "seaweedfs",
+    """`python tests/testbed seaweedfs` (a local S3 server from the shell), run from any directory."""
+    p = subprocess.Popen([sys.executable, str(REPO / "tests" / "testbed"), "seaweedfs",
                           "--dir", str(tmp_path / "sw")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env, text=True)
+                         stderr=subprocess.PIPE, cwd=tmp_path, text=True)
     try:
         exports = {}
         deadline = time.monotonic() + 60

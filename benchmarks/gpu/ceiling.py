@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import obstore as obs
 
-    from sglang_objectcache.testbed.servers import start_seaweedfs
+    from testbed.servers import start_seaweedfs
 
     srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
     try:

@@ -38,7 +38,7 @@ $DL -d w2 aioboto3==15.5.0 aiobotocore==2.25.1 botocore==1.40.61 boto3==1.40.61 
   jmespath==1.1.0 python-dateutil==2.9.0.post0 six==1.17.0 urllib3==2.8.0 wrapt==1.17.3 \
   aioitertools==0.13.0 aiofiles==25.1.0 py-spy==0.4.3
 if [ ! -f weed.xz ]; then
-  WEED=$(python3 -c "from sglang_objectcache.testbed.servers import find_weed; print(find_weed())")
+  WEED=$(python3 -c "import sys; sys.path.insert(0, sys.argv[1]); from testbed.servers import find_weed; print(find_weed())" "$ROOT/tests")
   xz -T0 -c "$WEED" > weed.xz
 fi
 du -ch site-517.tar.xz w1 | tail -1; du -ch weed.xz w2 | tail -1

@@ -1,4 +1,5 @@
-"""Summary tables, JSON and PNG plots for both modes: output only, no measuring."""
+"""The live mode's summary table, and what both modes of the shared-prefix benchmark print and
+write (progress, JSON, PNG plots; the replay mode is benchmarks/replay.py): output only, no measuring."""
 
 from __future__ import annotations
 
@@ -32,33 +33,6 @@ class Progress:
             self._last_decile = int(frac * 10)
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
-
-
-def _f(v, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
-def _gib(b) -> str:
-    return "n/a" if b is None else f"{b / 2**30:.2f}"
-
-
-def replay_table(rows: list[dict]) -> str:
-    head = ("| backend | prefix | conc | reqs | hit device / host / storage | storage-hit reqs | fetch ms mean / p90 "
-            "| first batch ms | first layer ms | fetch GiB/s | TTFT ms mean / p90 (modelled) | GiB read / written "
-            "| verified GiB (from storage) | S3 requests |")
-    lines = [head, "|" + "|".join("---" for _ in range(14)) + "|"]
-    for r in rows:
-        lines.append(
-            f"| {r['backend']} | {r['system_prompt_len']} | {r['concurrency']} | {r['requests']} "
-            f"| {r['device_hit_rate']:.0%} / {r['host_hit_rate']:.0%} / {r['storage_hit_rate']:.0%} "
-            f"| {r['storage_hit_requests']} | {_f(r['fetch_ms_mean'], '.0f')} / {_f(r['fetch_ms_p90'], '.0f')} "
-            f"| {_f(r['first_batch_ms_mean'], '.0f')} | {_f(r['first_layer_ms_mean'], '.0f')} "
-            f"| {_f(r['fetch_gibps'], '.3f')} "
-            f"| {r['ttft_modelled_ms_mean']:.0f} / {r['ttft_modelled_ms_p90']:.0f} "
-            f"| {_gib(r['bytes_read'])} / {_gib(r['bytes_written'])} "
-            f"| {_gib(r['verified_bytes'])} ({_gib(r['verified_storage_bytes'])}) "
-            f"| {_f(r['requests_issued'], 'd')} |")
-    return "\n".join(lines)
 
 
 def live_table(rows: list[dict]) -> str:

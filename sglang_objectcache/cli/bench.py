@@ -1,7 +1,9 @@
-"""`objectcache bench shared-prefix`: the shared-prefix benchmark (live or replay).
+"""`objectcache bench shared-prefix live`: the shared-prefix workload against a running SGLang server.
 
-    objectcache bench shared-prefix replay                     # CPU, SGLang 0.5.23, starts SeaweedFS
     objectcache bench shared-prefix live --url http://127.0.0.1:30000 --concurrency 1,4,16
+
+The replay mode (SGLang's HiCache on CPU, synthetic KV) is in the repository, not in this package:
+`benchmarks/shared_prefix.py replay`, which reuses the workload options, specs and metadata here.
 """
 
 from __future__ import annotations
@@ -35,32 +37,24 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     """Register `bench` with its `shared-prefix` subcommand on the CLI's subparsers."""
-    bench = sub.add_parser("bench", help="benchmarks: shared-prefix (live against SGLang, or replay on CPU)")
+    bench = sub.add_parser("bench", help="benchmarks: shared-prefix (against a running SGLang server)")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
-    sp = bsub.add_parser("shared-prefix", help="shared-prefix workload; modes: live, replay",
+    sp = bsub.add_parser("shared-prefix", help="shared-prefix workload; mode: live",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = sp.add_subparsers(dest="mode", required=True)
+    add_modes(sp)
+
+
+def add_modes(parser: argparse.ArgumentParser):
+    """The mode subcommands (`live`) on `parser`; returns its subparsers, to which
+    benchmarks/shared_prefix.py adds `replay`."""
+    modes = parser.add_subparsers(dest="mode", required=True)
     live = modes.add_parser("live", help="stream the workload to a running SGLang server")
     _spec_args(live)
     live.add_argument("--url", default="http://127.0.0.1:30000")
     live.add_argument("--label", default="", help="name of this run in the table (e.g. the backend)")
     live.add_argument("--warmup", type=int, default=1, help="requests sent first and not counted")
     live.set_defaults(fn=run_live)
-    rp = modes.add_parser("replay", help="SGLang's HiCache tree + controller on CPU with synthetic KV")
-    _spec_args(rp)
-    rp.add_argument("--backends", default="objectcache,file,seaweedfs",
-                    help="comma list; objectcache-obstore = objectcache with native_reads: off")
-    rp.add_argument("--endpoint", help="an S3 server to use instead of starting SeaweedFS (credentials from "
-                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, bucket from --bucket)")
-    rp.add_argument("--bucket", default="kv-cache")
-    rp.add_argument("--layers", type=int, default=32)
-    rp.add_argument("--heads", type=int, default=8, help="KV heads")
-    rp.add_argument("--head-dim", type=int, default=128)
-    rp.add_argument("--page-size", type=int, default=64)
-    rp.add_argument("--host-frac", type=float, default=0.5,
-                    help="host pool as a fraction of the distinct prefixes (small: prefixes spill to storage)")
-    rp.add_argument("--prefetch-threshold", type=int, default=256)
-    rp.set_defaults(fn=run_replay)
+    return modes
 
 
 def _specs(args):
@@ -112,91 +106,8 @@ def run_live(args) -> int:
     return 0 if all(r["ok"] == r["requests"] for r in rows) else 1
 
 
-def run_replay(args) -> int:
-    from ..bench import replay, report
-    from ..bench.workload import describe, generate
-
-    replay.setup_sglang()
-    import logging
-
-    logging.getLogger().setLevel(logging.WARNING)
-    names, skipped = replay.available_backends([b.strip() for b in args.backends.split(",") if b.strip()])
-    for s in skipped:
-        print(f"skipping {s}", file=sys.stderr)
-    geo = replay.Geometry(args.layers, args.heads, args.head_dim, args.page_size)
-    from ..testbed import servers
-
-    owned = False
-    if any(n in ("objectcache", "seaweedfs") for n in names):
-        if args.endpoint:
-            srv = servers.S3Server(kind="external", endpoint=args.endpoint,
-                                   access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
-                                   secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""), bucket=args.bucket)
-        else:
-            print("starting SeaweedFS on 127.0.0.1 (temporary directory, removed at the end) ...", file=sys.stderr)
-            srv = servers.start_seaweedfs()
-            owned = True
-        os.environ.update(srv.env())
-    else:
-        srv = None
-    specs = list(_specs(args))
-    total = sum(len(generate(s)) for s in specs) * len(names)
-    bar = report.Progress(total, "replay")
-    rows, raw = [], []
-    try:
-        for spec in specs:
-            reqs = generate(spec)
-            dev, host = replay.sizes_for(reqs, spec.concurrency, geo.page_size, args.host_frac)
-            for name in names:
-                run = replay.run_backend(name, reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
-                                         device_tokens=dev, host_tokens=host,
-                                         prefetch_threshold=args.prefetch_threshold,
-                                         progress=lambda b, spl=spec.system_prompt_len, c=spec.concurrency:
-                                         bar.step(f"{b} prefix={spl} c={c}"))
-                row = replay.summarize(run)
-                rows.append(row)
-                raw.append({"spec": spec.__dict__, "shape": describe(reqs), "device_tokens": dev,
-                            "host_tokens": host, "summary": row, "run": run.to_dict()})
-    finally:
-        if owned:
-            srv.stop()
-    print()
-    print(f"replay: SGLang {_sglang_version()} HiCache (UnifiedRadixCache + HybridCacheController) on CPU, "
-          f"synthetic KV {geo.layers} layers x {geo.heads} heads x {geo.head_dim} dim bf16, page {geo.page_size} "
-          f"({geo.bytes_per_token * geo.page_size / 2**20:g} MiB/page); {os.cpu_count()} cores")
-    print(report.replay_table(rows))
-    print("\nfetch, first batch, first layer: measured here (storage -> host pool). TTFT (modelled) = measured fetch"
-          " + modelled host->GPU copy (55 GB/s) + modelled prefill of the uncached tokens (H200 per-layer fit,"
-          " docs/benchmarks.md). first layer: objectcache's per-layer readiness; n/a = the backend cannot tell"
-          " (whole 128-page batches).")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "replay.json")
-    report.write_json(path, {"meta": {**_meta(), "sglang": _sglang_version(), "geometry": geo.__dict__,
-                                      "server": getattr(srv, "kind", None),
-                                      "modelled": {"prefill_ms_per_layer": "c + a*n + b*n*ctx",
-                                                   "coefficients": replay.PREFILL_MS,
-                                                   "h2d_bytes_per_s": replay.H2D_BYTES_PER_S}},
-                                "runs": raw})
-    pngs = report.plots(rows, args.out,
-                        [("fetch_ms_mean", "storage fetch, mean (ms)"),
-                         ("ttft_modelled_ms_mean", "TTFT mean (ms, modelled)")],
-                        [("system_prompt_len", "shared prefix (tokens)"), ("concurrency", "concurrency")], "replay")
-    print(f"\nresults: {path}" + "".join(f"\nplot: {p}" for p in pngs))
-    bad = [r for r in rows if r["corrupt_tokens"]]
-    return 1 if bad else 0
-
-
-def _sglang_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("sglang")
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
 def main(argv=None) -> int:
-    """`python -m sglang_objectcache.cli.bench live|replay ...` = `objectcache bench shared-prefix ...`."""
+    """`python -m sglang_objectcache.cli.bench live ...` = `objectcache bench shared-prefix live ...`."""
     ap = argparse.ArgumentParser(prog="objectcache")
     add_parser(ap.add_subparsers(dest="cmd", required=True))
     args = ap.parse_args(["bench", "shared-prefix", *(sys.argv[1:] if argv is None else argv)])

@@ -4,7 +4,7 @@
 #
 # This is the real gateway software that the paper measured (Ceph RGW), used by the test suite,
 # the benchmarks and the README's main job. From Python use
-# sglang_objectcache.testbed.start_ceph_rgw(), which picks free ports and stops it at exit.
+# testbed.start_ceph_rgw() (tests/testbed/servers.py), which picks free ports and stops it at exit.
 #
 # Needs these Debian 12 packages (see .ci/install-ceph.sh):
 #   apt-get install -y --no-install-recommends ceph-mon ceph-osd radosgw ceph-common curl

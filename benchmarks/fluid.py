@@ -8,6 +8,8 @@ last layer's compute minus the no-transfer bound (arrival + layers x per-layer c
 `best_serial` searches every order of serving requests one at a time (each in layer order) and
 keeps the best mean added TTFT: for n equal requests arriving together and transfer-bound, this is
 the optimum, and it beats equal sharing by 2n/(n+1).
+
+Used by benchmarks/scheduler.py and tests/test_scheduler.py; not part of the package.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import itertools
 from copy import deepcopy
 from dataclasses import dataclass
 
-from .policy import Policy, RequestState, Serial
+from sglang_objectcache.engine.policy import Policy, RequestState, Serial
 
 
 @dataclass

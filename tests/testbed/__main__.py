@@ -1,24 +1,29 @@
-"""``python -m sglang_objectcache.testbed seaweedfs|ceph [--dir D] [--port P]``
+"""``python tests/testbed seaweedfs|ceph [--dir D] [--port P]`` (from the repository root)
 
 Starts a real S3 server on 127.0.0.1, prints its endpoint, bucket and keys as shell ``export``
 lines on stdout once it is usable, and serves until Ctrl-C / SIGTERM / SIGHUP, then stops the
 server (deleting its state unless --dir was given). Run it in its own terminal, or in the
 background with stdout to a file that you source once it is written:
 
-    python -m sglang_objectcache.testbed seaweedfs > s3.env &
+    python tests/testbed seaweedfs > s3.env &
     until [ -s s3.env ]; do sleep 0.2; done; . ./s3.env
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
 import threading
 import time
 
-from .servers import (
+# Run as a directory (`python tests/testbed`), this file is a script, not part of a package: put
+# tests/ on sys.path so that `testbed` imports as the package it is.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from testbed.servers import (  # noqa: E402
     DEFAULT_ACCESS_KEY,
     DEFAULT_BUCKET,
     DEFAULT_SECRET_KEY,
@@ -38,7 +43,7 @@ def export_lines(server: S3Server) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sglang_objectcache.testbed",
+    ap = argparse.ArgumentParser(prog="python tests/testbed",
                                  description="Run a real S3 server on 127.0.0.1 until Ctrl-C.")
     ap.add_argument("kind", choices=["seaweedfs", "ceph"])
     ap.add_argument("--dir", help="state dir (kept at exit); default: a temp dir, deleted at exit")

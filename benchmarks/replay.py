@@ -11,12 +11,17 @@ token's KV is compared with the pattern after it is back on the device.
 
 GPU compute and host-to-device copies cannot be measured here: they are modelled from the H200
 numbers in the project's GPU notes, and every such column says "modelled".
+
+The `replay` mode of benchmarks/shared_prefix.py (`make bench`); not part of the package, since it
+needs the CPU shims of tests/testbed.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import sys
 import tempfile
 import threading
 import time
@@ -25,7 +30,10 @@ from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .workload import Request
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from sglang_objectcache.bench.live import percentile  # noqa: E402
+from sglang_objectcache.bench.workload import Request  # noqa: E402
 
 # Modelled GPU side (Llama-3.1-8B, bf16, batch 1, measured on an H200, 2026-11-27):
 # one layer's prefill of n new tokens over ctx tokens of context, least-squares fit of
@@ -106,7 +114,7 @@ def setup_sglang() -> None:
     global _sglang_ready
     if _sglang_ready:
         return
-    from ..testbed import cpu_shims
+    from testbed import cpu_shims
 
     cpu_shims.install()
     import sglang.srt.mem_cache.memory_pool  # noqa: F401
@@ -456,8 +464,6 @@ def summarize(run: BackendRun) -> dict:
     tokens = sum(r.tokens for r in rs)
     st = [r for r in rs if r.storage_hit > 0]
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    from .live import percentile
-
     ttft = [r.ttft_modelled_s for r in rs]
     return {
         "backend": run.backend, "concurrency": run.concurrency, "system_prompt_len": run.system_prompt_len,
@@ -483,6 +489,34 @@ def summarize(run: BackendRun) -> dict:
         "s3_requests": run.s3_requests, "backend_get_calls": run.get_calls, "backend_set_calls": run.set_calls,
         "wall_s": run.wall_s,
     }
+
+
+def _f(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _gib(b) -> str:
+    return "n/a" if b is None else f"{b / 2**30:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The summary table, a row per backend and workload point (rows from `summarize`)."""
+    head = ("| backend | prefix | conc | reqs | hit device / host / storage | storage-hit reqs | fetch ms mean / p90 "
+            "| first batch ms | first layer ms | fetch GiB/s | TTFT ms mean / p90 (modelled) | GiB read / written "
+            "| verified GiB (from storage) | S3 requests |")
+    lines = [head, "|" + "|".join("---" for _ in range(14)) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['system_prompt_len']} | {r['concurrency']} | {r['requests']} "
+            f"| {r['device_hit_rate']:.0%} / {r['host_hit_rate']:.0%} / {r['storage_hit_rate']:.0%} "
+            f"| {r['storage_hit_requests']} | {_f(r['fetch_ms_mean'], '.0f')} / {_f(r['fetch_ms_p90'], '.0f')} "
+            f"| {_f(r['first_batch_ms_mean'], '.0f')} | {_f(r['first_layer_ms_mean'], '.0f')} "
+            f"| {_f(r['fetch_gibps'], '.3f')} "
+            f"| {r['ttft_modelled_ms_mean']:.0f} / {r['ttft_modelled_ms_p90']:.0f} "
+            f"| {_gib(r['bytes_read'])} / {_gib(r['bytes_written'])} "
+            f"| {_gib(r['verified_bytes'])} ({_gib(r['verified_storage_bytes'])}) "
+            f"| {_f(r['requests_issued'], 'd')} |")
+    return "\n".join(lines)
 
 
 def sizes_for(reqs: list[Request], concurrency: int, page_size: int, host_frac: float) -> tuple[int, int]:
