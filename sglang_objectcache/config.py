@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
 # Keys SGLang reads from the same extra-config dict (some are popped before we see them, some
 # are not, depending on the release). They are accepted and ignored here.
 SGLANG_KEYS = frozenset(
@@ -38,10 +40,6 @@ _SIZE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem found at startup. The message names the key and the fix."""
 
 
 def parse_size(value: Any, key: str) -> int:
@@ -124,8 +122,7 @@ class S3TierConfig:
     prefix: str = ""
     region: str = "us-east-1"
     transport: str = "auto"  # auto | obstore | aioboto3
-    native_reads: str = "auto"  # auto | on | off: range reads by stores/rawhttp.py (http:// only)
-    native_receive: str = "pieces"  # pieces | staging: how the native reader hands a range over
+    native_reads: str = "auto"  # auto | on | off: range reads by stores/native_reader.py (http:// only)
     profile: str | None = None
     max_connections: int = 32
     max_write_connections: int = 8
@@ -151,10 +148,6 @@ class ObjectCacheConfig:
     write_policy: str = "write_through"  # write_through | write_back
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
-    first_range_layers: int = 0  # > 0: each object's first range holds only this many layers
-    # > 0: ranges shrink (to one layer at least) until a fetch has this many per S3 connection, so
-    # that a small prefix lands in layer order (engine/plan.py, wave_range_bytes); 0: off
-    read_waves: int = 0
     # > 0: a streamed fetch's reads that do not carry layer 0 wait up to this long for its layer 0
     # to land, so that its first ranges have the server to themselves (engine/scheduler.py); 0: off
     first_layer_hold: float = 0.1
@@ -163,7 +156,9 @@ class ObjectCacheConfig:
     # 0 leaves Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy
     # scheduler thread; a waiting thread gets it back after at most this long.
     switch_interval: float = 0.0002
-    fetch_policy: str = "slack"  # how concurrent fetches share the S3 bandwidth: slack | srpt | fair
+    # how concurrent fetches share the S3 bandwidth: slack | srpt | fair. SGLang passes no compute
+    # time per layer, so slack ranks requests as srpt does (engine/policy.py)
+    fetch_policy: str = "slack"
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
     verify_checksums: bool = True
@@ -215,8 +210,6 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
         if isinstance(v, bool):  # YAML 1.1 reads a bare on/off as a bool
             v = "on" if v else "off"
         kw["native_reads"] = _choice(v, f"{where}native_reads", ("auto", "on", "off"))
-    if "native_receive" in d:
-        kw["native_receive"] = _choice(d["native_receive"], f"{where}native_receive", ("pieces", "staging"))
     if "max_connections" in d:
         kw["max_connections"] = _int(d["max_connections"], f"{where}max_connections", 1, 1024)
     if "max_write_connections" in d:
@@ -281,13 +274,9 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
     if "read_range_bytes" in ours:
         kw["read_range_bytes"] = parse_size(ours["read_range_bytes"], "read_range_bytes")
-    if "first_range_layers" in ours:
-        kw["first_range_layers"] = _int(ours["first_range_layers"], "first_range_layers", 0, 1024)
-    if "read_waves" in ours:
-        kw["read_waves"] = _int(ours["read_waves"], "read_waves", 0, 64)
     if "fetch_policy" in ours:
         kw["fetch_policy"] = _choice(ours["fetch_policy"], "fetch_policy", ("slack", "srpt", "fair"))
-    if "bandwidth" in ours and ours["bandwidth"] not in (0, None):
+    if "bandwidth" in ours and ours["bandwidth"] not in (0, "0", None):
         kw["bandwidth"] = parse_size(ours["bandwidth"], "bandwidth")
     if "copy_threads" in ours:
         kw["copy_threads"] = _int(ours["copy_threads"], "copy_threads", 0, 64)

@@ -22,15 +22,12 @@ import msgpack
 import numpy as np
 
 from . import native
+from .errors import CorruptObject
 from .gil_held import xxh3_64
 
 MAGIC = b"OCKV"
 VERSION = 1
 TRAILER = struct.Struct("<4sHHII")  # magic, version, flags, footer length, reserved
-
-
-class CorruptObject(ValueError):
-    """The object's bytes do not match its footer, its checksums or the reader's expectations."""
 
 
 @dataclass(frozen=True)

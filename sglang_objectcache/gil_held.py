@@ -4,8 +4,8 @@ The read and write paths verify and copy whole ranges in one native call that re
 once (`native/copyhash.c`). Where that helper cannot be built (no C compiler), they work piece by
 piece with these instead. Why keep the GIL: inside SGLang the scheduler thread runs Python almost
 without pause, and a call that releases the GIL must then win it back, waiting up to a switch
-interval (5 ms). Per piece (128-256 KiB) that collapses the read rate (`benchmarks/gil.py`: 0.02
-GiB/s for GIL-releasing per-piece calls next to a busy thread). Holding it serialises the copy
+interval (5 ms). Per piece (128-256 KiB) that collapsed the read rate to 0.02 GiB/s next to a
+busy thread (a probe on the 2-core VM, since removed; docs/history.md). Holding it serialises the copy
 threads instead, which is slower than the native path on a many-core machine but never collapses.
 
 Both functions take raw addresses. The libc and the xxhash extension are loaded through

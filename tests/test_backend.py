@@ -19,7 +19,7 @@ LAYOUTS = ["layer_first", "page_first_direct"]
 
 
 def backend(pool, extra, *, mla, layout, **kw):
-    from sglang_objectcache.testbed.sglang_pools import storage_config
+    from testbed.sglang_pools import storage_config
 
     from sglang_objectcache.sglang.backend import ObjectCacheStorage
 
@@ -39,7 +39,7 @@ def hkeys(n: int, salt: str = "") -> list[str]:
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_v1_round_trip_bytes_equal(s3_env, prefix, attention, layout):
-    from sglang_objectcache.testbed.sglang_pools import fill_random, make_host_pool, page_bytes
+    from testbed.sglang_pools import fill_random, make_host_pool, page_bytes
 
     mla = attention == "mla"
     src_pool = make_host_pool(attention, layout)
@@ -55,7 +55,7 @@ def test_v1_round_trip_bytes_equal(s3_env, prefix, attention, layout):
         assert a.batch_set_v1(ks, src_idx) == [True] * 5
         a.cache.flush()
         assert a.batch_exists(ks) == 5
-        b.cache.runtime.run(b.cache.tiers[0].refresh(), timeout=10)
+        b.cache.runtime.run(b.cache.tiers[0].journal.refresh(), timeout=10)
         assert b.batch_exists(ks) == 5
         assert b.batch_get_v1(ks, dst_idx) == [True] * 5
         assert page_bytes(dst_pool, dst_idx) == page_bytes(src_pool, src_idx)
@@ -67,7 +67,7 @@ def test_v1_round_trip_bytes_equal(s3_env, prefix, attention, layout):
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 def test_layer_first_and_page_first_direct_write_the_same_objects(tmpdir_path, attention):
     """Objects are layer-major whatever the host layout, so one layout reads the other's pages."""
-    from sglang_objectcache.testbed.sglang_pools import fill_random, make_host_pool, page_bytes
+    from testbed.sglang_pools import fill_random, make_host_pool, page_bytes
 
     mla = attention == "mla"
     extra = {"tiers": [{"kind": "disk", "path": tmpdir_path, "capacity": "1GiB"}]}
@@ -89,7 +89,7 @@ def test_layer_first_and_page_first_direct_write_the_same_objects(tmpdir_path, a
 
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 def test_generic_interface_matches_v1(tmpdir_path, attention):
-    from sglang_objectcache.testbed.sglang_pools import fill_random, make_host_pool, page_bytes
+    from testbed.sglang_pools import fill_random, make_host_pool, page_bytes
 
     mla = attention == "mla"
     pool = make_host_pool(attention, "layer_first")
@@ -116,7 +116,7 @@ def test_generic_interface_matches_v1(tmpdir_path, attention):
 
 
 def test_page_first_is_refused_with_the_fix(tmpdir_path):
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool
+    from testbed.sglang_pools import make_host_pool
 
     pool = make_host_pool("mha", "page_first")
     with pytest.raises(ConfigError, match="page_first is not supported.*--hicache-mem-layout layer_first"):
@@ -125,7 +125,7 @@ def test_page_first_is_refused_with_the_fix(tmpdir_path):
 
 
 def test_unknown_key_is_refused_and_sglang_keys_pass(tmpdir_path):
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool
+    from testbed.sglang_pools import make_host_pool
 
     pool = make_host_pool("mha", "layer_first")
     disk = {"kind": "disk", "path": tmpdir_path, "capacity": "1GiB"}
@@ -139,7 +139,7 @@ def test_unknown_key_is_refused_and_sglang_keys_pass(tmpdir_path):
 
 @pytest.mark.parametrize("change", ["model", "tp", "dtype", "layers"])
 def test_pages_of_another_model_dtype_or_split_never_load(tmpdir_path, change):
-    from sglang_objectcache.testbed.sglang_pools import fill_random, make_host_pool
+    from testbed.sglang_pools import fill_random, make_host_pool
 
     disk = {"tiers": [{"kind": "disk", "path": tmpdir_path, "capacity": "1GiB"}]}
     src = make_host_pool("mha", "layer_first")
@@ -169,7 +169,7 @@ def test_pages_of_another_model_dtype_or_split_never_load(tmpdir_path, change):
 
 def test_get_stats_returns_sglang_storage_metrics(tmpdir_path):
     from sglang.srt.observability.metrics_collector import StorageMetrics
-    from sglang_objectcache.testbed.sglang_pools import make_host_pool
+    from testbed.sglang_pools import make_host_pool
 
     pool = make_host_pool("mha", "layer_first")
     b = backend(pool, {"tiers": [{"kind": "disk", "path": tmpdir_path, "capacity": "1GiB"}]},
@@ -189,7 +189,7 @@ def test_get_stats_returns_sglang_storage_metrics(tmpdir_path):
 
 def test_fresh_process_reads_what_another_wrote(s3_env, prefix):
     """Instance A writes through SGLang's pool; B, a new process with an empty index, reads."""
-    from sglang_objectcache.testbed.sglang_pools import fill_random, make_host_pool, page_bytes
+    from testbed.sglang_pools import fill_random, make_host_pool, page_bytes
 
     src = make_host_pool("mha", "layer_first")
     fill_random(src, seed=5)
@@ -203,11 +203,11 @@ def test_fresh_process_reads_what_another_wrote(s3_env, prefix):
     code = textwrap.dedent(f"""
         import sys, hashlib
         sys.path.insert(0, {here!r})
-        from sglang_objectcache.testbed import cpu_shims
+        from testbed import cpu_shims
         cpu_shims.install()
         import sglang.srt.mem_cache.memory_pool
         cpu_shims.install_cpu_hicache_patches()
-        from sglang_objectcache.testbed.sglang_pools import make_host_pool, page_bytes, storage_config
+        from testbed.sglang_pools import make_host_pool, page_bytes, storage_config
         from engine_util import keys
         from sglang_objectcache.sglang.backend import ObjectCacheStorage
         import torch

@@ -33,11 +33,13 @@ def test_the_issue_example_parses():
     ({"tiers": [S3, DISK]}, r"^tiers: list the disk tier before the s3 tier"),
     ({"tiers": []}, r"^tiers: at least one tier"),
     ({"tiers": [{**S3, "max_connections": 4, "max_write_connections": 8}]}, r"max_write_connections: 8 exceeds"),
-    ({"tiers": [S3], "first_range_layers": -1}, r"^first_range_layers: -1 is out of range"),
+    ({"tiers": [S3], "first_range_layers": 1}, r"^first_range_layers: unknown key"),  # removed
     ({"tiers": [S3], "switch_interval": "1s"}, r"^switch_interval: at most 100ms"),
     ({"tiers": [S3], "switch_interval": "soon"}, r"^switch_interval: cannot read"),
     ({"tiers": [S3], "first_layer_hold": "1m"}, r"^first_layer_hold: at most 10s"),
-    ({"tiers": [S3], "read_waves": 100}, r"^read_waves: 100 is out of range"),
+    ({"tiers": [S3], "read_waves": 4}, r"^read_waves: unknown key"),  # removed
+    ({"tiers": [{**S3, "native_receive": "staging"}]}, r"^tiers\[0\]\.native_receive: unknown key"),  # removed
+    ({"tiers": [S3], "bandwidth": "fast"}, r"^bandwidth: cannot read 'fast' as a size"),
     (None, r"^tiers: no configuration given"),
 ])
 def test_errors_name_the_key(raw, match):
@@ -55,17 +57,15 @@ def test_sglang_keys_pass_through_untouched():
 
 def test_units():
     cfg = parse_config({"tiers": [{**S3, "request_timeout": "250ms", "index_refresh_interval": "1m"}],
-                        "read_range_bytes": "4MiB", "timeout": 3, "first_range_layers": 1})
+                        "read_range_bytes": "4MiB", "timeout": 3})
     t = cfg.tiers[0]
     assert (t.request_timeout, t.index_refresh_interval, cfg.read_range_bytes, cfg.timeout) == (0.25, 60.0, 4 << 20, 3.0)
-    assert parse_config({"tiers": [S3]}).first_range_layers == 0  # the default: whole groups only
-    assert parse_config({"tiers": [S3], "first_range_layers": 2}).first_range_layers == 2
+    assert [parse_config({"tiers": [S3], "bandwidth": b}).bandwidth for b in (0, "0", "1GiB")] == [0, 0, 1 << 30]
     assert parse_config({"tiers": [S3], "switch_interval": "0.3ms"}).switch_interval == 0.0003
     assert parse_config({"tiers": [S3], "switch_interval": 0}).switch_interval == 0.0  # Python's own
     assert parse_config({"tiers": [S3]}).first_layer_hold == 0.1  # on for streamed fetches
     assert parse_config({"tiers": [S3], "first_layer_hold": 0}).first_layer_hold == 0.0  # off
     assert parse_config({"tiers": [S3], "first_layer_hold": "50ms"}).first_layer_hold == 0.05
-    assert parse_config({"tiers": [S3], "read_waves": 4}).read_waves == 4
 
 
 def test_files(tmp_path):

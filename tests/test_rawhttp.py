@@ -16,9 +16,11 @@ from conftest import s3_tier
 
 from sglang_objectcache import native
 from sglang_objectcache.config import ConfigError, parse_config
-from sglang_objectcache.stores.base import NotFound, StoreError, Unavailable
+from sglang_objectcache.stores.base import (APPLIED, CLOSED, SHORT, NotFound, RangePieces, RangeReader, StoreError,
+                                            Unavailable)
 from sglang_objectcache.stores.credentials import Credentials
-from sglang_objectcache.stores.rawhttp import APPLIED, CLOSED, SHORT, RangePieces, RawRangeReader, StagingBuffers
+from sglang_objectcache.stores.native_reader import StagingBuffers
+from sglang_objectcache.stores.rawhttp import RawRangeReader
 from sglang_objectcache.stores.sigv4 import GetSigner
 
 pytestmark = pytest.mark.skipif(native.http_get() is None, reason="native helper unavailable")
@@ -369,20 +371,16 @@ def test_native_reads_config():
                                  "native_reads": "on"}]})
     with pytest.raises(ConfigError, match="native_reads: 'fast' is not one of"):
         parse_config({"tiers": [{"kind": "s3", **base, "native_reads": "fast"}]})
-    assert parse_config({"tiers": [{"kind": "s3", **base}]}).tiers[0].native_receive == "pieces"
-    with pytest.raises(ConfigError, match=r"tiers\[0\]\.native_receive: 'whole' is not one of"):
-        parse_config({"tiers": [{"kind": "s3", **base, "native_receive": "whole"}]})
 
 
-@pytest.mark.parametrize("native_reads,receive,table", [("on", "pieces", True), ("on", "staging", True),
-                                                        ("on", "pieces", False), ("off", "pieces", True)])
-def test_the_engine_reads_the_same_pages_either_way(s3_env, prefix, native_reads, receive, table):
+@pytest.mark.parametrize("native_reads,table", [("on", True), ("on", False), ("off", True)])
+def test_the_engine_reads_the_same_pages_either_way(s3_env, prefix, native_reads, table):
     from engine_util import Pages, fingerprint, keys
 
     from sglang_objectcache.engine.cache import ObjectCache
 
-    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix, native_reads=native_reads, native_receive=receive)],
-                        "read_range_bytes": "64KiB", "first_range_layers": 1})
+    cfg = parse_config({"tiers": [s3_tier(s3_env, prefix, native_reads=native_reads)],
+                        "read_range_bytes": "64KiB"})
     c = ObjectCache(cfg, fingerprint("m"))
     try:
         assert (c.tiers[0].range_reader is not None) == (native_reads == "on")
@@ -391,8 +389,8 @@ def test_the_engine_reads_the_same_pages_either_way(s3_env, prefix, native_reads
         dst = Pages.empty_like(src)
         assert c.get(ks, dst.segments(table=table)) == [True] * 12
         assert np.array_equal(dst.data, src.data)
-        if native_reads == "on":  # piece by piece exactly where it can be: a table, pieces asked for
-            staged = c.tiers[0]._staging._free
-            assert bool(staged) == (receive == "staging" or not table)
+        if native_reads == "on":  # piece by piece exactly where it can be: a table of targets
+            assert isinstance(c.tiers[0].range_reader, RangeReader)
+            assert bool(c.tiers[0].range_reader.staging._free) == (not table)
     finally:
         c.close()

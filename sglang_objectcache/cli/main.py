@@ -14,7 +14,8 @@ import sys
 
 
 def _check_config(args) -> int:
-    from ..config import ConfigError, load_config_file
+    from ..config import load_config_file
+    from ..errors import ConfigError
 
     try:
         cfg = load_config_file(args.file)
@@ -27,7 +28,7 @@ def _check_config(args) -> int:
         print(f"tiers[{i}]: {t}")
     if not args.probe:
         return 0
-    from ..engine.cache import StartupError
+    from ..errors import StartupError
     from ..stores.factory import build_store, probe
 
     async def run() -> None:
@@ -48,7 +49,8 @@ def _check_config(args) -> int:
 
 
 def _inspect(args) -> int:
-    from ..format import CorruptObject, decode_meta, verify_piece
+    from ..errors import CorruptObject
+    from ..format import decode_meta, verify_piece
 
     data = open(args.path, "rb").read()
     try:
@@ -76,7 +78,8 @@ def _inspect(args) -> int:
 
 def _version(_args) -> int:
     from .. import __version__
-    from ..sglang.compat import SUPPORTED, UnsupportedSGLang, sglang_version
+    from ..errors import PatchError, UnsupportedSGLang
+    from ..sglang.compat import SUPPORTED, sglang_version
 
     try:
         v = sglang_version()
@@ -84,7 +87,7 @@ def _version(_args) -> int:
     except UnsupportedSGLang as e:
         v, ok = "-", str(e)
     print(f"sglang-objectcache {__version__}; sglang {v}: {ok}")
-    from ..sglang.patcher import PatchError, available_versions, state
+    from ..sglang.patcher import available_versions, state
 
     if v in available_versions():
         try:

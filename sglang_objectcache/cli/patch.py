@@ -18,8 +18,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..sglang.compat import UnsupportedSGLang, sglang_version
-    from ..sglang.patcher import PatchError, apply, state
+    from ..errors import PatchError, UnsupportedSGLang
+    from ..sglang.compat import sglang_version
+    from ..sglang.patcher import apply, state
 
     try:
         version = sglang_version()

@@ -3,12 +3,13 @@
 A request is a queue of reads in layer order plus what its forward pass needs: the compute time of
 one layer (modelled or measured) and its arrival. A policy looks at the active requests and says
 which share of the bandwidth each gets right now. The same policies drive the fluid model
-(`engine/fluid.py`) and the scheduler of real transfers.
+(`benchmarks/fluid.py`) and the scheduler of real transfers.
 
 - `fair`: equal shares among active requests (the paper's baseline).
 - `srpt`: all bandwidth to the request with the fewest bytes left (optimal for mean completion when
   every request is transfer-bound; for n equal requests it serves them one at a time).
-- `slack` (default): compute-aware. A request whose next layer will not be needed before it could
+- `slack` (default): compute-aware, where the caller passes a compute time per layer; SGLang passes
+  none today (every `t_layer` is 0), and then `slack` ranks requests exactly as `srpt` does. A request whose next layer will not be needed before it could
   arrive at full rate ("ahead": its transfer is hidden behind its compute) gains nothing from more
   bandwidth now. Requests that are behind go first: compute-bound ones about to stall before
   transfer-bound ones (a stall delays all their later layers), transfer-bound ones fewest bytes
@@ -26,7 +27,7 @@ class RequestState:
 
     name: str
     arrival: float
-    reads: list[tuple[int, int, int]]  # (bytes, first layer, end layer) in plan order; -1, -1: footer
+    reads: list[tuple[int, int, int]]  # (bytes, first layer, end layer) in plan order
     n_layers: int
     t_layer: float  # seconds of forward compute per layer (for this request's new tokens)
     next_read: int = 0
@@ -38,7 +39,7 @@ class RequestState:
         self.ready = [None] * self.n_layers
         self.left_in_read = float(self.reads[0][0]) if self.reads else 0.0
         for _, l0, l1 in self.reads:
-            if not (0 <= l0 < l1 <= self.n_layers or l0 == l1 == -1):  # -1: a footer read
+            if not 0 <= l0 < l1 <= self.n_layers:
                 raise ValueError(f"{self.name}: read of layers [{l0}, {l1}) outside 0..{self.n_layers}")
         # The reads never change: precompute what the policies ask on every grant, which otherwise
         # costs a pass over all reads each time (quadratic in a 64K-token prefix's 1024 reads).

@@ -2,8 +2,8 @@
 
 Ranges are planned by plan.py (layer-aligned, about `read_range_bytes`); they arrive in any order
 and from several threads. Each is verified against the checksums the index already holds (from the
-writer's manifest) as soon as it arrives; where the footer must be read first (an object outside
-our namespace), data ranges wait for it.
+writer's manifest or the object's own footer) as soon as it arrives, so no range waits for the
+footer; a whole-object read also checks the footer it carries against the index.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import native
-from ..format import CorruptObject, Header, decode_header, decode_meta, piece_copies, readonly_address
-from ..stores.rawhttp import RangePieces
+from ..errors import CorruptObject
+from ..format import Header, decode_header, piece_copies, readonly_address
+from ..stores.base import RangePieces
 from .index import ObjectInfo
-from .plan import META
 
 @dataclass
 class ObjectRead:
-    """The state of one object's read: which ranges are in, the footer, a promotion buffer."""
+    """The state of one object's read: how many ranges are in, a promotion buffer."""
 
     info: ObjectInfo
     slots: list[int]  # object slots wanted, in call order
@@ -30,51 +30,33 @@ class ObjectRead:
     digest: str
     verify: bool
     promote: bytearray | None = None
-    header: Header | None = None
-    stash: list = field(default_factory=list)
     done_ranges: int = 0
     failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    trusted: bool = True  # the object lives in our namespace: the index's checksums suffice
-
     def __post_init__(self) -> None:
-        if self.info.checksums and self.trusted:  # no footer round trip needed
-            self.header = self.info.header(self.digest)
+        self.header: Header = self.info.header(self.digest)  # what every range is checked against
 
     def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> tuple[list, bool | None]:
-        """Take one range's bytes. Returns the layer spans [(l0, l1)] now verified and copied (a
-        range that waits for its footer gives none yet), and True for exactly one caller, the one
-        that completes the object (None, with no spans, once the object has failed).
+        """Take one range's bytes. Returns the layer spans [(l0, l1)] now verified and copied, and
+        True for exactly one caller, the one that completes the object (None, with no spans, once
+        the object has failed).
 
         Ranges of one object may be delivered from several threads at once; the lock guards only
         the bookkeeping, never the copies."""
         with self.lock:
             if self.failed:
                 return [], None
-            if len(data) != end - start:
-                raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
-            if l0 == META or (start == 0 and end == self.info.size):
-                h = self._check(decode_header(data) if l0 != META else decode_meta(data))
-                if self.header is not None and h.checksums != self.header.checksums:
-                    raise CorruptObject("footer checksums differ from the index's")
-                self.header = h
-                todo = [(start, end, l0, l1, data), *self.stash]
-                self.stash = []
-            elif self.header is None:  # a private copy: the caller may reuse its buffer
-                self.stash.append((start, end, l0, l1, bytes(data)))
-                return [], False
-            else:
-                todo = [(start, end, l0, l1, data)]
-        applied = []
-        for s, e, a, b, buf in todo:
-            if a != META:
-                self._apply(s, a, b, buf, segments)
-                applied.append((a, b))
-            if self.promote is not None:
-                self.promote[s:e] = buf
-        complete = self.landed(len(todo))
-        return ([], None) if complete is None else (applied, complete)
+        if len(data) != end - start:
+            raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
+        if start == 0 and end == self.info.size:  # a whole object: its footer must agree
+            if self._check(decode_header(data)).checksums != self.header.checksums:
+                raise CorruptObject("footer checksums differ from the index's")
+        self._apply(start, l0, l1, data, segments)
+        if self.promote is not None:
+            self.promote[start:end] = data
+        complete = self.landed()
+        return ([], None) if complete is None else ([(l0, l1)], complete)
 
     def _check(self, h: Header) -> Header:
         if h.fingerprint != self.digest:
@@ -146,11 +128,10 @@ class ObjectRead:
         return off, seg, expect
 
     def pieces(self, start: int, end: int, l0: int, l1: int, segments) -> RangePieces | None:
-        """The range as pieces to check and copy while they arrive (stores/rawhttp.py,
-        `read_pieces`); None where it must be received whole first: no table of targets, a footer
-        still to read, a promotion buffer to fill."""
+        """The range as pieces to check and copy while they arrive (`RangeSource.apply`); None
+        where it must be received whole first: no table of targets, a promotion buffer to fill."""
         table = getattr(segments, "table", None)
-        if table is None or l0 == META or self.header is None or self.promote is not None:
+        if table is None or self.promote is not None:
             return None
         off, seg, expect = self._targets(l0, l1, table)
         if (off < start).any() or (off + self.header.piece_bytes > end).any():

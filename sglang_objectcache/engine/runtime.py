@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from typing import Any, Coroutine
 
 log = logging.getLogger("sglang_objectcache")
@@ -61,3 +62,34 @@ class Runtime:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout)
+
+
+class Background:
+    """Work started on the loop that nobody waits for at once (promotions, write-backs, clears),
+    kept so that `wait` can let it finish before shutdown; a failure is reported through
+    `on_error(what, exception)`, never raised."""
+
+    def __init__(self, runtime: Runtime, on_error):
+        self.runtime = runtime
+        self.on_error = on_error
+        self._futs: set[concurrent.futures.Future] = set()
+
+    def __len__(self) -> int:
+        return len(self._futs)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> concurrent.futures.Future:
+        fut = self.runtime.submit(coro)
+        self._futs.add(fut)
+
+        def done(f: concurrent.futures.Future) -> None:
+            self._futs.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                self.on_error(what, f.exception())
+
+        fut.add_done_callback(done)
+        return fut
+
+    def wait(self, deadline: float) -> None:
+        """Until everything spawned has ended, or time.monotonic() passes `deadline`."""
+        while self._futs and time.monotonic() < deadline:
+            concurrent.futures.wait(list(self._futs), timeout=max(0.0, deadline - time.monotonic()))

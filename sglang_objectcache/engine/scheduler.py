@@ -10,7 +10,7 @@ lower-priority slots (engine/slots.py), so they only use what reads leave.
 A request registered with a first-layer hold grants the reads that carry layer 0 (its first
 ranges) at once and holds the rest until its layer 0 has landed or the hold has passed: a server
 serves concurrent ranges unevenly, and the first layer of each first range comes later when the
-second ranges compete with it (`benchmarks/first_bytes.py`). The loop looks at the request's layer
+second ranges compete with it (docs/benchmarks.md, "Why the defaults"). The loop looks at the request's layer
 0 every millisecond while a hold lasts (its readiness is counted by the pull threads, with no call
 to the loop).
 """
@@ -103,7 +103,7 @@ class ReadScheduler:
         view = _View(f"r{rid}", now, list(reads), n_layers, t_layer)
         pending = [0] * n_layers
         for _, l0, l1 in reads:
-            for layer in range(max(l0, 0), l1):
+            for layer in range(l0, l1):
                 pending[layer] += 1
         held = hold > 0 and layer0 is not None
         self._reqs[rid] = _Req(view, {}, pending, hold_until=now + hold if held else None,
@@ -167,7 +167,7 @@ class ReadScheduler:
         if req is not None and landed:
             _, l0, l1 = req.view.reads[index]
             now = time.monotonic()
-            for layer in range(max(l0, 0), l1):
+            for layer in range(l0, l1):
                 req.pending_per_layer[layer] -= 1
                 if req.pending_per_layer[layer] == 0:
                     req.view.ready[layer] = now

@@ -16,7 +16,8 @@ from typing import Any, List, Optional
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from ..config import ConfigError, parse_config
+from ..config import parse_config
+from ..errors import ConfigError
 from ..engine.cache import ObjectCache
 from ..format import SegmentFn
 from .compat import check_version, storage_metrics
@@ -97,8 +98,8 @@ class ObjectCacheStorage(HiCacheStorage):
         return ok
 
     def start_layer_fetch(self, keys: List[str], host_indices: torch.Tensor):
-        """Start filling pages into the host pool in layer order and return the engine's `Fetch`
-        at once (per-layer readiness, then per-page results); None if nothing can start. Used by
+        """Start filling pages into the host pool in layer order and return the engine's
+        `ReadSession` at once (per-layer readiness, then per-page results); None if nothing can start. Used by
         the layer-wise streaming patch (`sglang/layerwise.py`)."""
         if not keys or not self._ready():
             return None

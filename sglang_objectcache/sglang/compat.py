@@ -10,12 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
+from ..errors import UnsupportedSGLang
+
 SUPPORTED = ("0.5.17", "0.5.23")
 BACKEND_NAME = "objectcache"
-
-
-class UnsupportedSGLang(RuntimeError):
-    pass
 
 
 def sglang_version() -> str:

@@ -13,14 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import PatchError
 from .compat import sglang_version
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 BACKUP_SUFFIX = ".objectcache-orig"
-
-
-class PatchError(RuntimeError):
-    """The patch cannot be applied or reverted; the message says why and what to do."""
 
 
 @dataclass

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
-from .compat import BACKEND_NAME, UnsupportedSGLang, backend_arg, check_version
+from ..errors import UnsupportedSGLang
+from .compat import BACKEND_NAME, backend_arg, check_version
 
 log = logging.getLogger("sglang_objectcache")
 

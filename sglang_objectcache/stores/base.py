@@ -1,31 +1,27 @@
-"""The store protocol: the five object-store verbs the engine needs, all async.
+"""The two doors between the engine and the stores, both protocols: the engine imports only these.
 
-Methods map to requests; nothing is cached behind the caller's back (the index does that, one
-level up). Errors are translated into the few names below in each store, so the engine handles
-one vocabulary whatever the transport.
+`ObjectStore`: the five object-store verbs the engine needs, all async. Methods map to requests;
+nothing is cached behind the caller's back (the index does that, one level up). Each store
+translates its transport's errors into the few names of `errors.py`, so the engine handles one
+vocabulary whatever the transport.
+
+`RangeReader`: range reads received on the reader's own threads, each checked and copied into its
+targets there as it arrives (the native reader, `stores/native_reader.py`). The engine plans the
+pieces (`RangePieces`); the reader moves the bytes.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 from typing_extensions import Buffer
 
+from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
 
-class StoreError(Exception):
-    """A request failed. Messages never carry credentials."""
-
-
-class NotFound(StoreError, FileNotFoundError):
-    """The object does not exist."""
-
-
-class AlreadyExists(StoreError):
-    """A create-only put found the object already there."""
-
-
-class Unavailable(StoreError):
-    """The server could not be reached, or timed out."""
+__all__ = ["APPLIED", "CLOSED", "SHORT", "AlreadyExists", "NotFound", "ObjectStore", "RangePieces", "RangeReader",
+           "RangeSource", "StoreError", "Unavailable"]
 
 
 @runtime_checkable
@@ -49,3 +45,50 @@ class ObjectStore(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+APPLIED, CLOSED, SHORT = -1, -2, -3  # RangeSource.apply's outcomes besides a bad piece's index
+
+
+@dataclass
+class RangePieces:
+    """What `RangeSource.apply` does with one range's bytes: piece i is [offsets[i], offsets[i] +
+    piece_len) of the range (ascending), checked against expect[i] (None: not checked), then copied
+    by copies[first[i]:first[i + 1]], each (dst address, offset in the range, length). The pieces
+    are layer-major, `per_layer` a layer from layer `l0`: what `apply` counts as each layer lands."""
+
+    offsets: np.ndarray  # uint64 [n]
+    piece_len: int
+    expect: np.ndarray | None  # uint64 [n]
+    copies: np.ndarray  # uint64 [k, 3]
+    first: np.ndarray  # int64 [n + 1]
+    l0: int = 0
+    per_layer: int = 1
+
+
+class RangeSource(Protocol):
+    """One range of one object, for the pull thread that reads it."""
+
+    def filled(self) -> ContextManager[memoryview]:
+        """Receive the whole range into a reused buffer: a view of exactly its bytes inside the
+        block (for targets that need the whole range at once: promotion, function targets)."""
+
+    def apply(self, pieces: RangePieces, gate, layers=None) -> int:
+        """Receive the range piece by piece, never held whole: each piece is checked and copied to
+        its targets inside `gate` (native.CopyGate); where `layers` (engine/readiness) is given,
+        each layer counts as arrived once its pieces are in place. Returns APPLIED, SHORT (the
+        object ends sooner: nothing copied), CLOSED (the gate closed first) or the index of the
+        first piece that failed its check. Raises the store errors for transport failures."""
+
+
+@runtime_checkable
+class RangeReader(Protocol):
+    def source(self, path: str, start: int, end: int) -> RangeSource:
+        """Range [start, end) of object `path`, to be received on a pull thread."""
+
+    def pull(self, job: Callable[[], None], dropped: Callable[[], None]) -> None:
+        """Run `job` (one range read, received, checked and copied there) on one of the reader's
+        threads; must not block. `dropped()` runs instead if the threads shut down first."""
+
+    def close(self) -> None:
+        """Stop the threads (jobs not started are dropped) and release connections."""

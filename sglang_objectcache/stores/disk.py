@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .base import AlreadyExists, NotFound, StoreError
+from ..errors import AlreadyExists, NotFound, StoreError
 
 
 class DiskStore:

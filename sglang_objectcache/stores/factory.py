@@ -11,8 +11,9 @@ import logging
 import re
 import urllib.parse
 
-from ..config import ConfigError, DiskTierConfig, S3TierConfig, TierConfig
-from .base import ObjectStore, StoreError, Unavailable
+from ..config import DiskTierConfig, S3TierConfig, TierConfig
+from ..errors import ConfigError, StartupError, StoreError, Unavailable
+from .base import ObjectStore, RangeReader
 
 log = logging.getLogger("sglang_objectcache")
 
@@ -55,13 +56,15 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
     return Aioboto3S3Store(**kw)
 
 
-def build_range_reader(t: S3TierConfig, where: str):
-    """The native range reader for this tier (stores/rawhttp.py), or None: `native_reads: off`, an
-    https:// or default AWS endpoint, or no native helper (auto only; `on` makes those errors)."""
+def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int) -> RangeReader | None:
+    """The native range reader for this tier (native_reader.py), or None: `native_reads: off`, an
+    https:// or default AWS endpoint, or no native helper (auto only; `on` makes those errors).
+    `staging_bytes`: the size of a whole-range receive buffer (the planned range size)."""
     if t.native_reads == "off" or not (t.endpoint or "").startswith("http://"):
         return None
     from .. import native
     from .credentials import resolve
+    from .native_reader import NativeRangeReader
     from .rawhttp import RawRangeReader
 
     if native.http_get() is None:
@@ -69,9 +72,10 @@ def build_range_reader(t: S3TierConfig, where: str):
             raise ConfigError(f"{where}.native_reads: the native helper cannot be built ({native.status()}); "
                               "install a C compiler or set native_reads: auto")
         return None
-    return RawRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region, creds=resolve(t.profile),
+    http = RawRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region, creds=resolve(t.profile),
                           request_timeout=t.request_timeout, connect_timeout=t.connect_timeout,
                           max_idle=t.max_connections, max_retries=t.max_retries)
+    return NativeRangeReader(http, threads=t.max_connections, staging_bytes=staging_bytes)
 
 
 def _create_bucket(t: S3TierConfig) -> None:
@@ -98,8 +102,6 @@ _STATUS = re.compile(r"status code: (\d{3})\b|\((\d{3})\)")
 async def probe(store: ObjectStore, t: TierConfig, where: str, root: str) -> None:
     """One LIST under a name that never exists: an empty answer means endpoint, bucket and
     credentials work (a HEAD could not tell a missing bucket from a missing key)."""
-    from ..engine.cache import StartupError
-
     if hasattr(store, "open"):
         await store.open()
     if isinstance(t, DiskTierConfig):

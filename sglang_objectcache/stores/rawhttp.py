@@ -1,8 +1,8 @@
 """Range GETs over plain HTTP, each body received by native code straight into a caller's buffer.
 
 The read path's fast transport for `http://` endpoints (on-premises Ceph RGW, SeaweedFS, MinIO):
-a blocking call, made from the engine's read threads, that releases the GIL once per range
-(`native/httpget.c`). Connections are kept alive in a small pool; a reused connection that the
+a blocking call, made from the native reader's pull threads (`native_reader.py`), that releases
+the GIL once per range (`native/httpget.c`). Connections are kept alive in a small pool; a reused connection that the
 server had closed is retried once on a fresh one. Anything else that goes wrong closes the
 connection and raises the store vocabulary (NotFound, Unavailable, StoreError), never with the
 credentials in it. TLS endpoints and everything but ranged GETs stay with obstore.
@@ -10,7 +10,6 @@ credentials in it. TLS endpoints and everything but ranged GETs stay with obstor
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as _errno
 import os
@@ -19,13 +18,13 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from .. import native
-from .base import NotFound, StoreError, Unavailable
+from ..errors import NotFound, StoreError, Unavailable
+from .base import APPLIED, CLOSED, SHORT, RangePieces
 from .credentials import Credentials
 from .sigv4 import GetSigner
 
@@ -34,25 +33,7 @@ _MESSAGES = {-2: "malformed HTTP response", -5: "chunked body"}  # -1, -3, -4 ar
 # read_pieces receives adjacent pieces up to this much at a time: few enough system calls, and
 # small enough to stay in a core's cache while they are checked and copied
 BOUNCE_BYTES = int(os.environ.get("OBJECTCACHE_BOUNCE_BYTES", 1 << 20))
-APPLIED, CLOSED, SHORT = -1, -2, -3  # read_pieces' outcomes besides a bad piece's index
 _PIECE_ENDS = (0, -6, -7, -8)  # native codes that end read_pieces without an error
-
-
-@dataclass
-class RangePieces:
-    """What `read_pieces` does with one range's bytes: piece i is [offsets[i], offsets[i] +
-    piece_len) of the range (ascending), checked against expect[i] (None: not checked), then copied
-    by copies[first[i]:first[i + 1]], each (dst address, offset in the range, length). The pieces
-    are layer-major, `per_layer` a layer from layer `l0`: what `read_pieces` counts as each layer
-    lands."""
-
-    offsets: np.ndarray  # uint64 [n]
-    piece_len: int
-    expect: np.ndarray | None  # uint64 [n]
-    copies: np.ndarray  # uint64 [k, 3]
-    first: np.ndarray  # int64 [n + 1]
-    l0: int = 0
-    per_layer: int = 1
 
 
 class RawRangeReader:
@@ -90,7 +71,7 @@ class RawRangeReader:
         rc, info = self._request(key, start, end, call)
         return info[2]
 
-    def read_pieces(self, key: str, start: int, end: int, pieces: "RangePieces", gate, layers=None) -> int:
+    def read_pieces(self, key: str, start: int, end: int, pieces: RangePieces, gate, layers=None) -> int:
         """Bytes [start, end) of object `key`, never held whole: each piece is received into a
         small per-thread buffer, checked, and copied to its targets inside `gate`
         (native.CopyGate). Where `layers` (engine/readiness.LayerReadiness) is given, each layer
@@ -208,53 +189,3 @@ class RawRangeReader:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
-
-
-class StagingBuffers:
-    """Receive buffers for the native reader, reused across reads: at most `keep` are held
-    between reads (about max_connections x read_range_bytes), so a steady stream of reads neither
-    allocates nor page-faults, and an idle server holds a bounded amount."""
-
-    def __init__(self, keep: int, min_bytes: int):
-        self.keep = keep
-        self.min_bytes = min_bytes
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def filled(self, reader: RawRangeReader, key: str, start: int, end: int):
-        """A view of exactly the range's bytes, valid inside the block."""
-        n = end - start
-        with self._lock:
-            i = next((i for i, b in enumerate(self._free) if b.nbytes >= n), None)
-            buf = self._free.pop(i) if i is not None else None
-        if buf is None:
-            buf = np.empty(max(n, self.min_bytes), dtype=np.uint8)
-        try:
-            yield memoryview(buf[: reader.read_into(key, start, end, buf[:n])])
-        finally:
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(buf)
-
-
-@dataclass
-class RangeSource:
-    """One planned range of one object, for the pull thread that reads it: received whole into a
-    staging buffer (`filled`), or, where `pieces` is set and the caller can describe its pieces,
-    piece by piece straight into their targets (`apply`)."""
-
-    reader: RawRangeReader
-    staging: StagingBuffers
-    key: str
-    start: int
-    end: int
-    pieces: bool = True
-
-    def filled(self):
-        """A context manager giving a view of exactly the range's bytes."""
-        return self.staging.filled(self.reader, self.key, self.start, self.end)
-
-    def apply(self, pieces: RangePieces, gate, layers=None) -> int:
-        """`RawRangeReader.read_pieces` of this range."""
-        return self.reader.read_pieces(self.key, self.start, self.end, pieces, gate, layers)

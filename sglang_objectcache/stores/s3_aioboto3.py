@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-from .base import AlreadyExists, NotFound, StoreError, Unavailable
+from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
 from .credentials import Credentials
 
 

@@ -14,7 +14,7 @@ import obstore as obs
 from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 
-from .base import AlreadyExists, NotFound, StoreError, Unavailable
+from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
 from .credentials import Credentials
 
 
