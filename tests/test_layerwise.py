@@ -129,12 +129,18 @@ def test_the_batch_copy_for_result_processing_keeps_the_load_index():
     assert b.copy().hicache_consumer_index == 2
 
 
-def test_patch_sglang_cli_checks_the_version(capsys):
+def test_patch_sglang_cli_checks_the_version(capsys, monkeypatch):
+    """`--check` reports the installed release's state (CI patched it: applied, exit 0); a release
+    with no patch set is refused with the reason (exit 2), and nothing is written."""
     from sglang_objectcache.cli.main import main
+    from sglang_objectcache.sglang import patcher
 
     rc = main(["patch-sglang", "--check"])
-    out = capsys.readouterr().out
-    assert "sglang 0.5.17: layer-wise patch" in out and rc in (0, 1)
+    assert (rc, capsys.readouterr().out) == (0, "sglang 0.5.17: layer-wise patch applied\n")
+    monkeypatch.setattr("sglang_objectcache.sglang.compat.importlib.metadata.version", lambda name: "0.5.99")
+    assert main(["patch-sglang"]) == 2
+    assert "0.5.99" in capsys.readouterr().err
+    assert patcher.state("0.5.17") == "applied"
 
 
 def test_installed_sglang_is_patched_and_imports():
@@ -155,7 +161,7 @@ seaweedfs_only = pytest.mark.parametrize("s3", ["seaweedfs"], indirect=True)
 
 @pytest.fixture
 def tree(s3_env, prefix):
-    from sglang_objectcache.testbed.hiradix import build_tree
+    from testbed.hiradix import build_tree
 
     extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}],
              "pages_per_object": 8, "read_range_bytes": "128KiB", "bandwidth": "4MiB", "timeout": 20,
@@ -196,7 +202,7 @@ def _load(tree, tokens):
 
 @seaweedfs_only
 def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
-    from sglang_objectcache.testbed.hiradix import store_prefix
+    from testbed.hiradix import store_prefix
 
     cc = tree.cache_controller
     lw = cc.oc_layerwise
@@ -255,7 +261,7 @@ def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix
     import boto3
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
-    from sglang_objectcache.testbed.hiradix import store_prefix
+    from testbed.hiradix import store_prefix
 
     cc = tree.cache_controller
     lw = cc.oc_layerwise
@@ -311,7 +317,7 @@ def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix
 def test_a_copy_that_raises_opens_the_gates_and_still_acks_the_load(tree, s3_env, monkeypatch):
     """A host-to-device copy that raises on the loader thread: every gate opens with the failure,
     the batch is aborted, and the load is still acknowledged, so SGLang unlocks its nodes."""
-    from sglang_objectcache.testbed.hiradix import store_prefix
+    from testbed.hiradix import store_prefix
 
     cc = tree.cache_controller
     lw = cc.oc_layerwise
@@ -347,7 +353,7 @@ def test_a_copy_that_raises_opens_the_gates_and_still_acks_the_load(tree, s3_env
 
 @seaweedfs_only
 def test_layerwise_false_keeps_the_classic_path(s3_env, prefix):
-    from sglang_objectcache.testbed.hiradix import build_tree
+    from testbed.hiradix import build_tree
 
     extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}],
              "layerwise": False}
@@ -371,7 +377,7 @@ def test_streaming_stays_off_where_failures_could_not_be_agreed():
 def test_runtime_reattach_of_another_backend_drops_the_streaming_state(s3_env, prefix, tmp_path, monkeypatch):
     """SGLang's PUT /hicache/storage-backend path: objectcache, then `file`, then objectcache with
     layerwise off. The file backend must not inherit objectcache's stream hooks."""
-    from sglang_objectcache.testbed.hiradix import build_tree
+    from testbed.hiradix import build_tree
 
     extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}]}
     t = build_tree(extra, layers=LAYERS, page_size=PAGE)
@@ -405,7 +411,7 @@ def test_a_stalled_stream_fails_the_gate_once_within_its_deadline():
     """A stream that stops delivering (no failure reported) must not hold the forward for one
     timeout per layer: one deadline for the load, then every later layer opens at once."""
     from sglang_objectcache.engine.readiness import LayerReadiness
-    from sglang_objectcache.sglang.layerwise import LayerGate
+    from sglang_objectcache.sglang.layer_gate import LayerGate
 
     readiness = LayerReadiness(LAYERS, [1] * LAYERS)
     readiness.arrived(0, 1)  # layer 0 landed, then nothing more

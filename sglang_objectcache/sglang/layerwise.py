@@ -28,135 +28,17 @@ attention TP > 1 (where each rank's failures would have to be agreed before the 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..engine import switch
+from .layer_gate import GatedLoader, LayerGate, Stream
 
 log = logging.getLogger("sglang_objectcache")
 
 ABORT_MESSAGE = "objectcache: KV streamed from storage failed after admission; request aborted"
-
-
-class Stream:
-    """One prefetch operation's layer-ordered fetch, from the IO thread to the tree."""
-
-    def __init__(self, fetch, slots: torch.Tensor):
-        self.readiness = fetch.readiness
-        self.started = fetch.started  # time.monotonic() when the fetch began
-        self.op_started: Optional[float] = None  # when SGLang queued the prefetch (timeline)
-        self.slots = slots  # host token slots the fetch writes
-        self.admitted = False  # set under the operation's lock by the scheduler
-        self.closed = False  # set under the operation's lock by the IO thread when the fetch ended
-        self.ok: Optional[bool] = None  # every page landed and verified (set once closed)
-        self.deferred: Optional[torch.Tensor] = None  # duplicate slots, freed when the fetch ends
-        self.nodes: list = []  # tree nodes whose host_value lies in `slots`
-
-    def reason(self) -> str:
-        return self.readiness.failed or "incomplete"
-
-
-class LayerGate:
-    """One host-to-GPU load's gate: layer l is copied once every stream it reads has layer l."""
-
-    def __init__(self, streams: list[Stream], n_layers: int, timeout: float):
-        self.streams = streams
-        self.n_layers = n_layers
-        self.timeout = timeout
-        self.created = time.monotonic()
-        self.deadline = self.created + timeout  # one budget for all layers, not one per layer
-        self.failed: Optional[str] = None
-        self.opened_at: list[Optional[float]] = [None] * n_layers  # when layer l's copy was released
-        self.stalled = [0.0] * n_layers  # seconds the forward waited for layer l's copy (timeline)
-        self.asked_at: Optional[float] = None  # when the forward first asked for a layer
-        self._enqueued = [threading.Event() for _ in range(n_layers)]
-        self._all = threading.Event()
-
-    def wait(self, layer: int) -> bool:
-        """Loader thread, before layer `layer`'s copy: block until it is in host memory."""
-        for s in self.streams:
-            if self.failed is not None:
-                break  # the batch is lost: open the remaining layers at once
-            if not s.readiness.wait(layer, max(0.0, self.deadline - time.monotonic())):
-                self.failed = s.reason() if s.readiness.failed else f"layer {layer} not ready after {self.timeout:.0f}s"
-        self.opened_at[layer] = time.monotonic()
-        return self.failed is None
-
-    def enqueued(self, layer: int) -> None:
-        """Loader thread, after layer `layer`'s copy and event are on the load stream."""
-        self._enqueued[layer].set()
-        if layer == self.n_layers - 1:
-            self._all.set()
-
-    def release(self, reason: Optional[str] = None) -> None:
-        """Open every gate (after an error in the loader): nobody may wait forever."""
-        if reason and self.failed is None:
-            self.failed = reason
-        for e in self._enqueued:
-            e.set()
-        self._all.set()
-
-    def wait_enqueued(self, layer: int) -> None:
-        """Forward thread, in the KV accessor of layer `layer`."""
-        e = self._enqueued[layer]
-        if self.asked_at is None:
-            self.asked_at = time.monotonic()
-        if not e.is_set():
-            t = time.monotonic()
-            e.wait()
-            self.stalled[layer] += time.monotonic() - t
-
-    def join(self) -> None:
-        self._all.wait()
-
-
-class _Loader:
-    """A single thread that runs gated copy loops in order, so load-stream order is kept."""
-
-    def __init__(self):
-        self._q: queue.Queue = queue.Queue()
-        self._t = threading.Thread(target=self._run, name="objectcache-layer-loader", daemon=True)
-        self._t.start()
-
-    def submit(self, fn: Callable[[], None], gate: LayerGate, on_error: Optional[Callable[[], None]] = None) -> None:
-        self._q.put((fn, gate, on_error))
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """After the loads already queued (SGLang re-attaches backends only when idle)."""
-        self._q.put(None)
-        self._t.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._t.is_alive()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fn, gate, on_error = item
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - a dead loader would hang every forward
-                log.exception("objectcache: layer-wise load failed")
-                gate.release(f"loader error: {e}")
-                if on_error is not None:
-                    try:
-                        on_error()  # e.g. ack the load, so that SGLang unlocks its nodes
-                    except Exception:  # noqa: BLE001
-                        log.exception("objectcache: cleaning up a failed layer-wise load failed")
-            else:
-                gate.release()
-            if log.isEnabledFor(logging.DEBUG) and gate.opened_at[-1] is not None:
-                log.debug("objectcache: gated load of %d layers: layer 0 copied %.1f ms after the load "
-                          "began, the last layer %.1f ms after%s", gate.n_layers,
-                          (gate.opened_at[0] - gate.created) * 1e3, (gate.opened_at[-1] - gate.created) * 1e3,
-                          f" (failed: {gate.failed})" if gate.failed else "")
 
 
 class Layerwise:
@@ -169,7 +51,7 @@ class Layerwise:
         self.timeout = timeout + 5.0  # the fetch's own deadline fires first; this is a backstop
         self._active: list[Stream] = []  # admitted streams not yet retired by `poll` (scheduler thread)
         self._poisoned: list = []  # roots of subtrees to drop once unlocked (scheduler thread)
-        self._loader = _Loader()
+        self._loader = GatedLoader()
         # the gated copies hand the GIL to and fro with the forward: as short as the reads' hand-overs
         self.switch_interval = getattr(getattr(backend, "config", None), "switch_interval", 0.0)
         self.counters = dict(admitted=0, streamed_pages=0, failed=0, aborted=0, dropped_nodes=0)
@@ -439,7 +321,8 @@ def attach(controller, backend) -> Optional[Layerwise]:
             log.info("objectcache: SGLang is not patched, so storage hits load whole before admission; "
                      "`objectcache patch-sglang` enables layer-wise streaming")
         return None
-    from .patcher import PatchError, state
+    from ..errors import PatchError
+    from .patcher import state
 
     try:
         st = state()
