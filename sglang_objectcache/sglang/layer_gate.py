@@ -121,12 +121,12 @@ class GatedLoader:
                 fn()
             except Exception as e:  # noqa: BLE001 - a dead loader would hang every forward
                 log.exception("objectcache: layer-wise load failed")
-                gate.release(f"loader error: {e}")
-                if on_error is not None:
+                if on_error is not None:  # before the gates open: whoever waited on them sees it done
                     try:
                         on_error()  # e.g. ack the load, so that SGLang unlocks its nodes
                     except Exception:  # noqa: BLE001
                         log.exception("objectcache: cleaning up a failed layer-wise load failed")
+                gate.release(f"loader error: {e}")
             else:
                 gate.release()
             if log.isEnabledFor(logging.DEBUG) and gate.opened_at[-1] is not None:
