@@ -15,11 +15,12 @@ from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionEr
 from obstore.store import S3Store
 
 from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
+from .base import ObjectMeta
 from .credentials import Credentials
 
 
 def _map(e: BaseException, what: str) -> StoreError:
-    if isinstance(e, NotFoundError):
+    if isinstance(e, (NotFoundError, FileNotFoundError)):  # obstore raises the builtin for a missing object
         return NotFound(what)
     if isinstance(e, (AlreadyExistsError, PreconditionError)):
         return AlreadyExists(what)
@@ -82,9 +83,10 @@ class ObstoreS3Store:
         except Exception as e:  # noqa: BLE001 - obstore's errors and builtins alike
             raise _map(e, f"PUT {path}") from None
 
-    async def head(self, path: str) -> int:
+    async def head(self, path: str) -> ObjectMeta:
         try:
-            return int((await obs.head_async(self._store, path))["size"])
+            m = await obs.head_async(self._store, path)
+            return ObjectMeta(int(m["size"]), m["last_modified"].timestamp())
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"HEAD {path}") from None
 
