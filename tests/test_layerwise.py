@@ -314,6 +314,53 @@ def test_failure_after_admission_aborts_and_drops_the_nodes(tree, s3_env, prefix
 
 
 @seaweedfs_only
+def test_a_prefix_whose_objects_vanished_is_recomputed_the_second_time(tree, s3_env, prefix):
+    """The index learned a prefix, then its objects vanished (another instance's clear(), a
+    lifecycle rule): the first request may be admitted and abort; the index forgets the objects,
+    so the second request is not streamed from storage: it recomputes, and succeeds."""
+    import boto3
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from testbed.hiradix import store_prefix
+
+    cc = tree.cache_controller
+    lw = cc.oc_layerwise
+    tokens = list(range(1, TOKENS + 1))
+    store_prefix(tree, tokens, seed=2)
+    keys = cc.get_hash_str(tokens, None, page_size=PAGE)
+    assert cc.storage_backend.batch_exists(keys) == len(keys)
+    s3 = boto3.client("s3", **s3_env.client_kwargs())
+    for o in s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=prefix)["Contents"]:
+        if "/d/" in o["Key"]:
+            s3.delete_object(Bucket=s3_env.bucket, Key=o["Key"])
+
+    _admit(tree, tokens, "r1")
+    if lw._active:  # admitted while the hit streamed in: its forward sees the failure and aborts
+        dev, last, pid = _load(tree, tokens)
+        counter = cc.layer_done_counter
+        counter.set_consumer(pid)
+        for layer in range(LAYERS):
+            counter.wait_until(layer)
+        gate = counter.events[pid].oc_gate
+        assert gate.failed
+        req = types.SimpleNamespace(host_hit_length=TOKENS, storage_hit_length=0, to_finish=None, last_node=last)
+        lw.abort_failed(types.SimpleNamespace(hicache_consumer_index=pid, reqs=[req]))
+        assert req.to_finish is not None
+        tree.dec_lock_ref(last)
+    deadline = time.monotonic() + 10
+    while (lw._active or lw._poisoned or cc.ack_load_queue) and time.monotonic() < deadline:
+        tree.check_hicache_events()
+        time.sleep(0.01)
+    admitted = lw.counters["admitted"]
+
+    assert cc.storage_backend.batch_exists(keys) == 0, "the vanished objects are forgotten"
+    _admit(tree, tokens, "r2")
+    assert lw.counters["admitted"] == admitted, "the second request is not streamed from storage"
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+    assert m.host_hit_length == 0 and len(m.device_indices) == 0  # it recomputes the prefix
+
+
+@seaweedfs_only
 def test_a_copy_that_raises_opens_the_gates_and_still_acks_the_load(tree, s3_env, monkeypatch):
     """A host-to-device copy that raises on the loader thread: every gate opens with the failure,
     the batch is aborted, and the load is still acknowledged, so SGLang unlocks its nodes."""

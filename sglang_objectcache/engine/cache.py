@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .. import native
 from ..config import DiskTierConfig, ObjectCacheConfig, S3TierConfig
-from ..errors import StartupError, StoreError
+from ..errors import NotFound, StartupError, StoreError, Unavailable
 from ..format import SegmentFn
 from ..keys import Fingerprint, Namespace
 from ..stores.factory import build_range_reader, build_store, probe
@@ -98,15 +98,16 @@ class ObjectCache:
     # ---- queries -------------------------------------------------------------------------
 
     def exists(self, keys: Sequence[str]) -> int:
-        """Length of the leading run of keys present in some tier. No request is made."""
+        """Length of the leading run of keys present in some tier that is up. No request is made."""
+        up = [t for t in self.tiers if t.health.up()]
         n = 0
         for key in keys:
-            if not any(key in t.index for t in self.tiers):
+            if not any(key in t.index for t in up):
                 break
             n += 1
         self.stats.add(exists_calls=1, exists_pages=len(keys), exists_hits=n)
         if n < len(keys):
-            for t in self.tiers:
+            for t in up:
                 t.nudge()
         return n
 
@@ -148,6 +149,12 @@ class ObjectCache:
         if kind == "io_error":
             self.stats.add(errors=1)
             self._warn.warn(f"io:{type(detail).__name__}", "objectcache: %s; pages are misses", detail)
+            if isinstance(detail, NotFound):  # gone behind our back: no instance should claim it
+                self.stats.add(vanished=1)
+                if o.tier.index.remove(o.info.name) is not None:
+                    self.runtime.submit(o.tier.forget(o.info.name))
+            elif isinstance(detail, Unavailable):
+                o.tier.health.failed(detail)
         elif kind == "timeout":
             self.stats.add(timeouts=detail)
             self._warn.warn("timeout", "objectcache: %d reads still pending after the %.1fs deadline; "
@@ -157,7 +164,7 @@ class ObjectCache:
             self._warn.warn("corrupt", "objectcache: %s in %s is corrupt (%s); treating as a miss",
                             o.info.name, o.tier.name, detail)
             o.tier.index.ban(o.info.name)  # thread-safe, and at once: the next call must not use it
-            self.runtime.submit(o.tier.drop_corrupt(o.info.name))
+            self.runtime.submit(o.tier.discard(o.info.name))
         elif kind == "copy_error":
             self._warn.warn("deliver", "objectcache: cannot copy %s into the pool: %s", o.info.name, detail)
         elif kind == "promote":

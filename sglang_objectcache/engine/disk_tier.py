@@ -11,12 +11,11 @@ import collections
 import logging
 
 from ..errors import CorruptObject, StoreError
-from ..format import decode_meta
 from ..keys import Namespace
 from ..stores.base import ObjectStore
 from .index import ObjectInfo
 from .slots import PrioritySlots
-from .tiers import Tier
+from .tiers import Tier, read_footer
 
 log = logging.getLogger("sglang_objectcache")
 
@@ -36,10 +35,7 @@ class DiskTier(Tier):
         found = await self.store.list(self.ns.root + "d/")
         for name, size in found:
             try:
-                tail = await self.store.get(name, start=max(0, size - 65536), end=size)
-                h = decode_meta(tail)
-                if h.meta_bytes > len(tail):
-                    h = decode_meta(await self.store.get(name, start=max(0, size - h.meta_bytes), end=size))
+                h = await read_footer(self.store, name, size)
             except (CorruptObject, StoreError) as e:
                 log.warning("disk tier: dropping unreadable %s (%s)", name, e)
                 await self.store.delete([name])
@@ -77,27 +73,31 @@ class DiskTier(Tier):
             if victims:
                 await self.store.delete(victims)
 
-    async def write(self, info: ObjectInfo, data) -> None:
+    async def write(self, info: ObjectInfo, data) -> ObjectInfo | None:
         if info.size > self.capacity:
             raise StoreError(f"object of {info.size} bytes exceeds the disk tier capacity")
         if info.name in self._lru:
             self._lru.move_to_end(info.name)
-            return
+            return info
         await self._reserve(info.name, info.size)
         try:
-            await super().write(info, data)
+            return await super().write(info, data)
         except BaseException:
             if self._lru.pop(info.name, None) is not None:
                 self.used -= info.size
             raise
 
-    async def drop_corrupt(self, name: str) -> None:
+    async def discard(self, name: str) -> None:
         """Remove a bad local copy (on the loop thread, which owns the LRU)."""
         self.index.remove(name)
         size = self._lru.pop(name, None)
         if size is not None:
             self.used -= size
         await self.store.delete([name])
+
+    async def forget(self, name: str) -> None:
+        """A local copy gone behind our back: its budget is free again."""
+        await self.discard(name)
 
     async def clear(self) -> int:
         n = await super().clear()

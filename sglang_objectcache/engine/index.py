@@ -2,7 +2,8 @@
 
 Filled by this process's own writes, by scanning a disk tier at start, and by other instances'
 manifests for the S3 tier. `batch_exists` is answered from here without a request. A stale
-"present" only costs a miss later: reads verify every byte against the object's checksums.
+"present" costs one miss: reads verify every byte against the object's checksums, and a read that
+finds the object gone removes it (and, for the S3 tier, tells the other instances).
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ class Index:
         self._lock = threading.Lock()
         self._by_key: dict[str, tuple[ObjectInfo, int]] = {}
         self._objects: dict[str, ObjectInfo] = {}
-        self._banned: set[str] = set()
+        self._banned: dict[str, bytes] = {}  # name -> the checksums it failed against
 
     def add(self, info: ObjectInfo) -> None:
         with self._lock:
             if info.name in self._banned:
-                return
+                if self._banned[info.name] == info.checksums:
+                    return
+                del self._banned[info.name]  # announced with other checksums: the object was rewritten
             self._objects[info.name] = info
             for slot, key in enumerate(info.keys):
                 self._by_key[key] = (info, slot)
@@ -79,9 +82,11 @@ class Index:
             return info
 
     def ban(self, name: str) -> None:
-        """Forget an object found corrupt, and ignore it if a manifest announces it again."""
+        """Forget an object found corrupt, and ignore it if a manifest announces it again with the
+        same checksums (other checksums describe other bytes: those are tried)."""
         with self._lock:
-            self._banned.add(name)
+            info = self._objects.get(name)
+            self._banned[name] = info.checksums if info is not None else b""
         self.remove(name)
 
     def lookup(self, key: str) -> tuple[ObjectInfo, int] | None:

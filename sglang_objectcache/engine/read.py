@@ -75,10 +75,11 @@ class ReadContext:
 
 
 def locate(tiers: Sequence[Tier], root: str, keys: Sequence[str]) -> list[PlannedObject]:
-    """The leading run of keys found in some tier, as spans of consecutive slots of one object.
+    """The leading run of keys found in some tier that is up, as spans of consecutive slots of one object.
     An index entry outside the namespace `root` (another model, dtype or geometry) ends the run:
     the checksums in the index vouch for bytes, not for whose bytes they are."""
     objects: list[PlannedObject] = []
+    tiers = [t for t in tiers if t.health.up()]
     for i, key in enumerate(keys):
         hit = next(((t, found) for t in tiers if (found := t.index.lookup(key)) is not None), None)
         if hit is None or not hit[1][0].name.startswith(root):
@@ -313,6 +314,7 @@ class ReadSession:
         if complete is None:  # the object failed on another read: this one counts as done
             self._one_done(read)
             return
+        obj.tier.health.ok()
         for l0, l1 in applied:
             self.readiness.arrived(l0, l1)
         if complete:

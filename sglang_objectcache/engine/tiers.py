@@ -10,15 +10,66 @@ endpoints, a range reader whose pull threads receive ranges straight into their 
 from __future__ import annotations
 
 import collections
+import logging
+import threading
+import time
 from typing import Callable
 
-from ..errors import AlreadyExists
+from ..errors import AlreadyExists, CorruptObject, StoreError
+from ..format import Header, decode_meta
 from ..keys import Namespace
 from ..stores.base import ObjectStore, RangeReader
 from .index import Index, ObjectInfo
 from .journal import ManifestJournal
 from .scheduler import ReadScheduler
 from .slots import PrioritySlots
+
+log = logging.getLogger("sglang_objectcache")
+
+
+async def read_footer(store: ObjectStore, name: str, size: int) -> Header:
+    """An object's footer from its last bytes (two ranged GETs where the footer is long)."""
+    tail = await store.get(name, start=max(0, size - 65536), end=size)
+    h = decode_meta(tail)
+    if h.meta_bytes > len(tail):
+        h = decode_meta(await store.get(name, start=max(0, size - h.meta_bytes), end=size))
+    return h
+
+
+class Health:
+    """A tier whose server could not be reached sits out `exists()` and reads for a while, so that
+    SGLang recomputes instead of admitting hits the tier cannot serve; it comes back by itself
+    when the window ends (the next read tries it), sooner after any read succeeds. The window
+    doubles with each failure in a row, from `base` to `cap` seconds."""
+
+    def __init__(self, name: str, base: float = 1.0, cap: float = 30.0):
+        self.name = name
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+        self.down_until = 0.0
+        self._lock = threading.Lock()
+
+    def up(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self, why: object) -> None:
+        """A request found the server unreachable. Failures while the tier already sits out (the
+        other ranges of the same fetches) do not lengthen the window."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self.down_until:
+                return
+            self.failures += 1
+            window = min(self.cap, self.base * 2 ** (self.failures - 1))
+            self.down_until = now + window
+        log.warning("objectcache: tier %s unavailable (%s); left out of lookups for %.0f s", self.name, why, window)
+
+    def ok(self) -> None:
+        if self.failures:  # a read landed: the server is back
+            with self._lock:
+                self.failures, self.down_until = 0, 0.0
+            log.info("objectcache: tier %s is back", self.name)
 
 
 class Tier:
@@ -32,6 +83,7 @@ class Tier:
         self.ns = ns
         self.index = Index()
         self.slots = slots
+        self.health = Health(name)
         self.requests: collections.Counter[str] = collections.Counter()
 
     async def start(self) -> None:
@@ -47,18 +99,42 @@ class Tier:
             self.requests["get"] += 1
             return await self.store.get(name, start=start, end=end)
 
-    async def write(self, info: ObjectInfo, data) -> None:
+    async def write(self, info: ObjectInfo, data) -> ObjectInfo | None:
+        """Put the object create-only and index it. Where another writer got there first (same
+        name, same pages, maybe other bytes: prefill need not be bitwise deterministic), the stored
+        object is indexed as its footer describes it, never ours; None if that cannot be read."""
         async with self.slots.acquire(write=True):
             self.requests["put"] += 1
             try:
                 await self.store.put(info.name, data, create_only=True)
             except AlreadyExists:
-                pass  # same name, same pages: another writer got there first
-        self.index.add(info)
+                info = await self._adopt(info)
+        if info is not None:
+            self.index.add(info)
+        return info
 
-    async def drop_corrupt(self, name: str) -> None:
+    async def _adopt(self, mine: ObjectInfo) -> ObjectInfo | None:
+        """The stored object of the name `mine` lost to, from its footer."""
+        try:
+            self.requests["get"] += 1
+            h = await read_footer(self.store, mine.name, mine.size)
+        except (StoreError, CorruptObject) as e:
+            log.warning("objectcache: %s exists but its footer cannot be read (%s); not indexed", mine.name, e)
+            return None
+        theirs = ObjectInfo.from_header(mine.name, h)
+        if (theirs.keys, theirs.n_layers, theirs.piece_bytes, theirs.meta_bytes) != (
+                mine.keys, mine.n_layers, mine.piece_bytes, mine.meta_bytes):
+            log.warning("objectcache: %s exists with another geometry; not indexed", mine.name)
+            return None
+        return theirs
+
+    async def discard(self, name: str) -> None:
         """An object found corrupt (already banned from the index): remove our own copy, if the
         tier holds copies of its own. Shared S3 objects are never deleted here."""
+
+    async def forget(self, name: str) -> None:
+        """An object a read found missing (already out of this instance's index): tell whoever
+        shares the index."""
 
     async def clear(self) -> int:
         """Delete every object of this namespace in this tier; returns how many."""
@@ -89,13 +165,14 @@ class S3Tier(Tier):
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, *, max_connections: int,
                  max_write_connections: int, refresh_interval: float, flush_interval: float,
                  startup_timeout: float, scheduler: ReadScheduler | None = None,
-                 range_reader: RangeReader | None = None):
+                 range_reader: RangeReader | None = None, clock: Callable[[], float] = time.time):
         super().__init__(name, store, ns, PrioritySlots(max_connections, max_write_connections))
         self.range_reader = range_reader
         self.scheduler = scheduler
         self.startup_timeout = startup_timeout
         self.journal = ManifestJournal(store, ns, self.index, self.slots, self.requests,
-                                       refresh_interval=refresh_interval, flush_interval=flush_interval)
+                                       refresh_interval=refresh_interval, flush_interval=flush_interval,
+                                       clock=clock)
 
     def pull(self, job: Callable[[], None], dropped: Callable[[], None]) -> None:
         """Run `job` (one range read, received, verified and copied there) on a pull thread of the
@@ -107,9 +184,14 @@ class S3Tier(Tier):
     async def start(self) -> None:
         await self.journal.start(self.startup_timeout)
 
-    async def write(self, info: ObjectInfo, data) -> None:
-        await super().write(info, data)
-        self.journal.record(info)
+    async def write(self, info: ObjectInfo, data) -> ObjectInfo | None:
+        info = await super().write(info, data)
+        if info is not None:
+            self.journal.record(info)
+        return info
+
+    async def forget(self, name: str) -> None:
+        self.journal.retract(name)
 
     def nudge(self) -> None:
         self.journal.nudge()

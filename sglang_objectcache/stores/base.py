@@ -20,8 +20,14 @@ from typing_extensions import Buffer
 
 from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
 
-__all__ = ["APPLIED", "CLOSED", "SHORT", "AlreadyExists", "NotFound", "ObjectStore", "RangePieces", "RangeReader",
-           "RangeSource", "StoreError", "Unavailable"]
+__all__ = ["APPLIED", "CLOSED", "SHORT", "AlreadyExists", "NotFound", "ObjectMeta", "ObjectStore", "RangePieces",
+           "RangeReader", "RangeSource", "StoreError", "Unavailable"]
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    size: int  # bytes
+    modified: float  # seconds since the epoch, by the server's clock (whole seconds on S3)
 
 
 @runtime_checkable
@@ -34,8 +40,8 @@ class ObjectStore(Protocol):
     async def put(self, path: str, data: Buffer, *, create_only: bool = True) -> None:
         """Write a whole object atomically. create_only raises AlreadyExists if it is there."""
 
-    async def head(self, path: str) -> int:
-        """The object's size in bytes; NotFound if absent."""
+    async def head(self, path: str) -> ObjectMeta:
+        """The object's size and last-modified time; NotFound if absent."""
 
     async def list(self, prefix: str, *, start_after: str | None = None) -> list[tuple[str, int]]:
         """(path, size) of every object under prefix, in lexical order, after start_after."""

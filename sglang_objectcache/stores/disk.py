@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import AlreadyExists, NotFound, StoreError
+from .base import ObjectMeta
 
 
 class DiskStore:
@@ -59,9 +60,10 @@ class DiskStore:
     async def put(self, path: str, data, *, create_only: bool = True) -> None:
         await asyncio.to_thread(self._put, path, data, create_only)
 
-    async def head(self, path: str) -> int:
+    async def head(self, path: str) -> ObjectMeta:
         try:
-            return (await asyncio.to_thread(os.stat, self._path(path))).st_size
+            st = await asyncio.to_thread(os.stat, self._path(path))
+            return ObjectMeta(st.st_size, st.st_mtime)
         except FileNotFoundError:
             raise NotFound(f"HEAD {path}") from None
 

@@ -11,6 +11,7 @@ import contextlib
 from typing import Sequence
 
 from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
+from .base import ObjectMeta
 from .credentials import Credentials
 
 
@@ -76,10 +77,10 @@ class Aioboto3S3Store:
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"PUT {path}") from None
 
-    async def head(self, path: str) -> int:
+    async def head(self, path: str) -> ObjectMeta:
         try:
             r = await self._client.head_object(Bucket=self._bucket, Key=path)
-            return int(r["ContentLength"])
+            return ObjectMeta(int(r["ContentLength"]), r["LastModified"].timestamp())
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"HEAD {path}") from None
 
