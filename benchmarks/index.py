@@ -86,22 +86,22 @@ def start(srv, prefix: str, traced: bool) -> dict:
     gc.collect()
     if traced:
         tracemalloc.start()
-    t0 = time.perf_counter()
     try:
-        c = ObjectCache(cfg, fingerprint())
-    except StartupError as e:
-        return {"failed": str(e)[:200], "seconds": time.perf_counter() - t0}
-    finally:
-        took = time.perf_counter() - t0
-    try:
-        out = {"seconds": took, "objects": c.tiers[0].index.n_objects, "pages": c.tiers[0].index.n_pages}
+        t0 = time.perf_counter()
+        try:
+            c = ObjectCache(cfg, fingerprint())
+        except StartupError as e:
+            return {"failed": str(e)[:200], "seconds": time.perf_counter() - t0}
+        out = {"seconds": time.perf_counter() - t0, "objects": c.tiers[0].index.n_objects,
+               "pages": c.tiers[0].index.n_pages}
         if traced:
             gc.collect()
             out["traced_bytes"] = tracemalloc.get_traced_memory()[0]
-            tracemalloc.stop()
+        c.close()
         return out
     finally:
-        c.close()
+        if traced:  # after a failed start too: the next size is timed untraced
+            tracemalloc.stop()
 
 
 def main(argv=None) -> int:

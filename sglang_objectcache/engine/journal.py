@@ -173,13 +173,15 @@ class ManifestJournal:
 
     async def _read(self, path: str) -> dict | None:
         """One manifest's document; None if it is gone, unreadable, or (for now) unreachable."""
+        doc = None
         try:
             async with self.slots.acquire(write=False):
                 self.requests["get"] += 1
                 body = await self.store.get(path)
-            doc = msgpack.unpackb(bytes(body), raw=False)
-            if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list):
+            parsed = msgpack.unpackb(bytes(body), raw=False)
+            if not isinstance(parsed, dict) or not isinstance(parsed.get("objects"), list):
                 raise ValueError("not a manifest")
+            doc = parsed
         except NotFound:
             pass  # cleared meanwhile
         except StoreError as e:  # the server, not the manifest: try again next refresh
@@ -190,13 +192,9 @@ class ManifestJournal:
             log.warning("s3 tier: giving up on manifest %s after %d attempts: %s", path, tries, e)
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             log.warning("s3 tier: skipping unreadable manifest %s: %s", path, e)
-        else:
-            self._failed.pop(path, None)
-            self._seen.add(path)
-            return doc
-        self._failed.pop(path, None)
+        self._failed.pop(path, None)  # read, gone, unreadable or given up on: done with it
         self._seen.add(path)
-        return None
+        return doc
 
     def _apply(self, path: str, doc: dict) -> int:
         """Announced objects into the index, retracted ones out; an unreadable entry is skipped."""
