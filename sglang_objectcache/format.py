@@ -69,6 +69,12 @@ class Header:
     def checksum(self, layer: int, slot: int) -> int:
         return self.sums[layer * self.n_pages + slot]
 
+    @functools.cached_property
+    def digest(self) -> int:
+        """xxh3-64 of the checksum table: names these bytes (not this name) in 8 bytes, for the
+        index and the journal, which do not hold the table."""
+        return xxh3_64(readonly_address(self.checksums), len(self.checksums)) if self.checksums else 0
+
 
 def _pack_footer(fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes) -> bytes:
     return msgpack.packb(
@@ -173,6 +179,12 @@ def _piece_copies_by_call(segments: SegmentFn, n_layers: int, n: int, piece: int
                 raise ValueError(f"page {first + slot} layer {layer}: {pos - start} bytes, expected {piece}")
             pieces.append(base + start)
     return copies, pieces
+
+
+def encode_meta(h: Header) -> bytes:
+    """Footer + trailer of an object as `encode` wrote them (msgpack of the same map: the same bytes)."""
+    footer = _pack_footer(h.fingerprint, h.keys, h.n_layers, h.piece_bytes, h.checksums)
+    return footer + TRAILER.pack(MAGIC, VERSION, 0, len(footer), 0)
 
 
 def meta_bytes_for(fp: str, keys: Sequence[str], n_layers: int, piece: int) -> int:

@@ -14,6 +14,8 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
+import xxhash
+
 OBJECT_LAYOUT = "lkv1"  # layer-major, K then V per (layer, page); see docs/format.md
 
 
@@ -48,6 +50,13 @@ class Fingerprint:
         )
 
 
+def key_hash(key: str) -> int:
+    """A page key as the index holds it: 64 bits of xxh3 (8 bytes instead of a 64-character
+    string). Two keys sharing a hash would make a lookup name the wrong page, which the read then
+    refuses: it checks the object's footer, which lists the full keys."""
+    return xxhash.xxh3_64_intdigest(key.encode())
+
+
 def slug(text: str) -> str:
     """A readable, S3-safe path component (the model name can be a filesystem path)."""
     s = re.sub(r"[^A-Za-z0-9._\-]+", "-", text).strip("-.")
@@ -74,3 +83,7 @@ class Namespace:
     @property
     def manifest_prefix(self) -> str:
         return f"{self.root}m/"
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return f"{self.root}k/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -18,6 +19,7 @@ from engine_util import Pages, fingerprint, keys
 
 from sglang_objectcache import native as native_mod
 from sglang_objectcache.config import parse_config
+from sglang_objectcache.engine.index import pack_hashes
 from sglang_objectcache.engine.cache import ObjectCache, StartupError
 from testbed import servers
 
@@ -158,7 +160,7 @@ def test_object_of_another_fingerprint_never_loads(s3_env, prefix, range_bytes):
         assert b.exists(ks) == 0
         # even an index entry pointing at the other deployment's object is never read
         info = a.tiers[0].index.lookup(ks[0])[0]
-        b.tiers[0].index.add(info)
+        b.tiers[0].index.add(dataclasses.replace(info, hashes=pack_hashes(ks)))
         dst = Pages.empty_like(src)
         assert b.get(ks, dst.segments()) == [False] * 3
         assert not dst.data.any()
@@ -322,7 +324,7 @@ def test_startup_errors_name_the_cause_and_hide_the_secret(seaweedfs, monkeypatc
 
 @pytest.mark.parametrize("table", [False, True], ids=["fn", "table"])
 def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog, table):
-    """Objects larger than read_range_bytes are read in ranges verified against the index's
+    """Objects larger than read_range_bytes are read in ranges verified against the footer's
     checksums; a flipped byte in any range fails the whole object's pages."""
     cfg = parse_config({"tiers": [s3_tier(s3_env, prefix)], "read_range_bytes": "16KiB"})
     a = ObjectCache(cfg, fingerprint("m"))
@@ -340,8 +342,9 @@ def test_damaged_range_of_a_ranged_read_is_a_miss(s3_env, prefix, caplog, table)
             assert b.get(ks, dst.segments(table=table)) == [False] * 4
         assert "checksum mismatch at layer 3" in caplog.text
         assert dst.only_verified_from(src)
-        # one manifest GET at start, then one range per 32 KiB layer block; no footer GET
-        assert b.tiers[0].requests["get"] == 1 + 4
+        # one manifest GET at start, then one range per 32 KiB layer block and, beside them, the
+        # footer (a new instance holds none)
+        assert b.tiers[0].requests["get"] == 1 + 4 + 1
     finally:
         b.close()
 
@@ -597,6 +600,7 @@ def test_first_layer_hold_starts_later_ranges_once_layer_zero_is_in(s3_env, pref
     fetch whose caller waits for the whole of it, they start at once."""
     src, ks, b = _written_then_reader(s3_env, prefix, seed=16, native="on", read_range_bytes="64KiB",
                                       first_layer_hold=hold)  # 2 layers a range: [0, 2) and [2, 4)
+    assert all(b.get(ks, Pages.empty_like(src).segments()))  # its footer is held now: pieces stream in
     starts = []
     reader = b.tiers[0].range_reader.http
     orig = reader.read_pieces

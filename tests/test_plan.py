@@ -15,11 +15,11 @@ L, P = 32, 256 << 10  # Llama-3.1-8B: 32 layers, 256 KiB per page per layer
 
 
 def obj(n_pages: int, name: str = "o") -> ObjectInfo:
-    return ObjectInfo(name, tuple(f"{name}{i}" for i in range(n_pages)), L, P, 3000, bytes(8 * L * n_pages))
+    return ObjectInfo(name, n_pages, L, P, 3000)
 
 
 def planned(*infos):
-    return [PlannedObject(None, info, 0, list(range(len(info.keys)))) for info in infos]
+    return [PlannedObject(None, info, 0, list(range(info.n_pages))) for info in infos]
 
 
 def test_layer_order_exact_coverage_and_range_sizes():
@@ -30,10 +30,10 @@ def test_layer_order_exact_coverage_and_range_sizes():
     assert firsts == sorted(firsts)
     for i, info in enumerate(infos):
         reads = sorted((r for r in plan.reads if r.obj == i), key=lambda r: r.start)
-        # contiguous, exactly the data bytes, no footer read (checksums are in the index)
+        # contiguous, exactly the data bytes, no footer in any range (it is asked for beside them)
         assert reads[0].start == 0 and reads[-1].end == info.data_bytes
         assert all(a.end == b.start for a, b in zip(reads, reads[1:]))
-        block = len(info.keys) * P
+        block = info.n_pages * P
         assert all(r.start % block == 0 and r.nbytes <= 8 << 20 for r in reads)
     # 8-page objects: 4 layers (8 MiB) per range; the 3-page object: 10 layers (7.5 MiB) per range
     assert {r.nbytes for r in plan.reads if r.obj == 0} == {8 << 20}

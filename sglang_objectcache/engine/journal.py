@@ -6,6 +6,18 @@ order; every instance lists manifests newer than the last it saw every `index_re
 (sooner when nudged by an index miss) and applies them to its index in name order: announced
 objects are added, retracted ones (tombstones) removed. `docs/format.md` describes a manifest.
 
+Checkpoints: the journal is folded into checkpoints under `<namespace>/k/`, named by a sequence
+number (`<epoch>`), each the index of the instance that wrote it: its live objects and their key
+hashes as columns, and a cover time: every manifest named before it is in the checkpoint. Any
+instance that has applied `CHECKPOINT_AFTER` manifests (give or take a random share, so that not
+all try at once) since the newest checkpoint it knows of writes the next one with a create-only
+PUT, so exactly one writer wins each epoch, with nothing to coordinate; the others see the new
+epoch and count again. `DELETE_DELAY` after its checkpoint lands, the winner deletes the
+manifests it covers and older checkpoints: later than any new instance that read the previous
+checkpoint could still be reading those manifests (its start takes at most the startup limit). A
+new instance reads the newest checkpoint and the manifests after its cover: a start that does
+not grow with the history.
+
 Clocks: the milliseconds in a name are the server's time, not the writer's (each instance
 measures the offset of its clock from the server's through a probe object's Last-Modified), so
 instances whose clocks disagree by minutes still order their manifests within about a second;
@@ -19,13 +31,14 @@ import asyncio
 import collections
 import logging
 import os
+import random
 import time
 import uuid
 from typing import Callable
 
 import msgpack
 
-from ..errors import NotFound, StoreError
+from ..errors import AlreadyExists, NotFound, StoreError
 from ..keys import Namespace
 from .index import Index, ObjectInfo
 from .slots import PrioritySlots
@@ -38,6 +51,8 @@ MANIFEST_SKEW_MS = 60_000
 NUDGE_EVERY = 1.0  # seconds: at most one early refresh per this long, however many index misses
 GET_ATTEMPTS = 5  # a manifest whose GET keeps failing is tried this many refreshes, then skipped
 CLOCK_EVERY = 600.0  # seconds between measurements of the server's clock
+CHECKPOINT_AFTER = 500  # manifests since the newest checkpoint before an instance writes the next
+DELETE_DELAY = 60.0  # seconds from a checkpoint to the deletion of what it covers (twice the startup limit)
 
 
 class ManifestJournal:
@@ -66,6 +81,13 @@ class ManifestJournal:
         self._tasks: list[asyncio.Task] = []
         self._flushing = asyncio.Lock()  # one flush at a time: a flush publishes all recorded before it
         self.last_refresh = 0.0
+        self.delete_delay = DELETE_DELAY
+        self.checkpoint_after = CHECKPOINT_AFTER
+        self._epoch = 0  # the newest checkpoint this instance knows of
+        self._cover = 0  # ms: manifests named before it are in the checkpoint this instance loaded
+        self._since = 0  # manifests applied or written since the newest checkpoint known
+        self._jitter = 1 + random.random() / 2
+        self._checkpointing: asyncio.Task | None = None
 
     async def start(self, timeout: float) -> None:
         """Learn what the namespace holds now (within `timeout`), then keep flushing and refreshing."""
@@ -76,6 +98,7 @@ class ManifestJournal:
 
     async def _start(self) -> None:
         await self.sync_clock()
+        await self.load_checkpoint()
         await self.refresh()
 
     def now_ms(self) -> int:
@@ -132,13 +155,14 @@ class ManifestJournal:
             self._seq += 1
             name = f"{self.ns.manifest_prefix}{self.now_ms():013d}-{self.writer}-{self._seq:06d}"
             root = len(self.ns.root)
-            body = msgpack.packb({"v": 1, "objects": [i.to_wire(self.ns.root) for i in batch],
+            body = msgpack.packb({"v": 2, "objects": [i.to_wire(self.ns.root) for i in batch],
                                   "gone": [g[root:] for g in gone]}, use_bin_type=True)
             try:
                 async with self.slots.acquire(write=True):
                     self.requests["put"] += 1
                     await self.store.put(name, body, create_only=False)
                 self._seen.add(name)
+                self._since += 1
             except BaseException as e:
                 self._pending[:0] = batch  # keep them for the next try (announcing twice is harmless)
                 self._gone[:0] = gone
@@ -149,18 +173,22 @@ class ManifestJournal:
     async def refresh(self) -> int:
         """Apply the manifests written since the last refresh (and those whose GET failed before)
         in name order; returns how many objects they announced."""
+        if self.last_refresh and time.monotonic() - self.last_refresh > self.delete_delay / 2:
+            await self.load_checkpoint(newer_than=self._epoch)  # what was folded and deleted meanwhile
         start_after = None
         if self._last_ms:
             start_after = f"{self.ns.manifest_prefix}{max(0, self._last_ms - MANIFEST_SKEW_MS):013d}"
         async with self.slots.acquire(write=False):
             self.requests["list"] += 1
             listed = [p for p, _ in await self.store.list(self.ns.manifest_prefix, start_after=start_after)]
-        new = sorted({p for p in listed if p not in self._seen and f"-{self.writer}-" not in p} | set(self._failed))
+        new = sorted({p for p in listed if p not in self._seen and f"-{self.writer}-" not in p
+                      and (_name_ms(p, self.ns.manifest_prefix) or 0) >= self._cover} | set(self._failed))
         docs = await asyncio.gather(*(self._read(p) for p in new))
         learned = 0
         for path, doc in zip(new, docs):  # in name order: a later retraction wins, a later announcement too
             if doc is not None:
                 learned += self._apply(path, doc)
+                self._since += 1
         now = self.now_ms()
         for p in listed:  # never past our own now: a manifest named in the future must not hide later ones
             ms = _name_ms(p, self.ns.manifest_prefix)
@@ -210,6 +238,108 @@ class ManifestJournal:
                 self.index.remove(self.ns.root + rel)
         return learned
 
+    # ---- checkpoints --------------------------------------------------------------------
+
+    async def _checkpoints(self) -> list[tuple[int, str]]:
+        """(epoch, name) of the checkpoints listed, oldest first."""
+        async with self.slots.acquire(write=False):
+            self.requests["list"] += 1
+            listed = await self.store.list(self.ns.checkpoint_prefix)
+        out = []
+        for path, _ in listed:
+            try:
+                out.append((int(path[len(self.ns.checkpoint_prefix):]), path))
+            except ValueError:
+                pass
+        return sorted(out)
+
+    async def load_checkpoint(self, newer_than: int = 0) -> bool:
+        """Start from the newest readable checkpoint, if any: its objects into the index, its cover
+        as the point from which manifests are read. Also how an instance that could not refresh
+        for a while catches up on manifests deleted meanwhile (`newer_than` its newest known)."""
+        for epoch, path in reversed(await self._checkpoints()):
+            if epoch <= newer_than:
+                break
+            try:
+                async with self.slots.acquire(write=False):
+                    self.requests["get"] += 1
+                    body = await self.store.get(path)
+                doc = await asyncio.to_thread(msgpack.unpackb, bytes(body), raw=False)
+                n = await asyncio.to_thread(self.index.load, doc)
+                cover = int(doc["cover"])
+            except NotFound:
+                continue  # deleted meanwhile: an older one may still be there
+            except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
+                log.warning("s3 tier: skipping unreadable checkpoint %s: %s", path, e)
+                continue
+            self._epoch, self._since = max(self._epoch, epoch), 0
+            self._cover = max(self._cover, cover)
+            self._last_ms = max(self._last_ms, cover)
+            log.info("s3 tier: checkpoint %d: %d objects", epoch, n)
+            return True
+        return False
+
+    async def checkpoint(self) -> bool:
+        """Write the next checkpoint (create-only: one writer wins each epoch) and, `delete_delay`
+        later, delete what it covers. False where another instance wrote one first."""
+        newest = max((e for e, _ in await self._checkpoints()), default=0)
+        if newest > self._epoch:  # someone else did: count from it
+            self._epoch, self._since = newest, 0
+            return False
+        cover = max(0, self._last_ms - MANIFEST_SKEW_MS)  # every manifest before it was listed and applied...
+        for p in self._failed:  # ...except those still being retried
+            cover = min(cover, _name_ms(p, self.ns.manifest_prefix) or 0)
+        cols = await asyncio.to_thread(self.index.export)
+        body = await asyncio.to_thread(msgpack.packb, {"v": 1, "cover": cover, "writer": self.writer, **cols},
+                                       use_bin_type=True)
+        epoch = self._epoch + 1
+        try:
+            async with self.slots.acquire(write=True):
+                self.requests["put"] += 1
+                await self.store.put(f"{self.ns.checkpoint_prefix}{epoch:010d}", body, create_only=True)
+        except AlreadyExists:
+            self._epoch, self._since = epoch, 0
+            return False
+        self._epoch, self._since = epoch, 0
+        log.info("s3 tier: wrote checkpoint %d (%d objects, %.1f MiB)", epoch, len(cols["names"]), len(body) / 2**20)
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self._delete_covered(epoch, cover)))
+        return True
+
+    async def _delete_covered(self, epoch: int, cover: int) -> None:
+        """After `delete_delay`: the manifests named before `cover` and the checkpoints before `epoch`."""
+        await asyncio.sleep(self.delete_delay)
+        try:
+            async with self.slots.acquire(write=False):
+                self.requests["list"] += 1
+                old = [p for p, _ in await self.store.list(self.ns.manifest_prefix)
+                       if (_name_ms(p, self.ns.manifest_prefix) or cover) < cover]
+            old += [p for e, p in await self._checkpoints() if e < epoch]
+            for i in range(0, len(old), 1000):
+                async with self.slots.acquire(write=True):
+                    self.requests["delete"] += 1
+                    await self.store.delete(old[i:i + 1000])
+            log.info("s3 tier: deleted %d manifests and checkpoints covered by checkpoint %d", len(old), epoch)
+        except StoreError as e:
+            log.warning("s3 tier: cannot delete what checkpoint %d covers (the next one will): %s", epoch, e)
+
+    def _maybe_checkpoint(self) -> None:
+        if self._since < self.checkpoint_after * self._jitter:
+            return
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._checkpointing = asyncio.create_task(self._checkpoint_safely())
+
+    async def _checkpoint_safely(self) -> None:
+        try:
+            await self.checkpoint()
+        except StoreError as e:
+            self._since = 0  # try again after as many manifests more
+            log.warning("s3 tier: cannot write a checkpoint (will retry later): %s", e)
+        except Exception:  # noqa: BLE001 - never take the refresh loop down
+            self._since = 0
+            log.exception("s3 tier: checkpoint failed")
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval)
@@ -230,6 +360,7 @@ class ManifestJournal:
             self._nudge.clear()
             try:
                 await self.refresh()
+                self._maybe_checkpoint()
             except StoreError as e:
                 log.warning("s3 tier: index refresh failed (will retry): %s", e)
             except Exception:  # noqa: BLE001 - this loop must survive anything
@@ -245,12 +376,14 @@ class ManifestJournal:
         self._seen.clear()
         self._failed.clear()
         self._last_ms = 0
+        self._epoch = self._cover = self._since = 0
 
     async def stop(self) -> None:
         """Stop the loops and publish what is pending (best effort)."""
-        for t in self._tasks:
+        tasks = self._tasks + [self._checkpointing] if self._checkpointing else self._tasks
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.flush()
         except Exception:  # noqa: BLE001 - best effort at shutdown

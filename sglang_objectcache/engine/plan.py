@@ -58,11 +58,11 @@ class FetchPlan:
 def object_ranges(info: ObjectInfo, range_bytes: int) -> list[tuple[int, int, int, int]]:
     """(start, end, l0, l1) of one object: whole when its data fits one range (footer included,
     and checked), else layer groups of about range_bytes, aligned to layer blocks (the server
-    stores an object in aligned chunks). The index holds every object's checksums, so no footer
-    read precedes the data."""
+    stores an object in aligned chunks). A footer not held is asked for beside the data, never
+    before it (`read.ReadSession`)."""
     if info.data_bytes <= range_bytes:
         return [(0, info.size, 0, info.n_layers)]
-    block = len(info.keys) * info.piece_bytes  # one layer of every page of the object
+    block = info.n_pages * info.piece_bytes  # one layer of every page of the object
     per = max(1, range_bytes // block)
     return [(l0 * block, min(l0 + per, info.n_layers) * block, l0, min(l0 + per, info.n_layers))
             for l0 in range(0, info.n_layers, per)]

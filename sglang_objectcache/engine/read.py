@@ -8,8 +8,9 @@
    threads from its grant to its end (`_pull`) and is checked and copied there, piece by piece as
    it arrives; elsewhere the store's bytes come back to the loop as a task's result (`_fetched`)
    and a copy thread takes them (`_copy`).
-4. Verify and copy: every piece against the index's checksums, into the caller's pages
+4. Verify and copy: every piece against its object's footer, into the caller's pages
    (`reader.ObjectRead`); each layer counts as ready once all its pieces are in (`readiness.py`).
+   A footer the tier does not hold is asked for with the data (`_spawn`), never before it.
 5. Collect (`wait`): one bool per key once every read has landed or failed; after the deadline
    or `cancel()` the rest is a miss, and `wait` returns only once no copy into the caller's
    buffers is running.
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .. import native
-from ..errors import CorruptObject
-from ..format import SegmentFn
+from ..errors import CorruptObject, StoreError
+from ..format import SegmentFn, encode_meta
 from ..stores.base import CLOSED, SHORT
 from . import switch
 from .plan import PlannedObject, Read, plan_fetch
@@ -41,6 +42,10 @@ from .scheduler import DirectRead
 from .tiers import Tier
 
 log = logging.getLogger("sglang_objectcache")
+
+class CancelledError(Exception):
+    """A read session was cancelled while a range waited for its footer."""
+
 
 DELIVERED = object()  # a pulled read's outcome: its bytes are in place (or it failed and said so)
 SKIPPED = object()  # a pulled read that never started: the session was cancelled first
@@ -77,7 +82,7 @@ class ReadContext:
 def locate(tiers: Sequence[Tier], root: str, keys: Sequence[str]) -> list[PlannedObject]:
     """The leading run of keys found in some tier that is up, as spans of consecutive slots of one object.
     An index entry outside the namespace `root` (another model, dtype or geometry) ends the run:
-    the checksums in the index vouch for bytes, not for whose bytes they are."""
+    a footer's checksums vouch for bytes, not for whose bytes they are."""
     objects: list[PlannedObject] = []
     tiers = [t for t in tiers if t.health.up()]
     for i, key in enumerate(keys):
@@ -108,8 +113,12 @@ class ReadSession:
         for r in self.plan.reads:
             per_object[r.obj] += 1
         self._jobs = [ObjectRead(o.info, o.slots, o.first, per_object[i], ctx.digest, ctx.verify,
+                                 keys[o.first:o.first + len(o.slots)], o.tier.headers.get(o.info.name, o.info.digest),
                                  bytearray(o.info.size) if self._promotes(o) else None)
                       for i, o in enumerate(self.plan.objects)]
+        whole = {r.obj for r in self.plan.reads if r.start == 0 and r.end == self.plan.objects[r.obj].info.size}
+        # objects whose footer must be asked for: not held, and not read whole (a whole read carries it)
+        self._footers = [i for i, j in enumerate(self._jobs) if j.header is None and i not in whole]
         self._rids: dict[Tier, int] = {}  # tier -> its scheduler's id for this request (loop only)
         self._positions: dict[int, int] = {}  # id(read) -> its place in its tier's registered reads
         self._lock = threading.Lock()
@@ -148,7 +157,13 @@ class ReadSession:
         return self
 
     def _spawn(self) -> None:
-        """On the loop: register with the schedulers, then start or queue every read."""
+        """On the loop: ask for the footers not held, register with the schedulers, then start or
+        queue every read. A footer request is small and goes first, beside the data, not before it."""
+        for i in self._footers:
+            o = self.plan.objects[i]
+            task = self.ctx.loop.create_task(o.tier.header(o.info))
+            self._futs.add(task)
+            task.add_done_callback(functools.partial(self._footer, i))
         try:
             self._register()
         except Exception as e:  # noqa: BLE001 - a failed registration fails the session, not the loop
@@ -213,6 +228,28 @@ class ReadSession:
                                                                 never_ran), skip))
 
     # ---- receive -------------------------------------------------------------------------
+
+    def _footer(self, i: int, task: asyncio.Task) -> None:
+        """On the loop thread: object i's footer came (its ranges waiting for it go on), or cannot."""
+        self._futs.discard(task)
+        obj, job = self.plan.objects[i], self._jobs[i]
+        exc = CancelledError("cancelled") if task.cancelled() else task.exception()
+        if exc is None:
+            try:
+                job.set_header(task.result())
+                obj.tier.headers.put(obj.info.name, job.header)
+                return
+            except CorruptObject as e:
+                exc = e
+        job.header_failed(exc)
+        if isinstance(exc, CorruptObject):
+            with job.lock:
+                first = not job.failed
+                job.failed = True
+            if first:
+                self.ctx.on_event("corrupt", obj, exc)
+        elif not isinstance(exc, CancelledError):
+            self.ctx.on_event("io_error", obj, exc)
 
     def _fetched(self, read: Read, task: asyncio.Task) -> None:
         """On the loop thread: hand the bytes to a copy thread, or record the failure."""
@@ -303,6 +340,8 @@ class ReadSession:
             if first:
                 self.ctx.on_event("corrupt", obj, e)
             self._fail(read, f"corrupt object {obj.info.name}: {e}")
+        elif isinstance(e, (StoreError, CancelledError)):  # its footer could not be had: reported then
+            self._fail(read, f"no footer for {obj.info.name}: {e}")
         else:
             self.ctx.on_event("copy_error", obj, e)
             self._fail(read, f"cannot copy {obj.info.name}: {e}")
@@ -320,7 +359,8 @@ class ReadSession:
         if complete:
             for j in range(len(obj.slots)):
                 self.ok[obj.first + j] = True
-            if job.promote is not None:
+            if job.promote is not None:  # ranges of the data only: the footer as it was read
+                job.promote[obj.info.data_bytes:] = encode_meta(job.header)
                 self.ctx.on_event("promote", obj, job.promote)
         self._one_done(read)
 
@@ -369,6 +409,8 @@ class ReadSession:
         self.readiness.fail(reason)
         with self._lock:
             self._cancelled = True
+        for job in self._jobs:  # ranges waiting for a footer stop waiting
+            job.header_failed(CancelledError(reason))
         self._gate.close()  # pieces on their way in stop at the next one; none is being copied after this
         try:
             self.ctx.loop.call_soon_threadsafe(self._cancel_on_loop)

@@ -1,15 +1,19 @@
-"""Receiving one object's ranges: verify each against its checksums, copy it into place.
+"""Receiving one object's ranges: verify each against its footer's checksums, copy it into place.
 
 Ranges are planned by plan.py (layer-aligned, about `read_range_bytes`); they arrive in any order
-and from several threads. Each is verified against the checksums the index already holds (from the
-writer's manifest or the object's own footer) as soon as it arrives, so no range waits for the
-footer; a whole-object read also checks the footer it carries against the index.
+and from several threads. The footer says what every range is checked against: it is known
+before the read where the tier holds it (`headers.HeaderCache`), comes with the data where the
+object is read whole, and otherwise arrives by its own small request sent with the data requests
+(`read.ReadSession`); a range that lands before it waits for it. Every footer is checked against
+the index (shape, digest) and the request (the full keys of the pages copied), so a stale index
+entry or a colliding key hash is a miss, never someone else's pages.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -19,6 +23,8 @@ from ..format import Header, decode_header, piece_copies, readonly_address
 from ..stores.base import RangePieces
 from .index import ObjectInfo
 
+HEADER_WAIT = 120.0  # seconds a range waits for its footer at most (a cancelled read stops it sooner)
+
 @dataclass
 class ObjectRead:
     """The state of one object's read: how many ranges are in, a promotion buffer."""
@@ -27,15 +33,52 @@ class ObjectRead:
     slots: list[int]  # object slots wanted, in call order
     first: int  # index of the first wanted key in the call
     n_ranges: int
-    digest: str
+    fingerprint: str
     verify: bool
+    keys: Sequence[str]  # the request's keys of `slots`, in call order
+    header: Header | None = None  # what every range is checked against, once known
     promote: bytearray | None = None
     done_ranges: int = 0
     failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.header: Header = self.info.header(self.digest)  # what every range is checked against
+        self._known = threading.Event()  # the header is set, or cannot be
+        self._header_error: BaseException | None = None
+        if self.header is not None:
+            try:
+                self.header = self._check(self.header)
+                self._known.set()
+            except CorruptObject:  # a held footer that does not fit: read the stored one
+                self.header = None
+
+    def set_header(self, h: Header) -> Header:
+        """The object's footer, from its own request or its whole bytes: checked, then every
+        range waiting for it goes on. CorruptObject where it is not the object the read wants."""
+        try:
+            h = self._check(h)
+        except CorruptObject as e:
+            self.header_failed(e)
+            raise
+        with self.lock:
+            if self.header is None:
+                self.header = h
+        self._known.set()
+        return self.header
+
+    def header_failed(self, e: BaseException) -> None:
+        """The footer cannot be had (gone, unreadable, cancelled): ranges waiting for it fail with `e`."""
+        with self.lock:
+            if self._header_error is None and self.header is None:
+                self._header_error = e
+        self._known.set()
+
+    def wait_header(self, timeout: float = HEADER_WAIT) -> Header:
+        if not self._known.wait(timeout):
+            raise TimeoutError(f"no footer after {timeout:.0f} s")
+        if self.header is None:
+            raise self._header_error
+        return self.header
 
     def deliver(self, start: int, end: int, l0: int, l1: int, data, segments) -> tuple[list, bool | None]:
         """Take one range's bytes. Returns the layer spans [(l0, l1)] now verified and copied, and
@@ -49,9 +92,13 @@ class ObjectRead:
                 return [], None
         if len(data) != end - start:
             raise CorruptObject(f"range {start}-{end} returned {len(data)} bytes: object truncated")
-        if start == 0 and end == self.info.size:  # a whole object: its footer must agree
-            if self._check(decode_header(data)).checksums != self.header.checksums:
-                raise CorruptObject("footer checksums differ from the index's")
+        if start == 0 and end == self.info.size:  # a whole object: it carries its footer
+            h = decode_header(data)
+            if self.header is not None and h.checksums != self.header.checksums:
+                raise CorruptObject("footer checksums differ from the ones this read expected")
+            self.set_header(h)
+        else:
+            self.wait_header()
         self._apply(start, l0, l1, data, segments)
         if self.promote is not None:
             self.promote[start:end] = data
@@ -59,11 +106,15 @@ class ObjectRead:
         return ([], None) if complete is None else ([(l0, l1)], complete)
 
     def _check(self, h: Header) -> Header:
-        if h.fingerprint != self.digest:
+        if h.fingerprint != self.fingerprint:
             raise CorruptObject("fingerprint differs: written by another model, dtype or geometry")
-        if (h.keys, h.n_layers, h.piece_bytes, h.meta_bytes) != (
-                self.info.keys, self.info.n_layers, self.info.piece_bytes, self.info.meta_bytes):
+        if (h.n_pages, h.n_layers, h.piece_bytes, h.meta_bytes) != (
+                self.info.n_pages, self.info.n_layers, self.info.piece_bytes, self.info.meta_bytes):
             raise CorruptObject("footer does not match the index entry or this pool's geometry")
+        if self.info.digest and h.digest != self.info.digest:
+            raise CorruptObject("footer checksums differ from the ones announced for this object")
+        if any(h.keys[slot] != key for slot, key in zip(self.slots, self.keys)):
+            raise CorruptObject("footer keys differ from the pages asked for")
         return h
 
     def _apply(self, start: int, l0: int, l1: int, buf, segments) -> None:
@@ -131,7 +182,7 @@ class ObjectRead:
         """The range as pieces to check and copy while they arrive (`RangeSource.apply`); None
         where it must be received whole first: no table of targets, a promotion buffer to fill."""
         table = getattr(segments, "table", None)
-        if table is None or self.promote is not None:
+        if table is None or self.promote is not None or self.header is None:
             return None
         off, seg, expect = self._targets(l0, l1, table)
         if (off < start).any() or (off + self.header.piece_bytes > end).any():

@@ -19,6 +19,7 @@ from ..errors import AlreadyExists, CorruptObject, StoreError
 from ..format import Header, decode_meta
 from ..keys import Namespace
 from ..stores.base import ObjectStore, RangeReader
+from .headers import HeaderCache
 from .index import Index, ObjectInfo
 from .journal import ManifestJournal
 from .scheduler import ReadScheduler
@@ -81,7 +82,8 @@ class Tier:
         self.name = name
         self.store = store
         self.ns = ns
-        self.index = Index()
+        self.index = Index(ns.root)
+        self.headers = HeaderCache()  # footers of the objects in use (the index holds no checksums)
         self.slots = slots
         self.health = Health(name)
         self.requests: collections.Counter[str] = collections.Counter()
@@ -93,6 +95,13 @@ class Tier:
         async with self.slots.acquire(write=False):
             self.requests["get"] += 1
             return await self.store.get(info.name)
+
+    async def header(self, info: ObjectInfo) -> Header:
+        """An object's footer: one ranged GET of exactly its last `meta_bytes`."""
+        async with self.slots.acquire(write=False):
+            self.requests["get"] += 1
+            tail = await self.store.get(info.name, start=info.data_bytes, end=info.size)
+        return decode_meta(tail)
 
     async def read_range(self, name: str, start: int, end: int):
         async with self.slots.acquire(write=False):
@@ -107,6 +116,7 @@ class Tier:
             self.requests["put"] += 1
             try:
                 await self.store.put(info.name, data, create_only=True)
+                self.headers.put(info.name, decode_meta(data))  # it is likely read soon
             except AlreadyExists:
                 info = await self._adopt(info)
         if info is not None:
@@ -122,10 +132,10 @@ class Tier:
             log.warning("objectcache: %s exists but its footer cannot be read (%s); not indexed", mine.name, e)
             return None
         theirs = ObjectInfo.from_header(mine.name, h)
-        if (theirs.keys, theirs.n_layers, theirs.piece_bytes, theirs.meta_bytes) != (
-                mine.keys, mine.n_layers, mine.piece_bytes, mine.meta_bytes):
-            log.warning("objectcache: %s exists with another geometry; not indexed", mine.name)
+        if not theirs.same_shape(mine) or theirs.hashes != mine.hashes:
+            log.warning("objectcache: %s exists with other pages or another geometry; not indexed", mine.name)
             return None
+        self.headers.put(mine.name, h)
         return theirs
 
     async def discard(self, name: str) -> None:
@@ -139,6 +149,7 @@ class Tier:
     async def clear(self) -> int:
         """Delete every object of this namespace in this tier; returns how many."""
         self.index.clear()
+        self.headers.clear()
         names = [p for p, _ in await self.store.list(self.ns.root)]
         self.requests["list"] += 1
         await self.store.delete(names)

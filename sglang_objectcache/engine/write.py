@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from ..config import ObjectCacheConfig
-from ..errors import StoreError
+from ..errors import CorruptObject, StoreError
 from ..format import SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
 from .events import RateLimitedLog, Stats
@@ -143,6 +143,8 @@ class Writer:
                 if not self.tiers[0].index.has_object(info.name):
                     return  # evicted before its turn; nothing to copy
                 data = await self.tiers[0].read(info)
+                if decode_header(data).digest != info.digest:  # rewritten or damaged meanwhile
+                    raise CorruptObject(f"{info.name} changed in {self.tiers[0].name} before its write-back")
             for t in self.tiers[1:]:
                 await t.write(info, data)
         finally:
@@ -157,6 +159,8 @@ class Writer:
         return not self.tiers[0].index.has_object(info.name) and len(self.background) <= MAX_BACKGROUND
 
     def promote(self, info: ObjectInfo, data) -> None:
-        """An object read whole from a lower tier: write it into the first tier, in the background."""
+        """An object read whole (and verified) from a lower tier: write it into the first tier, in
+        the background, indexed by its footer's keys."""
+        info = ObjectInfo.from_header(info.name, decode_header(data))
         self.background.spawn(self.tiers[0].write(info, data), "promote")
         self.stats.add(promotions=1)
