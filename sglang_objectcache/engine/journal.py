@@ -88,6 +88,7 @@ class ManifestJournal:
         self._since = 0  # manifests applied or written since the newest checkpoint known
         self._jitter = 1 + random.random() / 2
         self._checkpointing: asyncio.Task | None = None
+        self.deleting: asyncio.Task | None = None  # the deletion after the last checkpoint written
 
     async def start(self, timeout: float) -> None:
         """Learn what the namespace holds now (within `timeout`), then keep flushing and refreshing."""
@@ -303,7 +304,8 @@ class ManifestJournal:
         self._epoch, self._since = epoch, 0
         log.info("s3 tier: wrote checkpoint %d (%d objects, %.1f MiB)", epoch, len(cols["names"]), len(body) / 2**20)
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(self._delete_covered(epoch, cover)))
+        self.deleting = asyncio.create_task(self._delete_covered(epoch, cover))
+        self._tasks.append(self.deleting)
         return True
 
     async def _delete_covered(self, epoch: int, cover: int) -> None:
