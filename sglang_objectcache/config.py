@@ -39,7 +39,7 @@ _SIZE_UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
-_DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
 def parse_size(value: Any, key: str) -> int:
@@ -61,13 +61,13 @@ def parse_size(value: Any, key: str) -> int:
 
 
 def parse_duration(value: Any, key: str, *, allow_zero: bool = False) -> float:
-    """Seconds as a number, or '250ms', '5s', '2m'."""
+    """Seconds as a number, or '250ms', '5s', '2m', '6h', '30d'."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected seconds (a number) or a string like '500ms', got {value!r}")
     if isinstance(value, (int, float)):
         s = float(value)
     elif isinstance(value, str) and (m := _DUR_RE.match(value)):
-        s = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2) or "s"]
+        s = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}[m.group(2) or "s"]
     else:
         raise ConfigError(f"{key}: cannot read {value!r} as a duration; write seconds or '500ms'")
     if s < 0 or (s == 0 and not allow_zero):
@@ -132,6 +132,11 @@ class S3TierConfig:
     index_refresh_interval: float = 2.0
     manifest_flush_interval: float = 0.5
     create_bucket: bool = False
+    # Garbage collection (engine/gc.py): the namespace's data bytes, shared by every instance and
+    # rank writing it, and the age of last use past which an object goes; None: unbounded
+    capacity: int | None = None
+    max_age: float | None = None
+    gc_interval: float = 60.0
     kind: str = "s3"
 
     @property
@@ -223,6 +228,15 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
             kw[k] = parse_duration(d[k], f"{where}{k}")
     if "create_bucket" in d:
         kw["create_bucket"] = _expect(d["create_bucket"], bool, f"{where}create_bucket", "true or false")
+    if d.get("capacity") is not None:
+        kw["capacity"] = parse_size(d["capacity"], f"{where}capacity")
+    if d.get("max_age") is not None:
+        kw["max_age"] = parse_duration(d["max_age"], f"{where}max_age")
+        if kw["max_age"] < 600:
+            raise ConfigError(f"{where}max_age: at least 10m (an object is kept that long after its last use "
+                              "anyway); use a lifecycle rule for shorter lives")
+    if "gc_interval" in d:
+        kw["gc_interval"] = parse_duration(d["gc_interval"], f"{where}gc_interval")
     cfg = S3TierConfig(**kw)
     if cfg.native_reads == "on" and not (cfg.endpoint or "").startswith("http://"):
         raise ConfigError(f"{where}native_reads: 'on' needs a plain http:// endpoint (the native reader has "

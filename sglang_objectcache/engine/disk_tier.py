@@ -33,7 +33,7 @@ class DiskTier(Tier):
 
     async def start(self) -> None:
         found = await self.store.list(self.ns.root + "d/")
-        for name, size in found:
+        for name, size, _ in found:
             try:
                 h = await read_footer(self.store, name, size)
             except (CorruptObject, StoreError) as e:
@@ -52,10 +52,10 @@ class DiskTier(Tier):
         if found:
             log.info("disk tier %s: %d objects, %.1f MiB", self.name, len(self._lru), self.used / 2**20)
 
-    async def read(self, info: ObjectInfo):
-        if info.name in self._lru:
-            self._lru.move_to_end(info.name)
-        return await super().read(info)
+    def used(self, name: str) -> None:
+        """A read of the object completed, whole or in ranges: it leaves last."""
+        if name in self._lru:
+            self._lru.move_to_end(name)
 
     async def _reserve(self, name: str, size: int) -> None:
         """Evict least recently used objects until `size` more bytes fit, and book them now,

@@ -102,6 +102,7 @@ class Index:
         self._pages, self._layers = array("H"), array("H")
         self._piece, self._meta = array("I"), array("I")
         self._digest = array("Q")
+        self._used = array("I")  # seconds since the epoch (server time) of the last known use; 0: unknown
         self._alive = array("B")
         self._keys = np.empty(0, np.uint64)  # sorted key hashes
         self._vals = np.empty(0, np.uint64)  # (object id << SLOT_BITS) | slot
@@ -124,9 +125,10 @@ class Index:
 
     # ---- changes --------------------------------------------------------------------------
 
-    def add(self, info: ObjectInfo) -> None:
-        """Index an object under its key hashes (info.hashes). The same object announced again
-        costs nothing; one announced with another digest or shape replaces the old entry."""
+    def add(self, info: ObjectInfo, used: int = 0) -> None:
+        """Index an object under its key hashes (info.hashes), last used at second `used`. The same
+        object announced again costs nothing; one announced with another digest or shape replaces
+        the old entry."""
         n = len(info.hashes) // 8
         if n != info.n_pages or not 0 < n < MAX_SLOTS:
             raise ValueError(f"{info.name}: {n} key hashes for {info.n_pages} pages")
@@ -140,6 +142,7 @@ class Index:
             old = self._ids.get(rel)
             if old is not None:
                 if self._digest[old] == info.digest and self._info(old).same_shape(info):
+                    self._used[old] = max(self._used[old], used)
                     return
                 self._drop(old)
             oid = len(self._names)
@@ -150,6 +153,7 @@ class Index:
             self._piece.append(info.piece_bytes)
             self._meta.append(info.meta_bytes)
             self._digest.append(info.digest)
+            self._used.append(used)
             self._alive.append(1)
             self._live_pages += n
             base = oid << SLOT_BITS
@@ -201,7 +205,7 @@ class Index:
         oid = (self._vals >> SLOT_BITS).astype(np.int64)
         self._vals = (new_id[oid].astype(np.uint64) << SLOT_BITS) | (self._vals & (MAX_SLOTS - 1))
         live = np.flatnonzero(alive)
-        for col in ("_pages", "_layers", "_piece", "_meta", "_digest"):
+        for col in ("_pages", "_layers", "_piece", "_meta", "_digest", "_used"):
             old = getattr(self, col)
             setattr(self, col, array(old.typecode, np.frombuffer(old, old.typecode)[live].tobytes()
                                      if len(old) else b""))
@@ -255,6 +259,20 @@ class Index:
         with self._lock:
             return self._find(h) is not None
 
+    def touch(self, name: str, second: int) -> None:
+        """The object was used (written, read) at `second` (since the epoch): what garbage
+        collection orders by."""
+        with self._lock:
+            oid = self._ids.get(self._rel(name))
+            if oid is not None and second > self._used[oid]:
+                self._used[oid] = second
+
+    def used(self, name: str) -> int | None:
+        """The second of the object's last known use (0: unknown); None if not held."""
+        with self._lock:
+            oid = self._ids.get(self._rel(name))
+            return None if oid is None else self._used[oid]
+
     def has_object(self, name: str) -> bool:
         return self._rel(name) in self._ids
 
@@ -281,7 +299,7 @@ class Index:
                 self._compact()
             return {"names": list(self._names), "pages": self._pages.tobytes(), "layers": self._layers.tobytes(),
                     "piece": self._piece.tobytes(), "meta": self._meta.tobytes(), "digest": self._digest.tobytes(),
-                    "keys": self._keys.tobytes(), "vals": self._vals.tobytes()}
+                    "used": self._used.tobytes(), "keys": self._keys.tobytes(), "vals": self._vals.tobytes()}
 
     def load(self, cols: dict) -> int:
         """Add the objects of a checkpoint (`export`'s columns) to what is held; returns how many.
@@ -290,8 +308,9 @@ class Index:
         n = len(names)
         pages, layers = array("H", cols["pages"]), array("H", cols["layers"])
         piece, meta, digest = array("I", cols["piece"]), array("I", cols["meta"]), array("Q", cols["digest"])
+        used = array("I", cols["used"]) if "used" in cols else array("I", bytes(4 * n))
         keys, vals = np.frombuffer(cols["keys"], np.uint64), np.frombuffer(cols["vals"], np.uint64)
-        if any(len(c) != n for c in (pages, layers, piece, meta, digest)) or len(keys) != len(vals) or \
+        if any(len(c) != n for c in (pages, layers, piece, meta, digest, used)) or len(keys) != len(vals) or \
                 not all(isinstance(x, str) for x in names):
             raise ValueError("checkpoint columns of different lengths")
         if len(keys) and (int((vals >> SLOT_BITS).max()) >= n or (keys[1:] <= keys[:-1]).any()):
@@ -300,6 +319,7 @@ class Index:
             if not self._names:  # the usual case, a new instance: take the columns as they are
                 self._names, self._ids = list(names), {rel: i for i, rel in enumerate(names)}
                 self._pages, self._layers, self._piece, self._meta, self._digest = pages, layers, piece, meta, digest
+                self._used = used
                 self._alive = array("B", b"\x01" * n)
                 self._keys, self._vals = keys.copy(), vals.copy()
                 self._live_pages = sum(pages)
@@ -312,5 +332,5 @@ class Index:
             hashes = per.get(i)
             if hashes is not None and None not in hashes:
                 self.add(ObjectInfo(self._full(rel), pages[i], layers[i], piece[i], meta[i], digest[i],
-                                    struct.pack(f"<{len(hashes)}Q", *hashes)))
+                                    struct.pack(f"<{len(hashes)}Q", *hashes)), used[i])
         return n

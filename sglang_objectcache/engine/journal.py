@@ -53,6 +53,7 @@ GET_ATTEMPTS = 5  # a manifest whose GET keeps failing is tried this many refres
 CLOCK_EVERY = 600.0  # seconds between measurements of the server's clock
 CHECKPOINT_AFTER = 500  # manifests since the newest checkpoint before an instance writes the next
 DELETE_DELAY = 60.0  # seconds from a checkpoint to the deletion of what it covers (twice the startup limit)
+USE_EVERY = 30.0  # seconds: reads are published at most this often on their own (they ride along otherwise)
 
 
 class ManifestJournal:
@@ -72,6 +73,8 @@ class ManifestJournal:
         self._seq = 0
         self._pending: list[ObjectInfo] = []
         self._gone: list[str] = []  # objects found missing, retracted with the next flush
+        self._uses: set[str] = set()  # objects read since the last flush (any thread adds)
+        self._uses_at = time.monotonic()  # when reads were last published
         self._failed: dict[str, int] = {}  # manifests whose GET failed: attempts so far
         self._seen: set[str] = set()
         self._last_ms = 0
@@ -82,6 +85,7 @@ class ManifestJournal:
         self._flushing = asyncio.Lock()  # one flush at a time: a flush publishes all recorded before it
         self.last_refresh = 0.0
         self.delete_delay = DELETE_DELAY
+        self.use_every = USE_EVERY
         self.checkpoint_after = CHECKPOINT_AFTER
         self._epoch = 0  # the newest checkpoint this instance knows of
         self._cover = 0  # ms: manifests named before it are in the checkpoint this instance loaded
@@ -136,6 +140,11 @@ class ManifestJournal:
         """An object found missing: other instances stop claiming it after the next flush. On the loop."""
         self._gone.append(name)
 
+    def record_use(self, name: str) -> None:
+        """An object read here: its use is published with a later manifest, so that garbage
+        collection anywhere orders by reads everywhere. Any thread; costs a set insertion."""
+        self._uses.add(name)
+
     def nudge(self) -> None:
         """Ask for an early refresh (an index miss may be another instance's fresh write). Called
         from SGLang's threads: at most every NUDGE_EVERY, and handed to the loop thread-safely."""
@@ -149,24 +158,29 @@ class ManifestJournal:
         """Publish the objects recorded and retracted so far as one manifest. A flush in progress
         is waited for, and one cut short (a failed or cancelled PUT) keeps its batch for the next."""
         async with self._flushing:
-            if not self._pending and not self._gone:
+            uses_due = bool(self._uses) and time.monotonic() - self._uses_at >= self.use_every
+            if not self._pending and not self._gone and not uses_due:
                 return
             batch, self._pending = self._pending, []
             gone, self._gone = self._gone, []
+            uses, self._uses = self._uses, set()
             self._seq += 1
             name = f"{self.ns.manifest_prefix}{self.now_ms():013d}-{self.writer}-{self._seq:06d}"
             root = len(self.ns.root)
             body = msgpack.packb({"v": 2, "objects": [i.to_wire(self.ns.root) for i in batch],
-                                  "gone": [g[root:] for g in gone]}, use_bin_type=True)
+                                  "gone": [g[root:] for g in gone], "used": sorted(u[root:] for u in uses)},
+                                 use_bin_type=True)
             try:
                 async with self.slots.acquire(write=True):
                     self.requests["put"] += 1
                     await self.store.put(name, body, create_only=False)
                 self._seen.add(name)
                 self._since += 1
+                self._uses_at = time.monotonic()
             except BaseException as e:
                 self._pending[:0] = batch  # keep them for the next try (announcing twice is harmless)
                 self._gone[:0] = gone
+                self._uses |= uses
                 if not isinstance(e, StoreError):
                     raise
                 log.warning("s3 tier: manifest write failed, will retry: %s", e)
@@ -181,7 +195,7 @@ class ManifestJournal:
             start_after = f"{self.ns.manifest_prefix}{max(0, self._last_ms - MANIFEST_SKEW_MS):013d}"
         async with self.slots.acquire(write=False):
             self.requests["list"] += 1
-            listed = [p for p, _ in await self.store.list(self.ns.manifest_prefix, start_after=start_after)]
+            listed = [e.path for e in await self.store.list(self.ns.manifest_prefix, start_after=start_after)]
         new = sorted({p for p in listed if p not in self._seen and f"-{self.writer}-" not in p
                       and (_name_ms(p, self.ns.manifest_prefix) or 0) >= self._cover} | set(self._failed))
         docs = await asyncio.gather(*(self._read(p) for p in new))
@@ -226,17 +240,22 @@ class ManifestJournal:
         return doc
 
     def _apply(self, path: str, doc: dict) -> int:
-        """Announced objects into the index, retracted ones out; an unreadable entry is skipped."""
+        """Announced objects into the index, retracted ones out, reads as uses at the manifest's
+        time; an unreadable entry is skipped."""
         learned = 0
+        second = (_name_ms(path, self.ns.manifest_prefix) or 0) // 1000
         for w in doc["objects"]:
             try:
-                self.index.add(ObjectInfo.from_wire(self.ns.root, w))
+                self.index.add(ObjectInfo.from_wire(self.ns.root, w), second)
                 learned += 1
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 log.warning("s3 tier: skipping an entry of manifest %s: %s", path, e)
         for rel in doc.get("gone", ()):
             if isinstance(rel, str):
                 self.index.remove(self.ns.root + rel)
+        for rel in doc.get("used", ()):
+            if isinstance(rel, str):
+                self.index.touch(self.ns.root + rel, second)
         return learned
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -247,7 +266,7 @@ class ManifestJournal:
             self.requests["list"] += 1
             listed = await self.store.list(self.ns.checkpoint_prefix)
         out = []
-        for path, _ in listed:
+        for path, *_ in listed:
             try:
                 out.append((int(path[len(self.ns.checkpoint_prefix):]), path))
             except ValueError:
@@ -314,8 +333,8 @@ class ManifestJournal:
         try:
             async with self.slots.acquire(write=False):
                 self.requests["list"] += 1
-                old = [p for p, _ in await self.store.list(self.ns.manifest_prefix)
-                       if (_name_ms(p, self.ns.manifest_prefix) or cover) < cover]
+                old = [e.path for e in await self.store.list(self.ns.manifest_prefix)
+                       if (_name_ms(e.path, self.ns.manifest_prefix) or cover) < cover]
             old += [p for e, p in await self._checkpoints() if e < epoch]
             for i in range(0, len(old), 1000):
                 async with self.slots.acquire(write=True):
@@ -372,6 +391,7 @@ class ManifestJournal:
         """The namespace is being cleared: announce nothing written or found gone before."""
         self._pending.clear()
         self._gone.clear()
+        self._uses.clear()
 
     def forget_seen(self) -> None:
         """The namespace was cleared: start listing from the beginning again."""

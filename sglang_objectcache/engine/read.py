@@ -359,6 +359,7 @@ class ReadSession:
         if complete:
             for j in range(len(obj.slots)):
                 self.ok[obj.first + j] = True
+            self.ctx.on_event("used", obj, None)
             if job.promote is not None:  # ranges of the data only: the footer as it was read
                 job.promote[obj.info.data_bytes:] = encode_meta(job.header)
                 self.ctx.on_event("promote", obj, job.promote)

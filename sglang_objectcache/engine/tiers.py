@@ -9,6 +9,7 @@ endpoints, a range reader whose pull threads receive ranges straight into their 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -19,6 +20,7 @@ from ..errors import AlreadyExists, CorruptObject, StoreError
 from ..format import Header, decode_meta
 from ..keys import Namespace
 from ..stores.base import ObjectStore, RangeReader
+from .gc import Collector
 from .headers import HeaderCache
 from .index import Index, ObjectInfo
 from .journal import ManifestJournal
@@ -138,6 +140,9 @@ class Tier:
         self.headers.put(mine.name, h)
         return theirs
 
+    def used(self, name: str) -> None:
+        """A read of the object completed (on the loop): recency for whoever evicts."""
+
     async def discard(self, name: str) -> None:
         """An object found corrupt (already banned from the index): remove our own copy, if the
         tier holds copies of its own. Shared S3 objects are never deleted here."""
@@ -150,7 +155,7 @@ class Tier:
         """Delete every object of this namespace in this tier; returns how many."""
         self.index.clear()
         self.headers.clear()
-        names = [p for p, _ in await self.store.list(self.ns.root)]
+        names = [e.path for e in await self.store.list(self.ns.root)]
         self.requests["list"] += 1
         await self.store.delete(names)
         self.requests["delete"] += 1
@@ -176,7 +181,8 @@ class S3Tier(Tier):
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, *, max_connections: int,
                  max_write_connections: int, refresh_interval: float, flush_interval: float,
                  startup_timeout: float, scheduler: ReadScheduler | None = None,
-                 range_reader: RangeReader | None = None, clock: Callable[[], float] = time.time):
+                 range_reader: RangeReader | None = None, clock: Callable[[], float] = time.time,
+                 capacity: int | None = None, max_age: float | None = None, gc_interval: float = 60.0):
         super().__init__(name, store, ns, PrioritySlots(max_connections, max_write_connections))
         self.range_reader = range_reader
         self.scheduler = scheduler
@@ -184,6 +190,8 @@ class S3Tier(Tier):
         self.journal = ManifestJournal(store, ns, self.index, self.slots, self.requests,
                                        refresh_interval=refresh_interval, flush_interval=flush_interval,
                                        clock=clock)
+        self.collector = Collector(self, capacity, max_age, gc_interval)
+        self._gc: asyncio.Task | None = None
 
     def pull(self, job: Callable[[], None], dropped: Callable[[], None]) -> None:
         """Run `job` (one range read, received, verified and copied there) on a pull thread of the
@@ -194,12 +202,22 @@ class S3Tier(Tier):
 
     async def start(self) -> None:
         await self.journal.start(self.startup_timeout)
+        if self.collector.capacity is not None or self.collector.max_age is not None:
+            self._gc = asyncio.create_task(self.collector.loop())
 
     async def write(self, info: ObjectInfo, data) -> ObjectInfo | None:
         info = await super().write(info, data)
         if info is not None:
+            self.index.touch(info.name, self.journal.now_ms() // 1000)
             self.journal.record(info)
         return info
+
+    def used(self, name: str) -> None:
+        self.index.touch(name, self.journal.now_ms() // 1000)
+        self.journal.record_use(name)
+
+    def stats(self) -> dict:
+        return {**super().stats(), **self.collector.stats()}
 
     async def forget(self, name: str) -> None:
         self.journal.retract(name)
@@ -217,6 +235,9 @@ class S3Tier(Tier):
         return n
 
     async def stop(self) -> None:
+        if self._gc is not None:
+            self._gc.cancel()
+            await asyncio.gather(self._gc, return_exceptions=True)
         await self.journal.stop()
         if self.scheduler is not None:
             self.scheduler.close()  # reads waiting for a grant end now, as misses

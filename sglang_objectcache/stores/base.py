@@ -13,14 +13,14 @@ pieces (`RangePieces`); the reader moves the bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Protocol, Sequence, runtime_checkable
+from typing import Callable, ContextManager, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from typing_extensions import Buffer
 
 from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
 
-__all__ = ["APPLIED", "CLOSED", "SHORT", "AlreadyExists", "NotFound", "ObjectMeta", "ObjectStore", "RangePieces",
+__all__ = ["APPLIED", "CLOSED", "SHORT", "AlreadyExists", "Listed", "NotFound", "ObjectMeta", "ObjectStore", "RangePieces",
            "RangeReader", "RangeSource", "StoreError", "Unavailable"]
 
 
@@ -28,6 +28,14 @@ __all__ = ["APPLIED", "CLOSED", "SHORT", "AlreadyExists", "NotFound", "ObjectMet
 class ObjectMeta:
     size: int  # bytes
     modified: float  # seconds since the epoch, by the server's clock (whole seconds on S3)
+
+
+class Listed(NamedTuple):
+    """One object of a listing."""
+
+    path: str
+    size: int  # bytes
+    modified: float  # seconds since the epoch, by the server's clock
 
 
 @runtime_checkable
@@ -43,8 +51,8 @@ class ObjectStore(Protocol):
     async def head(self, path: str) -> ObjectMeta:
         """The object's size and last-modified time; NotFound if absent."""
 
-    async def list(self, prefix: str, *, start_after: str | None = None) -> list[tuple[str, int]]:
-        """(path, size) of every object under prefix, in lexical order, after start_after."""
+    async def list(self, prefix: str, *, start_after: str | None = None) -> list[Listed]:
+        """Every object under prefix, in lexical order, after start_after."""
 
     async def delete(self, paths: Sequence[str]) -> None:
         """Delete objects; absent ones are not an error."""

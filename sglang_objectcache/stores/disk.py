@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import AlreadyExists, NotFound, StoreError
-from .base import ObjectMeta
+from .base import Listed, ObjectMeta
 
 
 class DiskStore:
@@ -67,7 +67,7 @@ class DiskStore:
         except FileNotFoundError:
             raise NotFound(f"HEAD {path}") from None
 
-    def _list(self, prefix: str, start_after: str | None) -> list[tuple[str, int]]:
+    def _list(self, prefix: str, start_after: str | None) -> list[Listed]:
         out = []
         base = self.root
         for dirpath, _dirs, files in os.walk(base):
@@ -78,12 +78,13 @@ class DiskStore:
                 rel = full.relative_to(base).as_posix()
                 if rel.startswith(prefix) and (start_after is None or rel > start_after):
                     try:
-                        out.append((rel, full.stat().st_size))
+                        st = full.stat()
+                        out.append(Listed(rel, st.st_size, st.st_mtime))
                     except FileNotFoundError:
                         pass
         return sorted(out)
 
-    async def list(self, prefix: str, *, start_after: str | None = None) -> list[tuple[str, int]]:
+    async def list(self, prefix: str, *, start_after: str | None = None) -> list[Listed]:
         return await asyncio.to_thread(self._list, prefix, start_after)
 
     def _delete(self, paths: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ import contextlib
 from typing import Sequence
 
 from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
-from .base import ObjectMeta
+from .base import Listed, ObjectMeta
 from .credentials import Credentials
 
 
@@ -84,14 +84,15 @@ class Aioboto3S3Store:
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"HEAD {path}") from None
 
-    async def list(self, prefix: str, *, start_after: str | None = None) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
+    async def list(self, prefix: str, *, start_after: str | None = None) -> list[Listed]:
+        out: list[Listed] = []
         kw = {"Bucket": self._bucket, "Prefix": prefix}
         if start_after:
             kw["StartAfter"] = start_after
         try:
             async for page in self._client.get_paginator("list_objects_v2").paginate(**kw):
-                out.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", []))
+                out.extend(Listed(o["Key"], int(o["Size"]), o["LastModified"].timestamp())
+                           for o in page.get("Contents", []))
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"LIST {prefix}") from None
         return out

@@ -15,7 +15,7 @@ from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionEr
 from obstore.store import S3Store
 
 from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
-from .base import ObjectMeta
+from .base import Listed, ObjectMeta
 from .credentials import Credentials
 
 
@@ -90,12 +90,12 @@ class ObstoreS3Store:
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"HEAD {path}") from None
 
-    async def list(self, prefix: str, *, start_after: str | None = None) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
+    async def list(self, prefix: str, *, start_after: str | None = None) -> list[Listed]:
+        out: list[Listed] = []
         try:
             stream = obs.list(self._store, prefix, offset=start_after, chunk_size=1000)
             async for chunk in stream:
-                out.extend((m["path"], int(m["size"])) for m in chunk)
+                out.extend(Listed(m["path"], int(m["size"]), m["last_modified"].timestamp()) for m in chunk)
         except Exception as e:  # noqa: BLE001
             raise _map(e, f"LIST {prefix}") from None
         return out
