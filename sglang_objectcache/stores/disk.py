@@ -1,25 +1,32 @@
 """A local directory as an object store: one file per object, written atomically.
 
-File I/O runs in worker threads so the event loop never stalls on a slow disk. Capacity is not
-this class's business: the disk tier above it evicts least recently used objects.
+File I/O runs in worker threads so the event loop never stalls on a slow disk. With a budget
+(`disk_budget.DirectoryBudget`, the disk tier gives one), each write first makes room in the
+directory and books its bytes there, under a lock that every process sharing the directory takes.
+A write goes to a temporary file, is flushed to disk (fsync) and then renamed into place, so that
+after a crash or power loss a name holds either a whole object or nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import AlreadyExists, NotFound, StoreError
 from .base import Listed, ObjectMeta
+from .disk_budget import LOCK_NAME, DirectoryBudget
 
 
 class DiskStore:
-    def __init__(self, root: str):
+    def __init__(self, root: str, budget_bytes: int | None = None):
         self.root = Path(root)
         self.name = f"disk:{root}"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.budget = DirectoryBudget(self.root, budget_bytes) if budget_bytes else None
+        self._n = itertools.count()
 
     def _path(self, path: str) -> Path:
         p = (self.root / path).resolve()
@@ -48,17 +55,42 @@ class DiskStore:
         p = self._path(path)
         if create_only and p.exists():
             raise AlreadyExists(f"PUT {path}")
+        size = memoryview(data).nbytes
+        if self.budget is not None and size > self.budget.capacity:
+            raise StoreError(f"PUT {path}: {size} bytes exceed the directory's capacity")
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{next(self._n)}.tmp")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.{id(data):x}.tmp")
-            with open(tmp, "wb", buffering=0) as f:
-                f.write(data)
+            fd = None
+            if self.budget is not None:
+                with self.budget.locked():  # room made and booked before another writer looks
+                    self.budget.make_room(size)
+                    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+                    os.ftruncate(fd, size)
+            else:
+                fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            with open(fd, "wb", buffering=0, closefd=True) as f:
+                view, done = memoryview(data).cast("B"), 0
+                while done < size:
+                    done += f.write(view[done:])
+                os.fsync(f.fileno())
             os.replace(tmp, p)
         except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
             raise StoreError(f"PUT {path}: {e.strerror}") from None
 
     async def put(self, path: str, data, *, create_only: bool = True) -> None:
         await asyncio.to_thread(self._put, path, data, create_only)
+
+    def touch(self, path: str) -> None:
+        """Mark the object used now (its modification time orders eviction); gone is fine."""
+        try:
+            os.utime(self._path(path))
+        except (FileNotFoundError, StoreError):
+            pass
 
     async def head(self, path: str) -> ObjectMeta:
         try:
@@ -72,8 +104,8 @@ class DiskStore:
         base = self.root
         for dirpath, _dirs, files in os.walk(base):
             for fn in files:
-                if fn.startswith("."):
-                    continue  # temporary files of writes in flight
+                if fn.startswith(".") or fn == LOCK_NAME:
+                    continue  # temporary files of writes in flight, the budget's lock
                 full = Path(dirpath) / fn
                 rel = full.relative_to(base).as_posix()
                 if rel.startswith(prefix) and (start_after is None or rel > start_after):

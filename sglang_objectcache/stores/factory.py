@@ -30,7 +30,7 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
         from .disk import DiskStore
 
         try:
-            return DiskStore(t.path)
+            return DiskStore(t.path, budget_bytes=t.capacity)
         except OSError as e:
             raise ConfigError(f"{where}.path: cannot use {t.path!r} ({e.strerror}); pick a writable "
                               "directory") from None
