@@ -151,6 +151,8 @@ TierConfig = DiskTierConfig | S3TierConfig
 class ObjectCacheConfig:
     tiers: tuple[TierConfig, ...]
     write_policy: str = "write_through"  # write_through | write_back
+    write_back_buffer: int = 1 << 30  # encoded objects held in memory for copies below (write_back)
+    shutdown_timeout: float = 30.0  # at close: how long owed copies and manifests may take
     pages_per_object: int = 8
     read_range_bytes: int = 16 << 20  # objects are read as parallel, layer-aligned ranges this big
     # > 0: a streamed fetch's reads that do not carry layer 0 wait up to this long for its layer 0
@@ -284,6 +286,10 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
     kw: dict[str, Any] = {"tiers": tuple(tiers), "sglang": passthrough}
     if "write_policy" in ours:
         kw["write_policy"] = _choice(ours["write_policy"], "write_policy", ("write_through", "write_back"))
+    if "write_back_buffer" in ours:
+        kw["write_back_buffer"] = parse_size(ours["write_back_buffer"], "write_back_buffer")
+    if "shutdown_timeout" in ours:
+        kw["shutdown_timeout"] = parse_duration(ours["shutdown_timeout"], "shutdown_timeout", allow_zero=True)
     if "pages_per_object" in ours:
         kw["pages_per_object"] = _int(ours["pages_per_object"], "pages_per_object", 1, 128)
     if "read_range_bytes" in ours:

@@ -8,6 +8,7 @@ import time
 
 import boto3
 import numpy as np
+import pytest
 from engine_util import Pages, keys
 from test_checkpoints import listed
 from test_index_truth import eventually, make
@@ -142,4 +143,32 @@ def test_the_backend_keeps_its_budget_by_itself(s3_env, prefix):
         assert eventually(lambda: stats()["gc_deleted"] >= 3), stats()  # a pass ends after its deletions
         assert stats()["stored_bytes"] <= 3.5 * size
     finally:
+        b.close()
+
+
+def test_a_bucket_lifecycle_rule_expires_objects_and_readers_heal(s3_env, prefix):
+    """The alternative to `capacity`: a lifecycle rule on the prefix (docs/operations.md). Ceph
+    RGW runs here with a lifecycle "day" of 10 s (testbed); SeaweedFS has no expiration by rule."""
+    if s3_env.kind != "ceph-rgw":
+        pytest.skip("SeaweedFS does not run S3 lifecycle expiration rules")
+    s3 = boto3.client("s3", **s3_env.client_kwargs())
+    a = make(s3_env, prefix)
+    b = make(s3_env, prefix)
+    try:
+        written = spans(a, 2, "lc")
+        assert all(eventually(lambda ks=ks: b.exists(ks) == 8) for ks, _ in written)
+        s3.put_bucket_lifecycle_configuration(Bucket=s3_env.bucket, LifecycleConfiguration={"Rules": [
+            {"ID": f"expire-{prefix}", "Filter": {"Prefix": f"{prefix}/"}, "Status": "Enabled",
+             "Expiration": {"Days": 1}}]})
+        try:
+            assert eventually(lambda: bucket_bytes(s3_env, prefix) == 0, timeout=180), "expired by the rule"
+        finally:
+            s3.delete_bucket_lifecycle(Bucket=s3_env.bucket)
+        for ks, src in written:  # the reader still claims them: one miss each, then it knows
+            dst = Pages.empty_like(src)
+            assert b.get(ks, dst.segments()) == [False] * 8 and not dst.data.any()
+            assert b.exists(ks) == 0
+        assert b.snapshot()["counters"]["vanished"] >= 2
+    finally:
+        a.close()
         b.close()

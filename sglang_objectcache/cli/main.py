@@ -4,6 +4,7 @@
     objectcache inspect /var/cache/objectcache/<...>/d/<key>-8 [--verify]
     objectcache version
     objectcache patch-sglang [--check | --revert]
+    objectcache ls|du|gc|verify objectcache.yaml ...   (operator commands: cli/ops.py)
 """
 
 from __future__ import annotations
@@ -118,9 +119,10 @@ def main(argv=None) -> int:
     from .bench import add_parser as _add_bench
 
     _add_bench(sub)
-    from . import patch
+    from . import ops, patch
 
     patch.add_parser(sub)
+    ops.add_parsers(sub)
     args = ap.parse_args(argv)
     return args.fn(args)
 

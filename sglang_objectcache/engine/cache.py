@@ -82,6 +82,13 @@ class ObjectCache:
             self._copiers.shutdown(wait=False)
             raise
         self.writer = Writer(cfg, fp, self.ns, self.tiers, self.runtime, self._background, self.stats, self._warn)
+        if self.writer.write_back is not None:
+            wb = self.writer.write_back
+
+            async def _start_write_back() -> None:
+                wb.start()
+                await wb.resume()  # copies owed from before a restart
+            self.runtime.submit(_start_write_back())
         self._reads = ReadContext(self.tiers, self.ns.root, fp.n_layers, self.digest, cfg.read_range_bytes, cfg.verify_checksums,
                                   cfg.first_layer_hold, cfg.switch_interval, self.runtime.loop, self._copiers,
                                   self.writer.may_promote, self._on_read_event)
@@ -192,6 +199,9 @@ class ObjectCache:
         """Wait for background writes and publish pending manifests (tests, shutdown)."""
         end = time.monotonic() + (timeout if timeout is not None else self.cfg.timeout)
         self._background.wait(end)
+        if self.writer.write_back is not None:
+            self.runtime.run(self.writer.write_back.wait_idle(max(0.0, end - time.monotonic())),
+                             timeout=max(0.1, end - time.monotonic()) + 1)
         for t in self.tiers:
             self.runtime.run(t.flush(), timeout=max(0.1, end - time.monotonic()))
 
@@ -210,16 +220,24 @@ class ObjectCache:
                 "namespace": self.ns.root}
 
     def close(self) -> None:
+        """Within `shutdown_timeout`: let background work end, drain the copies owed below
+        (write-back) and publish pending manifests; what is left is counted and logged."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self.flush(timeout=min(self.cfg.timeout, 10.0))
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
-        for t in self.tiers:
+        end = time.monotonic() + self.cfg.shutdown_timeout
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+        self._background.wait(end)
+        if self.writer.write_back is not None:
             try:
-                self.runtime.run(t.stop(), timeout=5.0)
+                self.runtime.run(self.writer.write_back.drain(left()), timeout=left() + 5.0)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        for t in self.tiers:  # an S3 tier's stop publishes its pending manifest
+            try:
+                self.runtime.run(t.stop(), timeout=max(1.0, left()))
             except Exception:  # noqa: BLE001
                 pass
         self.runtime.close()

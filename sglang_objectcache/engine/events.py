@@ -24,6 +24,11 @@ class Stats:
         with self._lock:
             self._c.update(kw)
 
+    def set(self, **kw: int) -> None:
+        """Gauges (a level, not a count): the latest value wins."""
+        with self._lock:
+            self._c.update({k: v - self._c.get(k, 0) for k, v in kw.items()})
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._c)

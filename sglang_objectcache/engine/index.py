@@ -281,6 +281,11 @@ class Index:
             oid = self._ids.get(self._rel(name))
             return None if oid is None else self._info(oid)
 
+    def objects(self) -> list[ObjectInfo]:
+        """Every object held (without key hashes)."""
+        with self._lock:
+            return [self._info(oid) for oid in self._ids.values()]
+
     @property
     def n_pages(self) -> int:
         return self._live_pages

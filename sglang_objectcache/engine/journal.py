@@ -373,11 +373,15 @@ class ManifestJournal:
 
     async def _refresh_loop(self) -> None:
         while True:
+            # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as the
+            # event is set, and this loop would outlive stop()
+            nudged = asyncio.ensure_future(self._nudge.wait())
             try:
-                await asyncio.wait_for(self._nudge.wait(), self.refresh_interval)
+                await asyncio.wait({nudged}, timeout=self.refresh_interval)
+            finally:
+                nudged.cancel()
+            if self._nudge.is_set():
                 await asyncio.sleep(0.05)  # coalesce a burst of nudges
-            except asyncio.TimeoutError:
-                pass
             self._nudge.clear()
             try:
                 await self.refresh()

@@ -4,7 +4,7 @@
 `pages_per_object`, encodes each run as one object on the calling thread (SGLang's backup thread)
 and writes it on the loop, with a bound on the bytes in flight and a deadline. Write-through
 writes every tier before a page counts as stored; write-back counts it once the first tier has it
-and copies it down in the background. Promotion copies an object read from a lower tier into the
+and owes its copy below (`write_back.py`: bounded, retried, drained at shutdown). Promotion copies an object read from a lower tier into the
 first one, also in the background.
 """
 
@@ -13,24 +13,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
-import threading
 import time
 from typing import Sequence
 
 from ..config import ObjectCacheConfig
-from ..errors import CorruptObject, StoreError
+from ..errors import StoreError
 from ..format import SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
 from .events import RateLimitedLog, Stats
 from .index import ObjectInfo
 from .runtime import Background, Runtime
 from .tiers import Tier
+from .write_back import WriteBack
 
 # Bytes of encoded objects a put keeps in flight before it waits for PUTs to finish.
 PUT_INFLIGHT_BYTES = 512 << 20
-# Bytes of write-back data held in memory for lower tiers; past it, lower tiers re-read the
-# object from the first tier instead.
-WRITE_BACK_BUFFER_BYTES = 1 << 30
 # Promotions at most in the background at once (beyond it, an object read from below stays there).
 MAX_BACKGROUND = 64
 
@@ -61,8 +58,8 @@ class Writer:
         self.background = background
         self.stats = stats
         self._warn = warn
-        self._wb_bytes = 0
-        self._wb_lock = threading.Lock()
+        self.write_back = (WriteBack(tiers, cfg.write_back_buffer, stats)
+                           if cfg.write_policy == "write_back" and len(tiers) > 1 else None)
 
     def put(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
         """Store pages; one bool per key. Keys already stored are not written again."""
@@ -125,32 +122,12 @@ class Writer:
         return stored
 
     async def _write_object(self, info: ObjectInfo, data) -> None:
-        if self.cfg.write_policy == "write_through" or len(self.tiers) == 1:
+        if self.write_back is None:
             await asyncio.gather(*(t.write(info, data) for t in self.tiers))
             return
-        await self.tiers[0].write(info, data)
-        keep = False
-        with self._wb_lock:
-            if self._wb_bytes + len(data) <= WRITE_BACK_BUFFER_BYTES:
-                self._wb_bytes += len(data)
-                keep = True
-        self.background.spawn(self._write_lower(info, data if keep else None), "write-back")
-
-    async def _write_lower(self, info: ObjectInfo, data) -> None:
-        held = data is not None
-        try:
-            if data is None:
-                if not self.tiers[0].index.has_object(info.name):
-                    return  # evicted before its turn; nothing to copy
-                data = await self.tiers[0].read(info)
-                if decode_header(data).digest != info.digest:  # rewritten or damaged meanwhile
-                    raise CorruptObject(f"{info.name} changed in {self.tiers[0].name} before its write-back")
-            for t in self.tiers[1:]:
-                await t.write(info, data)
-        finally:
-            if held:
-                with self._wb_lock:
-                    self._wb_bytes -= len(data)
+        await self.write_back.wait_for_room()  # backpressure: at most MAX_QUEUED copies owed
+        stored = await self.tiers[0].write(info, data)
+        self.write_back.submit(stored or info, data)
 
     # ---- promotion -----------------------------------------------------------------------
 

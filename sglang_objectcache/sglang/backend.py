@@ -20,6 +20,7 @@ from ..config import parse_config
 from ..errors import ConfigError
 from ..engine.cache import ObjectCache
 from ..format import SegmentFn
+from . import shutdown
 from .compat import check_version, storage_metrics
 from .pool import describe_pool, flat_segments, host_segments
 
@@ -66,6 +67,7 @@ class ObjectCacheStorage(HiCacheStorage):
         self.mem_pool_host = mem_pool_host
         self.fp = describe_pool(mem_pool_host, self.storage_config)
         self.cache = ObjectCache(self.config, self.fp)
+        shutdown.register(self.cache)  # SGLang closes a backend only on detach
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name) -> None:
         # Side pools (Mamba, SWA, ...) are not stored by objectcache: dense KV only.

@@ -54,6 +54,7 @@ class DirectoryBudget:
         self.on_evict = on_evict  # (name relative to the root) for every object this process evicts
         self.used = 0  # bytes at the last scan
         self.swept = 0  # left-over temporary files deleted so far
+        self.pinned: set[str] = set()  # names this process must not evict (copies still owed below)
 
     @contextmanager
     def locked(self):
@@ -101,12 +102,16 @@ class DirectoryBudget:
             for _mtime, name, osize in sorted(objects):
                 if total + size <= self.capacity:
                     break
+                if name in self.pinned:
+                    continue
                 try:
                     (self.root / name).unlink()
                 except FileNotFoundError:
                     pass
                 total -= osize
                 evicted.append(name)
+        if total + size > self.capacity:
+            raise OSError(28, "no room: the rest is owed to the tier below (write-back)")
         self.used = total + size
         if self.on_evict is not None:
             for name in evicted:
@@ -116,5 +121,8 @@ class DirectoryBudget:
     def check(self) -> int:
         """Sweep and enforce the budget now (at start: the capacity may have shrunk); bytes held."""
         with self.locked():
-            self.make_room(0)
+            try:
+                self.make_room(0)
+            except OSError:  # over the budget with nothing it may evict: writes will wait or fail
+                pass
         return self.used

@@ -31,6 +31,7 @@
 #   PRECREATE_POOLS [0]        1 = create the RGW pools up front from one python-rados process
 #                              (measured: no faster than radosgw's own, given the paxos knobs)
 #   RGW_GC_WAIT_S [60]         seconds before deleted/overwritten RADOS data is garbage-collected
+#   RGW_LC_DEBUG_INTERVAL [10] seconds a lifecycle rule's "day" lasts (tests of expiration)
 set -euo pipefail
 
 CEPH_DIR=${CEPH_DIR:-/tmp/sglang-objectcache-ceph}
@@ -170,6 +171,10 @@ rgw thread pool size = 128
 # filled the OSD (and, with memstore, RAM). Collect it after a minute instead.
 rgw gc obj min wait = $RGW_GC_WAIT_S
 rgw gc processor period = $RGW_GC_WAIT_S
+# Bucket lifecycle rules run at any hour, and a rule's "day" lasts this many seconds: what lets a
+# test see a lifecycle expiration (docs/operations.md) in seconds rather than days.
+rgw lifecycle work time = 00:00-23:59
+rgw lc debug interval = ${RGW_LC_DEBUG_INTERVAL:-10}
 EOF
 
 # --- mon ---------------------------------------------------------------------
