@@ -9,6 +9,7 @@
     └── StoreError         one request failed (never with credentials in the message)
         ├── NotFound       the object does not exist (also a FileNotFoundError)
         ├── AlreadyExists  a create-only put found the object there
+        ├── AccessDenied   the server rejected the credentials (403): refreshed, then retried once
         └── Unavailable    the server could not be reached, or timed out
 
 Config, startup, version and patch errors stop the server with their message. Store errors and
@@ -54,6 +55,10 @@ class NotFound(StoreError, FileNotFoundError):
 
 class AlreadyExists(StoreError):
     """A create-only put found the object already there."""
+
+
+class AccessDenied(StoreError):
+    """The server rejected the request's credentials (403: a rotated key, an expired token)."""
 
 
 class Unavailable(StoreError):

@@ -47,7 +47,8 @@ def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
                             refresh_interval=t.index_refresh_interval, flush_interval=t.manifest_flush_interval,
                             startup_timeout=max(cfg.timeout, 3 * t.request_timeout),
                             scheduler=ReadScheduler(POLICIES[cfg.fetch_policy], cfg.bandwidth, t.max_connections),
-                            range_reader=build_range_reader(t, f"tiers[{i}]", cfg.read_range_bytes),
+                            range_reader=build_range_reader(t, f"tiers[{i}]", cfg.read_range_bytes,
+                                                            getattr(store, "credentials", None)),
                             capacity=t.capacity, max_age=t.max_age, gc_interval=t.gc_interval))
     return tiers
 

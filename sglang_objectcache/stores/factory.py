@@ -34,13 +34,14 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
         except OSError as e:
             raise ConfigError(f"{where}.path: cannot use {t.path!r} ({e.strerror}); pick a writable "
                               "directory") from None
-    from .credentials import resolve
+    from .credentials import CredentialSource
+    from .refreshing import RefreshingStore
 
     try:
-        creds = resolve(t.profile)
+        source = CredentialSource(t.profile)
     except Exception as e:  # noqa: BLE001 - botocore raises ProfileNotFound and friends
         raise ConfigError(f"{where}.profile: {type(e).__name__}: {e}") from None
-    kw = dict(bucket=t.bucket, endpoint=t.endpoint, region=t.region, creds=creds,
+    kw = dict(bucket=t.bucket, endpoint=t.endpoint, region=t.region,
               max_connections=t.max_connections, request_timeout=t.request_timeout,
               connect_timeout=t.connect_timeout, max_retries=t.max_retries)
     transport = pick_transport(t)
@@ -50,20 +51,22 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
                               "set transport: aioboto3")
         from .s3_obstore import ObstoreS3Store
 
-        return ObstoreS3Store(**kw)
+        return RefreshingStore(lambda creds: ObstoreS3Store(creds=creds, **kw), source)
     from .s3_aioboto3 import Aioboto3S3Store
 
-    return Aioboto3S3Store(**kw)
+    return RefreshingStore(lambda creds: Aioboto3S3Store(creds=creds, **kw), source)
 
 
-def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int) -> RangeReader | None:
+def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int,
+                       credentials=None) -> RangeReader | None:
     """The native range reader for this tier (native_reader.py), or None: `native_reads: off`, an
     https:// or default AWS endpoint, or no native helper (auto only; `on` makes those errors).
-    `staging_bytes`: the size of a whole-range receive buffer (the planned range size)."""
+    `staging_bytes`: the size of a whole-range receive buffer (the planned range size);
+    `credentials`: the tier store's CredentialSource, shared (else one of its own)."""
     if t.native_reads == "off" or not (t.endpoint or "").startswith("http://"):
         return None
     from .. import native
-    from .credentials import resolve
+    from .credentials import CredentialSource
     from .native_reader import NativeRangeReader
     from .rawhttp import RawRangeReader
 
@@ -72,7 +75,8 @@ def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int) -> Range
             raise ConfigError(f"{where}.native_reads: the native helper cannot be built ({native.status()}); "
                               "install a C compiler or set native_reads: auto")
         return None
-    http = RawRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region, creds=resolve(t.profile),
+    http = RawRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region,
+                          creds=credentials or CredentialSource(t.profile),
                           request_timeout=t.request_timeout, connect_timeout=t.connect_timeout,
                           max_idle=t.max_connections, max_retries=t.max_retries)
     return NativeRangeReader(http, threads=t.max_connections, staging_bytes=staging_bytes)

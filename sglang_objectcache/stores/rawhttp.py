@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .. import native
-from ..errors import NotFound, StoreError, Unavailable
+from ..errors import AccessDenied, NotFound, StoreError, Unavailable
 from .base import APPLIED, CLOSED, SHORT, RangePieces
 from .credentials import Credentials
 from .sigv4 import GetSigner
@@ -102,9 +102,13 @@ class RawRangeReader:
         connections, with backoff. Returns (rc, info) for a code in `ends` (0: the connection may be
         kept), raises the store vocabulary otherwise."""
         path = self.signer.path(self.bucket, key)
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.signer.host}", f"Range: bytes={start}-{end - 1}",
-                 *(f"{n}: {v}" for n, v in self.signer.headers(path)), "", ""]
-        req = "\r\n".join(lines).encode()
+
+        def signed() -> bytes:
+            lines = [f"GET {path} HTTP/1.1", f"Host: {self.signer.host}", f"Range: bytes={start}-{end - 1}",
+                     *(f"{n}: {v}" for n, v in self.signer.headers(path)), "", ""]
+            return "\r\n".join(lines).encode()
+        req = signed()
+        refreshed = False
         loc = self._local
         if not hasattr(loc, "hdr"):
             loc.hdr = ctypes.create_string_buffer(_HDR_CAP)
@@ -131,6 +135,10 @@ class RawRangeReader:
                     stale_retried = True  # the server closed an idle keep-alive connection: once more
                     continue
                 err = self._error(rc, info, loc.hdr, key, start, end)
+            if isinstance(err, AccessDenied) and not refreshed and self.signer.credentials is not None \
+                    and self.signer.credentials.refresh():  # a rotated key or an expired token: once more
+                refreshed, req = True, signed()
+                continue
             # a server error or a refused connection may pass; a timeout has used its time already
             if isinstance(err, Unavailable) and "timed out" not in str(err) and retries < self.max_retries:
                 time.sleep(0.05 * 2 ** retries)
@@ -146,6 +154,8 @@ class RawRangeReader:
             text = f"HTTP {status}" + (f" {code.group(1)}" if code else "")
             if status == 404 or (code and code.group(1) in ("NoSuchKey", "NoSuchBucket")):
                 return NotFound(f"{what}: {text}")
+            if status == 403:
+                return AccessDenied(f"{what}: {text}")
             if status in (500, 502, 503, 504):
                 return Unavailable(f"{what}: {text}")
             return StoreError(f"{what}: {text}")

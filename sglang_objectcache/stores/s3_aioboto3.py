@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 from typing import Sequence
 
-from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
+from ..errors import AccessDenied, AlreadyExists, NotFound, StoreError, Unavailable
 from .base import Listed, ObjectMeta
 from .credentials import Credentials
+
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+           "TokenRefreshRequired", "Forbidden", "403"}
 
 
 def _map(e: BaseException, what: str) -> StoreError:
@@ -27,6 +31,8 @@ def _map(e: BaseException, what: str) -> StoreError:
             return NotFound(what)
         if code in ("PreconditionFailed", "412") or status == 412:
             return AlreadyExists(what)
+        if status == 403 or code in _DENIED:
+            return AccessDenied(f"{what}: {code or status}")
         return StoreError(f"{what}: {code or status}")
     if isinstance(e, (BotoConnErr, ReadTimeoutError, TimeoutError, OSError)):
         return Unavailable(f"{what}: {type(e).__name__}")

@@ -7,6 +7,7 @@ request (no multipart): our objects are tens of MiB at most, and create-only put
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Sequence
 
@@ -14,7 +15,7 @@ import obstore as obs
 from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 
-from ..errors import AlreadyExists, NotFound, StoreError, Unavailable
+from ..errors import AccessDenied, AlreadyExists, NotFound, StoreError, Unavailable
 from .base import Listed, ObjectMeta
 from .credentials import Credentials
 
@@ -28,6 +29,10 @@ def _map(e: BaseException, what: str) -> StoreError:
     text = full.splitlines()[0] if full else type(e).__name__
     if "NoSuchBucket" in full:
         text += " NoSuchBucket"
+    if any(s in full for s in ("403 Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                               "ExpiredToken", "InvalidToken")):
+        code = re.search(r"<Code>([^<]{1,64})</Code>", full)
+        return AccessDenied(f"{what}: {text[:200]}" + (f" {code.group(1)}" if code else ""))
     if any(s in text.lower() for s in ("timed out", "timeout", "connect", "connection", "dns",
                                         "error sending request")):
         return Unavailable(f"{what}: {text[:300]}")

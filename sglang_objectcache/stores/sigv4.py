@@ -13,7 +13,7 @@ import hmac
 import time
 from urllib.parse import quote
 
-from .credentials import Credentials
+from .credentials import CredentialSource, Credentials
 
 _ALGO = "AWS4-HMAC-SHA256"
 
@@ -23,11 +23,12 @@ def _hmac(key: bytes, msg: str) -> bytes:
 
 
 class GetSigner:
-    def __init__(self, host: str, region: str, creds: Credentials):
+    def __init__(self, host: str, region: str, creds: "CredentialSource | Credentials"):
         self.host = host  # as sent in the Host header: name[:port]
         self.region = region
-        self._creds = creds
-        self._day_key = ("", b"")  # one tuple: threads see day and key together
+        self.credentials = creds if isinstance(creds, CredentialSource) else None  # kept current
+        self._fixed = creds if isinstance(creds, Credentials) else None
+        self._day_key = ("", None, b"")  # one tuple: threads see day, secret and key together
 
     def path(self, bucket: str, key: str) -> str:
         """The path-style request path, encoded as S3 canonicalises it (each segment once)."""
@@ -35,17 +36,17 @@ class GetSigner:
 
     def headers(self, path: str, now: float | None = None) -> list[tuple[str, str]]:
         """Signed headers for GET `path` (already encoded); none without credentials."""
-        c = self._creds
+        c = self.credentials.current() if self.credentials is not None else self._fixed
         if not c.access_key_id:
             return []
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
         day = stamp[:8]
-        key_day, key = self._day_key
-        if key_day != day:  # a racing thread computes the same key: harmless
+        key_day, key_secret, key = self._day_key
+        if key_day != day or key_secret is not c.secret_access_key:  # a racing thread computes the same key
             key = _hmac(f"AWS4{c.secret_access_key}".encode(), day)
             for part in (self.region, "s3", "aws4_request"):
                 key = _hmac(key, part)
-            self._day_key = (day, key)
+            self._day_key = (day, c.secret_access_key, key)
         hdrs = [("host", self.host), ("x-amz-content-sha256", "UNSIGNED-PAYLOAD"), ("x-amz-date", stamp)]
         if c.session_token:
             hdrs.append(("x-amz-security-token", c.session_token))

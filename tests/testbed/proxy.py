@@ -1,5 +1,5 @@
-"""A TCP forwarder on 127.0.0.1 that can be taken down and brought back: a server outage for
-tests, without stopping the shared server behind it."""
+"""A TCP forwarder on 127.0.0.1 that can be taken down and brought back (a server outage), or
+slowed to a byte rate (a slow server), without touching the shared server behind it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import threading
 
 
 class Proxy:
-    def __init__(self, target_port: int, host: str = "127.0.0.1"):
+    def __init__(self, target_port: int, host: str = "127.0.0.1", rate: float | None = None):
         self.target = (host, target_port)
+        self.rate = rate  # bytes/s from the server, per connection; None: as fast as it comes
         self.host = host
         probe = socket.socket()
         probe.bind((host, 0))
@@ -64,13 +65,16 @@ class Proxy:
                     server.close()
                     return
                 self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, slow in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, slow), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        import time
+
         try:
             while data := src.recv(1 << 16):
+                if slow and self.rate:
+                    time.sleep(len(data) / self.rate)
                 dst.sendall(data)
         except OSError:
             pass
