@@ -8,6 +8,11 @@ every page checked byte for byte against what was written: what the calls return
 errors raised into the caller: must be none), wrong KV returned (must be 0), acknowledged writes
 lost (must be 0 under write_through: a page reported stored is readable afterwards), and the time
 from the end of the fault to the first good read. One table, one row per scenario and server.
+
+A server "cut" is a TCP proxy in front of it that refuses and resets every connection (the test
+bed's `Proxy`), not a killed process: the shared server keeps its data, as a restarted one would.
+The slow server is the same proxy passing 50 KB/s per connection. The full disk is a process whose
+file size limit (RLIMIT_FSIZE) makes the write fail as ENOSPC would.
 """
 
 from __future__ import annotations
@@ -189,18 +194,21 @@ def cut_mid_write(bed: Bed) -> Row:
 def slow_server(bed: Bed) -> Row:
     from testbed.proxy import Proxy
 
-    row = Row("slow server (2 MB/s per connection)", bed.srv.kind)
+    row = Row("slow server (50 KB/s per connection), then fast again", bed.srv.kind)
     w = bed.cache()
-    src, ks = Pages(16, seed=2), keys(16, "s")
+    src, ks = Pages(32, seed=2), keys(32, "s")
     assert all(w.put(ks, src.segments()))
     w.flush()
-    proxy = Proxy(bed.srv.port, rate=2e6)
+    proxy = Proxy(bed.srv.port, rate=50e3)
     r = bed.cache(endpoint=proxy.endpoint)
     try:
         t0 = time.monotonic()
         check(row, r, src, ks)
-        row.notes.append(f"read in {time.monotonic() - t0:.1f} s (timeout 5 s)")
-        row.saw = "hits, or misses within the timeout"
+        took = time.monotonic() - t0
+        row.notes.append(f"the slow read returned after {took:.1f} s (timeout 5 s)")
+        proxy.rate = None
+        until_good(row, r, src, ks)
+        row.saw = "misses at the deadline, never a hang; hits once the server is fast"
     finally:
         r.close()
         w.close()
@@ -244,8 +252,8 @@ def deleted_under_reader(bed: Bed) -> Row:
         bed.boto().delete_object(Bucket=bed.srv.bucket, Key=bed.data_objects()[0])
         check(row, r, src, ks)
         row.notes.append(f"exists after the miss: {r.exists(ks)} (0: healed)")
-        assert all(w.put(ks, src.segments()))  # SGLang recomputes and writes it again
-        w.flush()
+        assert all(r.put(ks, src.segments()))  # SGLang recomputes the prefix here and writes it again
+        r.flush()
         until_good(row, r, src, ks)
         row.saw = "one miss, then healed and served again once rewritten"
     finally:
@@ -268,6 +276,45 @@ def wrong_credentials(bed: Bed) -> Row:
         for k, v in env.items():
             if v is not None:
                 os.environ[k] = v
+    return row
+
+
+def revoked_credentials(bed: Bed) -> Row:
+    """Keys revoked under a running backend (an expired token looks the same to it: 403s)."""
+    row = Row("credentials revoked mid-run, then restored", bed.srv.kind)
+    if bed.srv.kind != "ceph-rgw":
+        row.saw = "n/a (keys are revoked with radosgw-admin)"
+        return row
+    from test_credentials import admin, write_credentials
+
+    uid, key, secret = f"rev-{uuid.uuid4().hex[:8]}", f"K{uuid.uuid4().hex[:15]}".upper(), uuid.uuid4().hex
+    admin(bed.srv, "user", "create", f"--uid={uid}", "--display-name=revoked", f"--access-key={key}",
+          f"--secret-key={secret}")
+    d = tempfile.mkdtemp(prefix="oc-faults-creds-")
+    saved = {k: os.environ.pop(k, None) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(d, "credentials")
+    write_credentials(os.environ["AWS_SHARED_CREDENTIALS_FILE"], key, secret)
+    c = None
+    try:
+        c = bed.cache(tiers=[{**bed.tier(), "bucket": f"rev-{uuid.uuid4().hex[:8]}", "create_bucket": True}])
+        src, ks = Pages(8, seed=8), keys(8, "rev")
+        assert all(c.put(ks, src.segments()))
+        admin(bed.srv, "key", "rm", f"--uid={uid}", "--key-type=s3", f"--access-key={key}")
+        check(row, c, src, ks)
+        more = c.put(keys(8, "rev2"), Pages(8, seed=9).segments())
+        row.notes.append(f"a put while revoked: {sum(more)}/8 stored")
+        admin(bed.srv, "key", "create", f"--uid={uid}", "--key-type=s3", f"--access-key={key}", f"--secret-key={secret}")
+        time.sleep(1.5)  # the health window of the 403s ends
+        until_good(row, c, src, ks)
+        row.saw = "misses and unstored puts while revoked, never an exception; back by itself"
+    finally:
+        if c is not None:
+            c.close()
+        os.environ.pop("AWS_SHARED_CREDENTIALS_FILE", None)
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
+        shutil.rmtree(d, ignore_errors=True)
     return row
 
 
@@ -364,7 +411,7 @@ def gc_beside_readers(bed: Bed) -> Row:
 
 
 SCENARIOS = [cut_mid_read, cut_mid_write, slow_server, lambda b: damaged(b, "corrupt"),
-             lambda b: damaged(b, "truncated"), deleted_under_reader, wrong_credentials, missing_bucket,
+             lambda b: damaged(b, "truncated"), deleted_under_reader, wrong_credentials, revoked_credentials, missing_bucket,
              two_writers, gc_beside_readers]
 
 

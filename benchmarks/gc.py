@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objects", type=int, default=48, help="the budget, in objects (the load writes 3x)")
     ap.add_argument("--hot", type=int, default=6, help="objects in the hot set")
-    ap.add_argument("--pace", type=float, default=0.1, help="seconds between object writes")
+    ap.add_argument("--pace", type=float, default=0.2, help="seconds between object writes")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "gc.json"))
     args = ap.parse_args(argv)
     from testbed import servers

@@ -60,6 +60,14 @@ class Collector:
         self.grace = GRACE
         self.last: GcReport | None = None
         self.totals = {"passes": 0, "deleted": 0, "deleted_bytes": 0}
+        self._left = 0  # bytes the last pass left
+        self._added_mark = 0  # the index's added_bytes when the last pass listed
+        self._holder_until = 0.0  # monotonic: this instance holds the lease until then
+
+    def estimate(self) -> int:
+        """The namespace's bytes now, without a request: what the last pass left, plus what the
+        index learned was written since (every instance's writes reach it through the journal)."""
+        return self._left + self.tier.index.added_bytes - self._added_mark
 
     @property
     def _lease_prefix(self) -> str:
@@ -102,6 +110,7 @@ class Collector:
         t0 = time.monotonic()
         tier, index = self.tier, self.tier.index
         now = tier.journal.now_ms() / 1000
+        added_mark = index.added_bytes
         tier.requests["list"] += 1
         listed = await tier.store.list(f"{tier.ns.root}d/")
         report = GcReport(objects=len(listed), bytes=sum(e.size for e in listed), dry_run=dry_run)
@@ -133,6 +142,7 @@ class Collector:
         report.seconds = time.monotonic() - t0
         if not dry_run:
             self.last = report
+            self._left, self._added_mark = report.bytes - report.deleted_bytes, added_mark
             self.totals["passes"] += 1
             self.totals["deleted"] += report.deleted
             self.totals["deleted_bytes"] += report.deleted_bytes
@@ -153,16 +163,30 @@ class Collector:
         log.info("s3 tier %s: garbage collection deleted %d objects", tier.name, len(names))
 
     async def loop(self) -> None:
-        """Every interval (with jitter): take the lease, then run a pass. Never raises."""
+        """Every interval (with jitter): take the lease, then run a pass; and, while holding the
+        lease, at once whenever the estimate says the budget is passed (checked every second or
+        quarter interval, without a request; passes at least a quarter interval apart), so that the bucket overshoots by what is written in
+        about a refresh interval, not in a whole `gc_interval`. Never raises."""
+        due = time.monotonic() + self.interval * (0.75 + random.random() / 2)
+        last_pass, min_gap = 0.0, max(1.0, self.interval / 4)
         while True:
-            await asyncio.sleep(self.interval * (0.75 + random.random() / 2))
+            await asyncio.sleep(min(1.0, self.interval / 4))
+            now = time.monotonic()
+            over = (self.capacity is not None and self.last is not None and now < self._holder_until
+                    and now - last_pass >= min_gap and self.estimate() > self.capacity)
+            if now < due and not over:
+                continue
+            due, last_pass = now + self.interval * (0.75 + random.random() / 2), now
             try:
                 if await self.take_lease():
+                    self._holder_until = time.monotonic() + self.lease_ttl / 2
                     r = await self.run_once()
                     if r.deleted:
                         log.info("s3 tier %s: %d objects, %.1f GiB; deleted %d (%.1f GiB, %d past max_age)",
                                  self.tier.name, r.objects, r.bytes / 2**30, r.deleted, r.deleted_bytes / 2**30,
                                  r.expired)
+                else:
+                    self._holder_until = 0.0
             except StoreError as e:
                 log.warning("s3 tier %s: garbage collection failed (will retry): %s", self.tier.name, e)
             except Exception:  # noqa: BLE001 - the loop must survive anything

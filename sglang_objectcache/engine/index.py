@@ -109,6 +109,7 @@ class Index:
         self._recent: dict[int, int] = {}  # key hash -> value, newer than the sorted table
         self._banned: dict[str, int] = {}  # name -> the digest it failed against
         self._live_pages = 0
+        self.added_bytes = 0  # bytes of the objects ever added (new ones only): what was written since
 
     # ---- names ----------------------------------------------------------------------------
 
@@ -156,6 +157,7 @@ class Index:
             self._used.append(used)
             self._alive.append(1)
             self._live_pages += n
+            self.added_bytes += info.size
             base = oid << SLOT_BITS
             for slot, h in enumerate(struct.unpack(f"<{n}Q", info.hashes)):
                 self._recent[h] = base | slot
@@ -234,7 +236,9 @@ class Index:
 
     def clear(self) -> None:
         with self._lock:
+            added = self.added_bytes
             self.__init__(self.root)
+            self.added_bytes = added
 
     # ---- queries --------------------------------------------------------------------------
 

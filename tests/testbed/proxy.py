@@ -40,6 +40,10 @@ class Proxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
         if listener is not None:
+            try:  # wakes the thread blocked in accept(), which keeps the socket listening otherwise
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         for c in conns:
             try:
