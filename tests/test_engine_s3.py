@@ -187,6 +187,8 @@ def test_server_down_gives_misses_within_timeout_then_recovers(prefix, tmpdir_pa
         assert c.put(ks[4:], src.segments(list(range(4, 8)))) == [False] * 4
         assert time.monotonic() - t0 < 2 * 3 + 1.0, "each call must end within its deadline"
         assert not dst.data.any()
+        counters = c.snapshot()["counters"]
+        assert counters.get("read_errors_Unavailable", 0) >= 1 and counters.get("write_errors_Unavailable", 0) >= 1
         srv = servers.start_seaweedfs(data_dir=tmpdir_path, port=port)
         deadline = time.monotonic() + 20
         ok = []

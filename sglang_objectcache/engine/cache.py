@@ -156,7 +156,7 @@ class ObjectCache:
     def _on_read_event(self, kind: str, o: PlannedObject | None, detail) -> None:
         """What a read session reports: counted, logged (rate-limited), and acted on."""
         if kind == "io_error":
-            self.stats.add(errors=1)
+            self.stats.add(errors=1, **{f"read_errors_{type(detail).__name__}": 1})
             self._warn.warn(f"io:{type(detail).__name__}", "objectcache: %s; pages are misses", detail)
             if isinstance(detail, NotFound):  # gone behind our back: no instance should claim it
                 self.stats.add(vanished=1)
@@ -191,7 +191,7 @@ class ObjectCache:
         return self.writer.put(keys, segments)
 
     def _background_failed(self, what: str, e: BaseException) -> None:
-        self.stats.add(background_errors=1)
+        self.stats.add(background_errors=1, **{f"background_errors_{type(e).__name__}": 1})
         self._warn.warn(f"bg:{what}", "objectcache: %s failed: %s", what, e)
 
     # ---- admin ---------------------------------------------------------------------------

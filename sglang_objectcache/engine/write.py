@@ -111,11 +111,11 @@ class Writer:
                 try:
                     f.result()
                 except (StoreError, asyncio.TimeoutError, cf.CancelledError) as e:
-                    self.stats.add(errors=1)
+                    self.stats.add(errors=1, **{f"write_errors_{type(e).__name__}": 1})
                     self._warn.warn(f"io:{type(e).__name__}", "objectcache: %s; pages not stored", e)
                     continue
                 except Exception as e:  # noqa: BLE001 - never let an I/O error reach SGLang
-                    self.stats.add(errors=1)
+                    self.stats.add(errors=1, **{f"write_errors_{type(e).__name__}": 1})
                     self._warn.warn("io:other", "objectcache: unexpected %s: %s", type(e).__name__, e)
                     continue
                 stored.append(futs[f])
