@@ -9,6 +9,9 @@ ctypes.CDLL call: the GIL is released once per range, and the copy threads run i
 The C file is compiled on first use with the system C compiler (`$CC`, else `cc`; SGLang's own
 JIT kernels need one too) into a cache directory (`$OBJECTCACHE_NATIVE_DIR`, else
 `$XDG_CACHE_HOME/sglang_objectcache` or `~/.cache/sglang_objectcache`), keyed by the source's hash.
+The directory is created private to the user; a cached build is loaded only if it and its directory
+belong to the user and nobody else can write them, and its content matches the SHA-256 recorded when
+it was built (`.sha256` beside it); a broken or foreign build is rebuilt, never loaded.
 Without a compiler the same operations run piece by piece in Python (`gil_held`), with a warning:
 correct, slower under contention. The checksum is xxhash's own XXH3_64bits, passed in as a function
 pointer, so both paths give identical values.
@@ -46,6 +49,46 @@ def _cache_dir() -> Path:
     return Path(base) / "sglang_objectcache"
 
 
+def _private(path: Path, *, is_dir: bool) -> None:
+    """A file we load code from must be ours and writable by nobody else, and so must its
+    directory; RuntimeError otherwise (the helper is then not used)."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise RuntimeError(f"{path} belongs to uid {st.st_uid}, not to this user; not loading code from it")
+    if st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}); not loading "
+                           "code from it")
+    if is_dir and not path.is_dir():
+        raise RuntimeError(f"{path} is not a directory")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _built(srcs: dict[str, bytes], so: Path) -> Path:
+    """The compiled helper for these sources: the cached build when its checks pass (private
+    directory and file, content as recorded when it was built), else a fresh build."""
+    so.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(so.parent, is_dir=True)
+    stamp = so.with_suffix(".sha256")
+    if so.exists():
+        try:
+            _private(so, is_dir=False)
+            if stamp.read_text().strip() == _digest(so):
+                return so
+            log.warning("objectcache: cached native helper %s does not match its recorded hash; rebuilding", so)
+        except FileNotFoundError:
+            log.warning("objectcache: cached native helper %s has no recorded hash; rebuilding", so)
+        except RuntimeError as e:  # someone else's file in our directory: replaced, never loaded
+            log.warning("objectcache: %s; rebuilding", e)
+    _compile(srcs, so)
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    tmp.write_text(_digest(so))
+    os.replace(tmp, stamp)
+    return so
+
+
 def _hash_pointer() -> int | None:
     try:
         import xxhash._xxhash as ext
@@ -73,6 +116,7 @@ def _compile(srcs: dict[str, bytes], so: Path) -> None:
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:500]}")
+        os.chmod(out, 0o644)
         os.replace(out, so)  # atomic: concurrent builders (TP ranks) each install a whole file
 
 
@@ -91,9 +135,7 @@ def _load():
             srcs = {n: resources.files(__name__).joinpath(n).read_bytes() for n in SOURCES}
             tag = hashlib.sha256(b"".join(srcs.values()) + sys.platform.encode()
                                  + os.uname().machine.encode()).hexdigest()[:16]
-            so = _cache_dir() / f"objectcache-{tag}.so"
-            if not so.exists():
-                _compile(srcs, so)
+            so = _built(srcs, _cache_dir() / f"objectcache-{tag}.so")
             lib = ctypes.CDLL(str(so))  # CDLL: calls release the GIL
             fn = lib.oc_copy_hash
             fn.restype = ctypes.c_int64

@@ -43,6 +43,7 @@ enum {
     OC_EBAD = -6,       /* oc_http_get_pieces: piece info[6] failed its check; it and later ones not copied */
     OC_ECLOSED = -7,    /* oc_http_get_pieces: the gate closed (the fetch ended); nothing more copied */
     OC_ESHORT = -8,     /* oc_http_get_pieces: a body shorter than asked (info[2]): nothing copied */
+    OC_ERANGE = -9,     /* the response is not the range asked for (Content-Range, or a 200 mid-object) */
 };
 
 /* Bound the next wait by the request's deadline, info[7] (CLOCK_MONOTONIC ns; 0: none): the
@@ -94,6 +95,43 @@ static int header_is(const char *line, const char *end, const char *name)
     return (size_t)(end - line) >= n && strncasecmp(line, name, n) == 0;
 }
 
+/* A decimal number filling [p, end) (spaces and tabs around it allowed); -1 if it is empty, is
+ * not all digits, or has more than 18 of them. Never reads outside [p, end). */
+static int64_t parse_dec(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t'))
+        p++;
+    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    if (p == end || end - p > 18)
+        return -1;
+    int64_t v = 0;
+    for (; p < end; p++) {
+        if (*p < '0' || *p > '9')
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return v;
+}
+
+/* A Content-Range value in [p, end): "bytes FIRST-LAST/TOTAL" (TOTAL may be *). 0 and the two
+ * numbers, or -1. */
+static int parse_range(const char *p, const char *end, int64_t *first, int64_t *last)
+{
+    while (p < end && (*p == ' ' || *p == '\t'))
+        p++;
+    if (end - p < 6 || strncasecmp(p, "bytes ", 6) != 0)
+        return -1;
+    p += 6;
+    const char *dash = memchr(p, '-', (size_t)(end - p));
+    const char *slash = dash ? memchr(dash, '/', (size_t)(end - dash)) : NULL;
+    if (dash == NULL || slash == NULL)
+        return -1;
+    *first = parse_dec(p, dash);
+    *last = parse_dec(dash + 1, slash);
+    return *first < 0 || *last < *first ? -1 : 0;
+}
+
 static const char *find_crlf(const char *p, const char *end)
 {
     for (; p + 1 < end; p++)
@@ -105,7 +143,7 @@ static const char *find_crlf(const char *p, const char *end)
 /* Send req, then receive the response's header block into hdr (hdr_cap bytes; for an error status,
  * the body's start follows it there). info[0] status, [1] header bytes, [2] Content-Length, [3]
  * keep-alive (1/0), [4] errno, [5] body bytes kept after the header in hdr (error statuses only);
- * in: [7] the request's deadline (arm). On OC_OK, *body points at the body bytes that came with the
+ * in: [7] the request's deadline (arm), [8] the first byte asked for (checked against Content-Range). On OC_OK, *body points at the body bytes that came with the
  * header and *extra counts them. */
 static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, int64_t hdr_cap, int64_t *info,
                          int64_t want, const char **body, int64_t *extra_out)
@@ -140,18 +178,29 @@ static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, in
             }
     }
     info[1] = eoh - hdr;
-    if (have < 12 || strncmp(hdr, "HTTP/1.", 7) != 0)
+    /* Everything below reads only inside [hdr, eoh): the header block as received. */
+    const char *sl_end = find_crlf(hdr, eoh);
+    if (sl_end == NULL || sl_end - hdr < 12 || strncmp(hdr, "HTTP/1.", 7) != 0 || hdr[8] != ' '
+        || (sl_end > hdr + 12 && hdr[12] != ' '))
         return OC_EPROTO;
-    info[0] = strtol(hdr + 9, NULL, 10);
+    if ((info[0] = parse_dec(hdr + 9, hdr + 12)) < 100)
+        return OC_EPROTO;
     int chunked = 0;
-    const char *line = find_crlf(hdr, eoh);
-    while (line != NULL && line + 2 < eoh - 2) {
+    int64_t r_first = -1, r_last = -1;
+    const char *line = sl_end;
+    while (line + 2 < eoh - 2) {
         const char *start = line + 2, *end = find_crlf(start, eoh);
         if (end == NULL)
             break;
-        if (header_is(start, end, "content-length:"))
-            info[2] = strtoll(start + 15, NULL, 10);
-        else if (header_is(start, end, "transfer-encoding:"))
+        if (header_is(start, end, "content-length:")) {
+            int64_t v = parse_dec(start + 15, end);
+            if (v < 0 || (info[2] >= 0 && info[2] != v))
+                return OC_EPROTO; /* empty, not a number, or two that disagree */
+            info[2] = v;
+        } else if (header_is(start, end, "content-range:")) {
+            if (parse_range(start + 14, end, &r_first, &r_last) != 0)
+                return OC_EPROTO;
+        } else if (header_is(start, end, "transfer-encoding:"))
             chunked = memmem(start, (size_t)(end - start), "chunked", 7) != NULL;
         else if (header_is(start, end, "connection:"))
             info[3] = memmem(start, (size_t)(end - start), "close", 5) == NULL;
@@ -172,6 +221,10 @@ static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, in
         return OC_ECHUNKED;
     if (info[2] < 0 || info[2] > want || extra > info[2])
         return OC_ELENGTH;
+    /* the bytes asked for, not others: a 206 names its range, which starts where ours does and is
+     * as long as its body; a 200 (a server that ignored Range) is the object from its start */
+    if (info[0] == 206 ? (r_first != info[8] || r_last - r_first + 1 != info[2]) : info[8] != 0)
+        return OC_ERANGE;
     *body = eoh;
     *extra_out = extra;
     return OC_OK;

@@ -29,7 +29,8 @@ from .credentials import Credentials
 from .sigv4 import GetSigner
 
 _HDR_CAP = 16 << 10
-_MESSAGES = {-2: "malformed HTTP response", -5: "chunked body"}  # -1, -3, -4 are told apart below
+_MESSAGES = {-2: "malformed HTTP response", -5: "chunked body",
+             -9: "the response is not the range asked for"}  # -1, -3, -4 are told apart below
 # read_pieces receives adjacent pieces up to this much at a time: few enough system calls, and
 # small enough to stay in a core's cache while they are checked and copied
 BOUNCE_BYTES = int(os.environ.get("OBJECTCACHE_BOUNCE_BYTES", 1 << 20))
@@ -43,7 +44,8 @@ class RawRangeReader:
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"the native reader speaks plain HTTP only, not {endpoint!r}")
         self.addr = (u.hostname, u.port or 80)
-        host = u.hostname if u.port in (None, 80) else f"{u.hostname}:{u.port}"
+        name = f"[{u.hostname}]" if ":" in u.hostname else u.hostname  # an IPv6 literal keeps its brackets
+        host = name if u.port in (None, 80) else f"{name}:{u.port}"
         self.bucket = bucket
         self.signer = GetSigner(host, region, creds)
         self.request_timeout = request_timeout
@@ -112,7 +114,7 @@ class RawRangeReader:
         loc = self._local
         if not hasattr(loc, "hdr"):
             loc.hdr = ctypes.create_string_buffer(_HDR_CAP)
-            loc.info = (ctypes.c_int64 * 8)()  # [7], in: the request's deadline (httpget.c, arm)
+            loc.info = (ctypes.c_int64 * 10)()  # in: [7] the request's deadline, [8] its first byte (httpget.c)
             loc.bounce = np.empty(0, dtype=np.uint8)
         stale_retried, retries = False, 0
         while True:
@@ -122,6 +124,7 @@ class RawRangeReader:
                 err = e
             else:
                 loc.info[7] = time.monotonic_ns() + int(self.request_timeout * 1e9)  # the whole request
+                loc.info[8] = start
                 rc = call(sock, req, loc)
                 info = list(loc.info)
                 if rc in ends and (rc != 0 or info[0] in (200, 206)):
