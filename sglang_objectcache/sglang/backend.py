@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..engine.cache import ObjectCache
 from ..format import SegmentFn
 from . import shutdown
-from .compat import check_version, storage_metrics
+from .compat import check_isolation, check_version, storage_metrics
 from .pool import describe_pool, flat_segments, host_segments
 
 log = logging.getLogger("sglang_objectcache")
@@ -33,7 +33,7 @@ class ObjectCacheStorage(HiCacheStorage):
     """Registered as `--hicache-storage-backend objectcache`; also works through `dynamic`."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, mem_pool_host: Any = None):
-        check_version()
+        check_isolation(check_version())
         self.storage_config = storage_config
         self.config = parse_config(storage_config.extra_config or {})
         if storage_config.is_page_first_layout:

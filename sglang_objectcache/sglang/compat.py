@@ -67,3 +67,44 @@ def storage_metrics(prefetch_pgs, backup_pgs, prefetch_bw, backup_bw):
 
     return StorageMetrics(prefetch_pgs=list(prefetch_pgs), backup_pgs=list(backup_pgs),
                           prefetch_bandwidth=list(prefetch_bw), backup_bandwidth=list(backup_bw))
+
+
+# Releases whose storage hashes fold the request's namespace (extra_key: cache_salt, LoRA id) into
+# every page key (0.5.23: `storage_namespace_seed`). 0.5.17 hashes token ids only.
+NAMESPACED_STORAGE_HASHES = ("0.5.23",)
+
+
+def lora_enabled() -> bool | None:
+    """Whether the server was launched with LoRA adapters; None where it cannot be told (no
+    server arguments published in this process: tests, tools)."""
+    try:
+        from sglang.srt.server_args import get_global_server_args
+
+        args = get_global_server_args()
+    except Exception:  # noqa: BLE001 - no server context, or a release without the accessor
+        return None
+    return bool(getattr(args, "lora_paths", None)) or bool(getattr(args, "enable_lora", False))
+
+
+def check_isolation(version: str) -> None:
+    """Refuse a setup in which one tenant's storage KV could load for another: on a release whose
+    storage hashes ignore the request's namespace, LoRA adapters would share keys for the same
+    tokens (wrong KV). Salted tenants only share timing there (a salt does not change the KV);
+    that is logged."""
+    import logging
+
+    if version in NAMESPACED_STORAGE_HASHES:
+        return
+    if lora_enabled():
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"hicache storage with LoRA: SGLang {version} computes storage page keys from token ids "
+            "only, so two adapters serving the same tokens would load each other's KV from storage. "
+            "Use SGLang 0.5.23 (it folds the adapter into the keys), or serve LoRA without "
+            "--hicache-storage-backend")
+    logging.getLogger("sglang_objectcache").warning(
+        "objectcache: SGLang %s computes storage page keys from token ids only: requests with "
+        "different cache_salt share stored prefixes (the same KV bytes; a tenant can time whether "
+        "another sent a prompt). Use SGLang 0.5.23 where tenants must not learn of each other "
+        "(docs/security.md)", version)
