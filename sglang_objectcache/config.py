@@ -174,6 +174,9 @@ class ObjectCacheConfig:
     # has landed. Without the patch this key has no effect.
     layerwise: bool = True
     namespace: str | None = None  # overrides SGLang's model name in object names
+    # which weights: the served name does not say (two checkpoints under one name would share KV);
+    # any string that changes with the weights (a commit, a checkpoint hash), part of the fingerprint
+    model_revision: str | None = None
     sglang: dict = field(default_factory=dict)  # SGLang's own keys, passed through untouched
 
 
@@ -314,6 +317,11 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["verify_checksums"] = _expect(ours["verify_checksums"], bool, "verify_checksums", "true or false")
     if "layerwise" in ours:
         kw["layerwise"] = _expect(ours["layerwise"], bool, "layerwise", "true or false")
+    if ours.get("model_revision") is not None:
+        rev = _expect(ours["model_revision"], str, "model_revision", "a string naming the weights")
+        if not 0 < len(rev) <= 256:
+            raise ConfigError("model_revision: give 1-256 characters that change with the weights")
+        kw["model_revision"] = rev
     if "namespace" in ours and ours["namespace"] is not None:
         ns = _expect(ours["namespace"], str, "namespace", "a string")
         if not re.fullmatch(r"[A-Za-z0-9._\-]{1,128}", ns):

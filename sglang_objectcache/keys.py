@@ -36,18 +36,41 @@ class Fingerprint:
     pp_rank: int = 0
     pp_size: int = 1
     object_layout: str = OBJECT_LAYOUT
+    # Shards that hold other bytes of the same page (SGLang 0.5.23): context-parallel attention
+    # ranks hold disjoint slices of every page; decode-context-parallel ranks hold MLA shards.
+    attn_cp_rank: int = 0
+    attn_cp_size: int = 1
+    dcp_rank: int = 0
+    dcp_size: int = 1
+    logical_page_size: int = 0  # 0: the page size (set with DCP)
+    model_revision: str = ""  # the config's model_revision: which weights, beyond the served name
 
     @property
     def digest(self) -> str:
-        canon = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """Names the layout of the bytes. Fields added since the first release count only when
+        they differ from their default, so that an unsharded deployment keeps its namespace (and
+        what it stored) across the upgrade."""
+        fields = asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+        canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
     def describe(self) -> str:
         rank = "mla" if self.attention == "mla" else f"tp{self.tp_rank}of{self.tp_size}"
+        if self.attn_cp_size > 1:
+            rank += f" cp{self.attn_cp_rank}of{self.attn_cp_size}"
+        if self.dcp_size > 1:
+            rank += f" dcp{self.dcp_rank}of{self.dcp_size}"
         return (
             f"{self.model} {self.dtype} page={self.page_size} layers={self.start_layer}+"
             f"{self.n_layers} {self.attention} heads={self.kv_heads}x{self.head_dim} {rank}"
         )
+
+
+_LATER_FIELDS = {"attn_cp_rank": 0, "attn_cp_size": 1, "dcp_rank": 0, "dcp_size": 1, "logical_page_size": 0,
+                 "model_revision": ""}
 
 
 def key_hash(key: str) -> int:

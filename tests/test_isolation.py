@@ -69,3 +69,77 @@ def test_without_lora_a_release_that_shares_keys_says_so(monkeypatch, caplog):
     version = compat.sglang_version()
     compat.check_isolation(version)
     assert ("cache_salt" in caplog.text) == (version not in compat.NAMESPACED_STORAGE_HASHES)
+
+
+# ---- fingerprints: every layout that changes a page's bytes -------------------------------------
+
+def _fingerprint(mla: bool, **overrides):
+    import dataclasses
+
+    from testbed.sglang_pools import make_host_pool, storage_config
+
+    from sglang_objectcache.sglang.pool import describe_pool
+
+    cfg = storage_config(mla=mla, layout="layer_first", extra={})
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    missing = set(overrides) - fields
+    if missing:
+        pytest.skip(f"SGLang {compat.sglang_version()} has no {', '.join(sorted(missing))}")
+    if mla and overrides.get("dcp_size", 1) > 1:
+        overrides.setdefault("logical_page_size", 16 * overrides["dcp_size"])
+    try:
+        cfg = dataclasses.replace(cfg, **overrides)
+    except ValueError as e:  # SGLang's own validation of a layout it cannot build here
+        pytest.skip(str(e))
+    return describe_pool(make_host_pool("mla" if mla else "mha", "layer_first"), cfg)
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+def test_context_parallel_ranks_get_their_own_namespace(mla):
+    """Each attention-CP rank holds a disjoint slice of every page: rank 1 must never read rank 0's."""
+    fps = [_fingerprint(mla, attn_cp_rank=r, attn_cp_size=2) for r in (0, 1)]
+    assert fps[0].digest != fps[1].digest
+    assert _fingerprint(mla).digest not in {f.digest for f in fps}, "nor the unsharded deployment's"
+
+
+def test_decode_context_parallel_ranks_get_their_own_namespace():
+    fps = [_fingerprint(True, dcp_rank=r, dcp_size=2, tp_rank=r, tp_size=2) for r in (0, 1)]
+    assert fps[0].digest != fps[1].digest and _fingerprint(True).digest not in {f.digest for f in fps}
+
+
+def test_an_unsharded_deployment_keeps_its_namespace():
+    """Fields added for sharded layouts count only when set: what an unsharded deployment stored
+    before stays under the same fingerprint."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from sglang_objectcache import keys as keys_mod
+
+    fp = _fingerprint(False)
+    before = {k: v for k, v in dataclasses.asdict(fp).items() if k not in keys_mod._LATER_FIELDS}
+    old = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    assert fp.digest == old
+
+
+def test_two_checkpoints_under_one_served_name_do_not_share(tmp_path):
+    """The served name does not identify the weights; `model_revision` does."""
+    from engine_util import Pages, fingerprint, keys
+
+    from sglang_objectcache.config import parse_config
+    from sglang_objectcache.engine.cache import ObjectCache
+
+    def cache(rev):
+        cfg = {"tiers": [{"kind": "disk", "path": str(tmp_path), "capacity": "1GiB"}], "model_revision": rev}
+        return ObjectCache(parse_config(cfg), fingerprint("same-name"))
+    a, b, a2 = cache("ckpt-2026-11"), cache("ckpt-2026-12"), None
+    try:
+        src, ks = Pages(8, seed=1), keys(8)
+        assert all(a.put(ks, src.segments()))
+        assert a.ns.root != b.ns.root and b.exists(ks) == 0
+        a2 = cache("ckpt-2026-11")
+        assert a2.exists(ks) == 8, "the same weights share"
+    finally:
+        for c in (a, b, a2):
+            if c is not None:
+                c.close()

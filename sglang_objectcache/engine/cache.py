@@ -10,6 +10,7 @@ rooms: reads in `read.py`, writes in `write.py`, tiers in `tiers.py` and `disk_t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures as cf
 import logging
 import os
@@ -56,6 +57,8 @@ def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
 class ObjectCache:
     def __init__(self, cfg: ObjectCacheConfig, fp: Fingerprint):
         self.cfg = cfg
+        if cfg.model_revision and fp.model_revision != cfg.model_revision:
+            fp = dataclasses.replace(fp, model_revision=cfg.model_revision)
         self.fp = fp
         self.digest = fp.digest
         s3 = next((t for t in cfg.tiers if isinstance(t, S3TierConfig)), None)

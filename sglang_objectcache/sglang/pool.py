@@ -53,6 +53,12 @@ def describe_pool(pool, storage_config) -> Fingerprint:
         tp_size=tp_size,
         pp_rank=int(getattr(storage_config, "pp_rank", 0) or 0),
         pp_size=int(getattr(storage_config, "pp_size", 1) or 1),
+        attn_cp_rank=int(getattr(storage_config, "attn_cp_rank", 0) or 0),
+        attn_cp_size=int(getattr(storage_config, "attn_cp_size", 1) or 1),
+        dcp_rank=int(getattr(storage_config, "dcp_rank", 0) or 0),
+        dcp_size=int(getattr(storage_config, "dcp_size", 1) or 1),
+        logical_page_size=int(getattr(storage_config, "logical_page_size", 0) or 0)
+        if int(getattr(storage_config, "dcp_size", 1) or 1) > 1 else 0,
     )
 
 
