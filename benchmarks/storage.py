@@ -11,8 +11,9 @@ next to the server's raw ceilings from a plain obstore client (whole-object PUT/
 Bytes read back are checked against what was written.
 
 Backends: objectcache (obstore, 8 pages per object), objectcache-ppo1 (one object per page),
-objectcache-aioboto3, objectcache-r8 (8 MiB read ranges, the default before 16 MiB), and SGLang
-0.5.23's own `seaweedfs` (when installed).
+objectcache-aioboto3, objectcache-r8 (8 MiB read ranges, the default before 16 MiB),
+objectcache-keyed (keyed integrity on: its read rate is printed as a ratio to objectcache's), and
+SGLang 0.5.23's own `seaweedfs` (when installed).
 
     python benchmarks/storage.py                         # starts its own SeaweedFS
     python benchmarks/storage.py --sizes 16k --backends objectcache,objectcache-ppo1,objectcache-aioboto3,seaweedfs
@@ -48,6 +49,8 @@ BACKENDS = {
     "objectcache-ppo1": {"pages_per_object": 1, "transport": "obstore"},
     "objectcache-aioboto3": {"pages_per_object": 8, "transport": "aioboto3"},
     "objectcache-r8": {"pages_per_object": 8, "transport": "obstore", "read_range_bytes": "8MiB"},
+    # keyed integrity: every footer's MAC checked under a secret (from this environment variable)
+    "objectcache-keyed": {"pages_per_object": 8, "transport": "obstore", "integrity_key_env": "OBJECTCACHE_BENCH_KEY"},
     "seaweedfs": None,
 }
 
@@ -262,6 +265,10 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
             continue
         line = (f"{tokens // 1024}K {name}: read {r['read_gibps'] / raw['get_8MiB']:.0%} of raw GET, "
                 f"write {r['write_gibps'] / raw['put_8MiB']:.0%} of raw PUT")
+        plain = by.get((tokens, "objectcache"))
+        if name == "objectcache-keyed" and plain:
+            line += (f"; keyed integrity on / off: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
+                     f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
         peer = by.get((tokens, "seaweedfs"))
         if peer:
             line += (f"; vs seaweedfs: read x{r['read_gibps'] / peer['read_gibps']:.2f}, write "
@@ -272,6 +279,7 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("OBJECTCACHE_BENCH_KEY", hashlib.sha256(uuid.uuid4().bytes).hexdigest())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="4k,16k,64k", help="prefix lengths in tokens (k = 1024)")
     ap.add_argument("--backends", default="objectcache,seaweedfs")

@@ -9,6 +9,7 @@ key is an error, because a typo silently ignored is a production incident later.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -177,6 +178,11 @@ class ObjectCacheConfig:
     # which weights: the served name does not say (two checkpoints under one name would share KV);
     # any string that changes with the weights (a commit, a checkpoint hash), part of the fingerprint
     model_revision: str | None = None
+    # Keyed integrity (opt-in): a secret shared by the writers, read from this file or this
+    # environment variable (never from the config itself); an object whose footer MAC does not
+    # verify under it is a miss. The secret stays out of this object (and so out of any log).
+    integrity_key_file: str | None = None
+    integrity_key_env: str | None = None
     sglang: dict = field(default_factory=dict)  # SGLang's own keys, passed through untouched
 
 
@@ -203,10 +209,16 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
     if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", kw["bucket"]):
         raise ConfigError(f"{where}bucket: {kw['bucket']!r} is not a valid S3 bucket name")
     endpoint = d.get("endpoint")
+    env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint is None and env_endpoint:  # the AWS SDKs' convention: every transport uses it alike
+        endpoint = env_endpoint
+        where_endpoint = f"{where}endpoint (from AWS_ENDPOINT_URL)"
+    else:
+        where_endpoint = f"{where}endpoint"
     if endpoint is not None:
-        _expect(endpoint, str, f"{where}endpoint", "a URL like http://127.0.0.1:7480")
+        _expect(endpoint, str, where_endpoint, "a URL like http://127.0.0.1:7480")
         if not re.match(r"^https?://[^/\s]+", endpoint):
-            raise ConfigError(f"{where}endpoint: {endpoint!r} must start with http:// or https://")
+            raise ConfigError(f"{where_endpoint}: {endpoint!r} must start with http:// or https://")
     kw["endpoint"] = endpoint
     if "prefix" in d:
         kw["prefix"] = _expect(d["prefix"], str, f"{where}prefix", "a string").strip("/")
@@ -317,6 +329,11 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["verify_checksums"] = _expect(ours["verify_checksums"], bool, "verify_checksums", "true or false")
     if "layerwise" in ours:
         kw["layerwise"] = _expect(ours["layerwise"], bool, "layerwise", "true or false")
+    for k in ("integrity_key_file", "integrity_key_env"):
+        if ours.get(k) is not None:
+            kw[k] = _expect(ours[k], str, k, "a file path" if k.endswith("file") else "an environment variable name")
+    if "integrity_key_file" in kw and "integrity_key_env" in kw:
+        raise ConfigError("integrity_key_env: give the secret one way, integrity_key_file or integrity_key_env")
     if ours.get("model_revision") is not None:
         rev = _expect(ours["model_revision"], str, "model_revision", "a string naming the weights")
         if not 0 < len(rev) <= 256:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -40,6 +42,7 @@ class Header:
     piece_bytes: int  # bytes of one page of one layer (K and V together for MHA)
     checksums: bytes  # n_layers * n_pages little-endian u64, layer-major
     meta_bytes: int  # footer + trailer, after the data
+    mac: bytes = b""  # keyed integrity mode only (footer_mac)
 
     @property
     def n_pages(self) -> int:
@@ -76,11 +79,27 @@ class Header:
         return xxh3_64(readonly_address(self.checksums), len(self.checksums)) if self.checksums else 0
 
 
-def _pack_footer(fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes) -> bytes:
-    return msgpack.packb(
-        {"fp": fp, "keys": list(keys), "layers": n_layers, "piece": piece, "xxh3": sums},
-        use_bin_type=True,
-    )
+def _pack_footer(fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes,
+                 mac: bytes | None = None) -> bytes:
+    doc = {"fp": fp, "keys": list(keys), "layers": n_layers, "piece": piece, "xxh3": sums}
+    if mac is not None:
+        doc["mac"] = mac
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+MAC_BYTES = 32  # HMAC-SHA256
+
+
+def footer_mac(key: bytes, fp: str, keys: Sequence[str], n_layers: int, piece: int, sums: bytes) -> bytes:
+    """The keyed integrity mode's MAC: HMAC-SHA256 under the deployment's secret over the footer
+    without its MAC (fingerprint, page keys, geometry, the checksum table), so that an object
+    written without the secret never verifies, and a valid footer cannot move to other pages."""
+    return hmac.new(key, _pack_footer(fp, keys, n_layers, piece, sums), hashlib.sha256).digest()
+
+
+def mac_ok(h: "Header", key: bytes) -> bool:
+    return len(h.mac) == MAC_BYTES and hmac.compare_digest(
+        h.mac, footer_mac(key, h.fingerprint, h.keys, h.n_layers, h.piece_bytes, h.checksums))
 
 
 def buffer_address(buf: bytearray | memoryview) -> int:
@@ -138,8 +157,10 @@ def encode(
     piece: int,
     segments: SegmentFn,
     first: int = 0,
+    mac_key: bytes | None = None,
 ) -> bytearray:
-    """Build one object from pages `first .. first+len(keys)-1` of a call.
+    """Build one object from pages `first .. first+len(keys)-1` of a call (with `mac_key`, its
+    footer carries the keyed integrity MAC).
 
     Data comes first, so layer blocks sit at multiples of their size (servers store objects in
     aligned chunks; aligned ranges read faster). One copy: each segment is copied once, all of
@@ -147,7 +168,7 @@ def encode(
     """
     n = len(keys)
     data_bytes = n_layers * n * piece
-    footer_len = meta_bytes_for(fp, keys, n_layers, piece) - TRAILER.size
+    footer_len = meta_bytes_for(fp, keys, n_layers, piece, keyed=mac_key is not None) - TRAILER.size
     out = bytearray(data_bytes + footer_len + TRAILER.size)
     base = buffer_address(out)
     table = getattr(segments, "table", None)
@@ -158,7 +179,8 @@ def encode(
     else:
         copies, pieces = _piece_copies_by_call(segments, n_layers, n, piece, base, first)
     sums = struct.pack(f"<{len(pieces)}Q", *native.copy_and_hash(copies, pieces, piece))
-    footer = _pack_footer(fp, keys, n_layers, piece, sums)
+    mac = footer_mac(mac_key, fp, keys, n_layers, piece, sums) if mac_key is not None else None
+    footer = _pack_footer(fp, keys, n_layers, piece, sums, mac)
     assert len(footer) == footer_len  # its size depends only on its shape
     out[data_bytes : data_bytes + footer_len] = footer
     TRAILER.pack_into(out, data_bytes + footer_len, MAGIC, VERSION, 0, footer_len, 0)
@@ -183,13 +205,14 @@ def _piece_copies_by_call(segments: SegmentFn, n_layers: int, n: int, piece: int
 
 def encode_meta(h: Header) -> bytes:
     """Footer + trailer of an object as `encode` wrote them (msgpack of the same map: the same bytes)."""
-    footer = _pack_footer(h.fingerprint, h.keys, h.n_layers, h.piece_bytes, h.checksums)
+    footer = _pack_footer(h.fingerprint, h.keys, h.n_layers, h.piece_bytes, h.checksums, h.mac or None)
     return footer + TRAILER.pack(MAGIC, VERSION, 0, len(footer), 0)
 
 
-def meta_bytes_for(fp: str, keys: Sequence[str], n_layers: int, piece: int) -> int:
-    """Footer + trailer length; depends only on the shape, not on the checksums' values."""
-    return len(_pack_footer(fp, keys, n_layers, piece, bytes(8 * n_layers * len(keys)))) + TRAILER.size
+def meta_bytes_for(fp: str, keys: Sequence[str], n_layers: int, piece: int, keyed: bool = False) -> int:
+    """Footer + trailer length; depends only on the shape, not on the checksums' (or MAC's) values."""
+    return len(_pack_footer(fp, keys, n_layers, piece, bytes(8 * n_layers * len(keys)),
+                            bytes(MAC_BYTES) if keyed else None)) + TRAILER.size
 
 
 def decode_meta(tail) -> Header:
@@ -214,6 +237,7 @@ def decode_meta(tail) -> Header:
             piece_bytes=int(h["piece"]),
             checksums=bytes(h["xxh3"]),
             meta_bytes=flen + TRAILER.size,
+            mac=bytes(h.get("mac", b"")),
         )
     except Exception as e:  # noqa: BLE001 - any malformed footer is corruption
         raise CorruptObject(f"unreadable footer: {e}") from None

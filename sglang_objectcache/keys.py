@@ -44,6 +44,7 @@ class Fingerprint:
     dcp_size: int = 1
     logical_page_size: int = 0  # 0: the page size (set with DCP)
     model_revision: str = ""  # the config's model_revision: which weights, beyond the served name
+    keyed: bool = False  # keyed integrity mode: its objects live apart from unkeyed ones
 
     @property
     def digest(self) -> str:
@@ -70,7 +71,7 @@ class Fingerprint:
 
 
 _LATER_FIELDS = {"attn_cp_rank": 0, "attn_cp_size": 1, "dcp_rank": 0, "dcp_size": 1, "logical_page_size": 0,
-                 "model_revision": ""}
+                 "model_revision": "", "keyed": False}
 
 
 def key_hash(key: str) -> int:

@@ -277,7 +277,8 @@ def range_server(body: bytes, feed):
         conn, _ = lsn.accept()
         conn.recv(65536)
         try:
-            conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % len(body))
+            conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nContent-Range: bytes 0-%d/%d\r\n\r\n"
+                         % (len(body), len(body) - 1, len(body)))
             feed(conn)
         except OSError:  # the reader gave up and closed
             pass

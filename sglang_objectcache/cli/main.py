@@ -33,13 +33,30 @@ def _check_config(args) -> int:
     from ..stores.factory import build_store, probe
 
     async def run() -> None:
+        import uuid
+
+        from ..errors import StoreError
+
         for i, t in enumerate(cfg.tiers):
-            store = build_store(t, f"tiers[{i}]")
+            where = f"tiers[{i}]"
+            if getattr(t, "endpoint", None) is not None or t.kind == "s3":
+                print(f"{where}: checking {t.name} at {getattr(t, 'endpoint', None) or 'AWS'} (each request times "
+                      f"out after {getattr(t, 'request_timeout', 0):g} s) ...", file=sys.stderr, flush=True)
+            store = build_store(t, where)
             try:
-                await probe(store, t, f"tiers[{i}]", "objectcache-check/")
+                await probe(store, t, where, "objectcache-check/", create=False)  # a check creates nothing
+                name = f"objectcache-check/{uuid.uuid4().hex}"
+                try:  # read, write and delete, with one probe object it removes
+                    await store.put(name, b"objectcache check", create_only=False)
+                    if bytes(await store.get(name)) != b"objectcache check":
+                        raise StartupError(f"{where}: a probe object read back different bytes")
+                    await store.delete([name])
+                except StoreError as e:
+                    raise StartupError(f"{where}: listing works but writing or deleting a probe object does not "
+                                       f"({e}); the backend needs read, write, list and delete") from None
             finally:
                 await store.close()
-            print(f"tiers[{i}]: reachable")
+            print(f"tiers[{i}]: reachable (list, write, read, delete)")
 
     try:
         asyncio.run(run())
@@ -53,7 +70,11 @@ def _inspect(args) -> int:
     from ..errors import CorruptObject
     from ..format import decode_meta, verify_piece
 
-    data = open(args.path, "rb").read()
+    try:
+        data = open(args.path, "rb").read()
+    except OSError as e:
+        print(f"error: cannot read {args.path} ({e.strerror})", file=sys.stderr)
+        return 2
     try:
         h = decode_meta(data)
     except CorruptObject as e:
@@ -108,11 +129,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("check-config", help="validate a YAML/JSON config; --probe also reaches every tier")
     p.add_argument("file")
-    p.add_argument("--probe", action="store_true")
+    p.add_argument("--probe", action="store_true",
+                   help="also reach every tier: list, write, read and delete one probe object (creates nothing else)")
     p.set_defaults(fn=_check_config)
     p = sub.add_parser("inspect", help="print an object's header; --verify checks every piece")
     p.add_argument("path")
-    p.add_argument("--verify", action="store_true")
+    p.add_argument("--verify", action="store_true", help="check every piece against its checksum")
     p.set_defaults(fn=_inspect)
     p = sub.add_parser("version", help="package and SGLang versions")
     p.set_defaults(fn=_version)

@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .. import native
@@ -34,6 +35,27 @@ from .tiers import S3Tier, Tier
 from .write import Writer
 
 log = logging.getLogger("sglang_objectcache")
+
+
+def integrity_key(cfg: ObjectCacheConfig) -> bytes | None:
+    """The keyed integrity mode's secret, from its file or environment variable; None when off.
+    StartupError naming the key (never the secret) when it cannot be had."""
+    if cfg.integrity_key_file:
+        where = "integrity_key_file"
+        try:
+            raw = Path(cfg.integrity_key_file).read_bytes().strip()
+        except OSError as e:
+            raise StartupError(f"integrity_key_file: cannot read {cfg.integrity_key_file} ({e.strerror}); "
+                               "point it at a file holding the deployment's secret") from None
+    elif cfg.integrity_key_env:
+        where = f"integrity_key_env ({cfg.integrity_key_env})"
+        raw = os.environ.get(cfg.integrity_key_env, "").encode().strip()
+    else:
+        return None
+    if len(raw) < 16:
+        raise StartupError(f"{where}: the secret is missing or shorter than 16 bytes; use at least 32 random "
+                           "bytes (e.g. `openssl rand -hex 32`)")
+    return raw
 
 
 def build_tiers(cfg: ObjectCacheConfig, ns: Namespace) -> list[Tier]:
@@ -59,6 +81,9 @@ class ObjectCache:
         self.cfg = cfg
         if cfg.model_revision and fp.model_revision != cfg.model_revision:
             fp = dataclasses.replace(fp, model_revision=cfg.model_revision)
+        mac_key = integrity_key(cfg)
+        if mac_key is not None:
+            fp = dataclasses.replace(fp, keyed=True)
         self.fp = fp
         self.digest = fp.digest
         s3 = next((t for t in cfg.tiers if isinstance(t, S3TierConfig)), None)
@@ -74,6 +99,8 @@ class ObjectCache:
         self._closed = False
         try:
             self.tiers = build_tiers(cfg, self.ns)
+            for tier in self.tiers:
+                tier.mac_key = mac_key
             for i, tier in enumerate(self.tiers):
                 self.runtime.run(self._start_tier(i, tier), timeout=None)
         except BaseException:
@@ -85,7 +112,8 @@ class ObjectCache:
             self.runtime.close()
             self._copiers.shutdown(wait=False)
             raise
-        self.writer = Writer(cfg, fp, self.ns, self.tiers, self.runtime, self._background, self.stats, self._warn)
+        self.writer = Writer(cfg, fp, self.ns, self.tiers, self.runtime, self._background, self.stats, self._warn,
+                             mac_key)
         if self.writer.write_back is not None:
             wb = self.writer.write_back
 
@@ -95,7 +123,7 @@ class ObjectCache:
             self.runtime.submit(_start_write_back())
         self._reads = ReadContext(self.tiers, self.ns.root, fp.n_layers, self.digest, cfg.read_range_bytes, cfg.verify_checksums,
                                   cfg.first_layer_hold, cfg.switch_interval, self.runtime.loop, self._copiers,
-                                  self.writer.may_promote, self._on_read_event)
+                                  self.writer.may_promote, self._on_read_event, mac_key)
         log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s; GIL switch interval while "
                  "reading: %s", fp.describe(), self.ns.root, ", ".join(t.name for t in self.tiers),
                  native.status(), f"{cfg.switch_interval * 1e3:.2g} ms" if cfg.switch_interval else "Python's")

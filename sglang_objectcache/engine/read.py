@@ -77,6 +77,7 @@ class ReadContext:
     copiers: cf.Executor  # threads that verify and copy ranges that came back to the loop
     may_promote: Callable  # (ObjectInfo) -> bool: copy an object read from a lower tier upward
     on_event: Callable  # (kind, PlannedObject | None, detail): stats, logs, bans, promotion
+    mac_key: bytes | None = None  # keyed integrity: footers must carry a MAC under it
 
 
 def locate(tiers: Sequence[Tier], root: str, keys: Sequence[str]) -> list[PlannedObject]:
@@ -114,7 +115,7 @@ class ReadSession:
             per_object[r.obj] += 1
         self._jobs = [ObjectRead(o.info, o.slots, o.first, per_object[i], ctx.digest, ctx.verify,
                                  keys[o.first:o.first + len(o.slots)], o.tier.headers.get(o.info.name, o.info.digest),
-                                 bytearray(o.info.size) if self._promotes(o) else None)
+                                 bytearray(o.info.size) if self._promotes(o) else None, mac_key=ctx.mac_key)
                       for i, o in enumerate(self.plan.objects)]
         whole = {r.obj for r in self.plan.reads if r.start == 0 and r.end == self.plan.objects[r.obj].info.size}
         # objects whose footer must be asked for: not held, and not read whole (a whole read carries it)

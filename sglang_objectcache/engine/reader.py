@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import native
 from ..errors import CorruptObject
-from ..format import Header, decode_header, piece_copies, readonly_address
+from ..format import Header, decode_header, mac_ok, piece_copies, readonly_address
 from ..stores.base import RangePieces
 from .index import ObjectInfo
 
@@ -41,6 +41,7 @@ class ObjectRead:
     done_ranges: int = 0
     failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    mac_key: bytes | None = None  # keyed integrity: the footer's MAC must verify under it
 
     def __post_init__(self) -> None:
         self._known = threading.Event()  # the header is set, or cannot be
@@ -108,6 +109,8 @@ class ObjectRead:
     def _check(self, h: Header) -> Header:
         if h.fingerprint != self.fingerprint:
             raise CorruptObject("fingerprint differs: written by another model, dtype or geometry")
+        if self.mac_key is not None and not mac_ok(h, self.mac_key):
+            raise CorruptObject("footer MAC does not verify: written without the integrity key")
         if (h.n_pages, h.n_layers, h.piece_bytes, h.meta_bytes) != (
                 self.info.n_pages, self.info.n_layers, self.info.piece_bytes, self.info.meta_bytes):
             raise CorruptObject("footer does not match the index entry or this pool's geometry")

@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from ..errors import AlreadyExists, CorruptObject, StoreError
-from ..format import Header, decode_meta
+from ..format import Header, decode_meta, mac_ok
 from ..keys import Namespace
 from ..stores.base import ObjectStore, RangeReader
 from .gc import Collector
@@ -78,6 +78,7 @@ class Health:
 class Tier:
     kind = "tier"
     range_reader: RangeReader | None = None  # S3 tiers with the native reader read on pull threads
+    mac_key: bytes | None = None  # keyed integrity mode: what a stored footer's MAC must verify under
     scheduler: ReadScheduler | None = None  # S3 tiers share their bandwidth between requests
 
     def __init__(self, name: str, store: ObjectStore, ns: Namespace, slots: PrioritySlots):
@@ -110,19 +111,23 @@ class Tier:
             self.requests["get"] += 1
             return await self.store.get(name, start=start, end=end)
 
-    async def write(self, info: ObjectInfo, data) -> ObjectInfo | None:
+    async def write(self, info: ObjectInfo, data) -> ObjectInfo:
         """Put the object create-only and index it. Where another writer got there first (same
         name, same pages, maybe other bytes: prefill need not be bitwise deterministic), the stored
-        object is indexed as its footer describes it, never ours; None if that cannot be read."""
+        object is indexed as its footer describes it, never ours; StoreError if it cannot be
+        (unreadable, another geometry, or not written with the integrity key): the pages are not
+        stored, as far as this writer can tell."""
         async with self.slots.acquire(write=True):
             self.requests["put"] += 1
             try:
                 await self.store.put(info.name, data, create_only=True)
                 self.headers.put(info.name, decode_meta(data))  # it is likely read soon
             except AlreadyExists:
-                info = await self._adopt(info)
-        if info is not None:
-            self.index.add(info)
+                adopted = await self._adopt(info)
+                if adopted is None:
+                    raise StoreError(f"{info.name} exists and cannot be used (see the warning above)") from None
+                info = adopted
+        self.index.add(info)
         return info
 
     async def _adopt(self, mine: ObjectInfo) -> ObjectInfo | None:
@@ -132,6 +137,9 @@ class Tier:
             h = await read_footer(self.store, mine.name, mine.size)
         except (StoreError, CorruptObject) as e:
             log.warning("objectcache: %s exists but its footer cannot be read (%s); not indexed", mine.name, e)
+            return None
+        if self.mac_key is not None and not mac_ok(h, self.mac_key):
+            log.warning("objectcache: %s exists but was not written with the integrity key; not indexed", mine.name)
             return None
         theirs = ObjectInfo.from_header(mine.name, h)
         if not theirs.same_shape(mine) or theirs.hashes != mine.hashes:
@@ -205,11 +213,10 @@ class S3Tier(Tier):
         if self.collector.capacity is not None or self.collector.max_age is not None:
             self._gc = asyncio.create_task(self.collector.loop())
 
-    async def write(self, info: ObjectInfo, data) -> ObjectInfo | None:
+    async def write(self, info: ObjectInfo, data) -> ObjectInfo:
         info = await super().write(info, data)
-        if info is not None:
-            self.index.touch(info.name, self.journal.now_ms() // 1000)
-            self.journal.record(info)
+        self.index.touch(info.name, self.journal.now_ms() // 1000)
+        self.journal.record(info)
         return info
 
     def used(self, name: str) -> None:

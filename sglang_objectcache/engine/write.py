@@ -49,7 +49,8 @@ def runs_to_write(stored: Sequence[bool], per_object: int) -> list[tuple[int, in
 
 class Writer:
     def __init__(self, cfg: ObjectCacheConfig, fp: Fingerprint, ns: Namespace, tiers: list[Tier],
-                 runtime: Runtime, background: Background, stats: Stats, warn: RateLimitedLog):
+                 runtime: Runtime, background: Background, stats: Stats, warn: RateLimitedLog,
+                 mac_key: bytes | None = None):
         self.cfg = cfg
         self.fp = fp
         self.ns = ns
@@ -58,6 +59,7 @@ class Writer:
         self.background = background
         self.stats = stats
         self._warn = warn
+        self.mac_key = mac_key  # keyed integrity: every footer carries a MAC under it
         self.write_back = (WriteBack(tiers, cfg.write_back_buffer, stats)
                            if cfg.write_policy == "write_back" and len(tiers) > 1 else None)
 
@@ -74,7 +76,8 @@ class Writer:
                 break
             name = self.ns.data_name(keys[a], b - a)
             try:
-                data = encode(self.fp.digest, keys[a:b], self.fp.n_layers, self.fp.piece_bytes, segments, first=a)
+                data = encode(self.fp.digest, keys[a:b], self.fp.n_layers, self.fp.piece_bytes, segments, first=a,
+                              mac_key=self.mac_key)
             except ValueError as e:
                 self._warn.warn("encode", "objectcache: cannot encode pages: %s", e)
                 continue
@@ -127,7 +130,7 @@ class Writer:
             return
         await self.write_back.wait_for_room()  # backpressure: at most MAX_QUEUED copies owed
         stored = await self.tiers[0].write(info, data)
-        self.write_back.submit(stored or info, data)
+        self.write_back.submit(stored, data)
 
     # ---- promotion -----------------------------------------------------------------------
 

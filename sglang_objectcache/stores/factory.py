@@ -82,9 +82,10 @@ def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int,
     return NativeRangeReader(http, threads=t.max_connections, staging_bytes=staging_bytes)
 
 
-def _create_bucket(t: S3TierConfig) -> None:
+def _create_bucket(t: S3TierConfig, where: str) -> None:
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
 
     from .credentials import resolve
 
@@ -98,14 +99,21 @@ def _create_bucket(t: S3TierConfig) -> None:
         s3.create_bucket(Bucket=t.bucket)
     except s3.exceptions.BucketAlreadyOwnedByYou:
         pass
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        raise StartupError(f"{where}.create_bucket: the server refused to create bucket {t.bucket!r} ({code}); "
+                           "create it yourself, or use credentials allowed to") from None
+    except BotoCoreError as e:
+        raise StartupError(f"{where}.create_bucket: cannot create bucket {t.bucket!r}: {type(e).__name__}") from None
 
 
 _STATUS = re.compile(r"status code: (\d{3})\b|\((\d{3})\)")
 
 
-async def probe(store: ObjectStore, t: TierConfig, where: str, root: str) -> None:
+async def probe(store: ObjectStore, t: TierConfig, where: str, root: str, *, create: bool = True) -> None:
     """One LIST under a name that never exists: an empty answer means endpoint, bucket and
-    credentials work (a HEAD could not tell a missing bucket from a missing key)."""
+    credentials work (a HEAD could not tell a missing bucket from a missing key). `create`: a
+    missing bucket may be created where the tier says `create_bucket: true` (never by a check)."""
     if hasattr(store, "open"):
         await store.open()
     if isinstance(t, DiskTierConfig):
@@ -125,14 +133,18 @@ async def probe(store: ObjectStore, t: TierConfig, where: str, root: str) -> Non
             path = f"{root}.probe"
             low = text.replace(path, "").replace(urllib.parse.quote(path + "/", safe=""), "").lower()
             status = (m.group(1) or m.group(2)) if (m := _STATUS.search(low)) else None
-            # A LIST answers 404 only when the bucket itself is missing.
-            if "nosuchbucket" in low or status == "404":
-                if t.create_bucket and attempt == 1:
-                    _create_bucket(t)
+            # An S3 LIST answers 404 only when the bucket itself is missing, and says NoSuchBucket.
+            if "nosuchbucket" in low:
+                if t.create_bucket and create and attempt == 1:
+                    _create_bucket(t, where)
                     continue
                 raise StartupError(
                     f"{where}.bucket: bucket {t.bucket!r} does not exist at {t.endpoint}; create it "
                     "or set create_bucket: true") from None
+            if status == "404":
+                raise StartupError(
+                    f"{where}.endpoint: {t.endpoint} answered 404 without an S3 error (no NoSuchBucket): it "
+                    "does not look like an S3 endpoint; check the host, port and path") from None
             if status == "403" or any(s in low for s in ("forbidden", "accessdenied", "signature",
                                                          "invalidaccesskey", "unauthenticated", "permission")):
                 raise StartupError(
