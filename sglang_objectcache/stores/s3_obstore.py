@@ -26,17 +26,17 @@ def _map(e: BaseException, what: str) -> StoreError:
     if isinstance(e, (AlreadyExistsError, PreconditionError)):
         return AlreadyExists(what)
     full = str(e)
-    text = full.splitlines()[0] if full else type(e).__name__
-    if "NoSuchBucket" in full:
-        text += " NoSuchBucket"
+    text = full.splitlines()[0][:300] if full else type(e).__name__
+    code = re.search(r"<Code>([^<]{1,64})</Code>", full)
+    if code:  # the S3 error code, kept whole however long the line before it
+        text += f" {code.group(1)}"
     if any(s in full for s in ("403 Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                                "ExpiredToken", "InvalidToken")):
-        code = re.search(r"<Code>([^<]{1,64})</Code>", full)
-        return AccessDenied(f"{what}: {text[:200]}" + (f" {code.group(1)}" if code else ""))
+        return AccessDenied(f"{what}: {text}")
     if any(s in text.lower() for s in ("timed out", "timeout", "connect", "connection", "dns",
                                         "error sending request")):
-        return Unavailable(f"{what}: {text[:300]}")
-    return StoreError(f"{what}: {text[:300]}")
+        return Unavailable(f"{what}: {text}")
+    return StoreError(f"{what}: {text}")
 
 
 class ObstoreS3Store:
