@@ -25,6 +25,7 @@ from .index import ObjectInfo
 
 HEADER_WAIT = 120.0  # seconds a range waits for its footer at most (a cancelled read stops it sooner)
 
+
 @dataclass
 class ObjectRead:
     """The state of one object's read: how many ranges are in, a promotion buffer."""
