@@ -16,11 +16,18 @@ python3 -m venv "$VENV"
 PY=$VENV/bin/python
 PIP="$PY -m pip install -q --disable-pip-version-check"
 CONS=$VENV/torch-constraint.txt
+LOG=$ROOT/.venv/sglang-$V.setup.log
+: > "$LOG"
+# SGLang goes in with --no-deps (its CUDA tree is not wanted on CPU), so pip's resolver prints
+# pages of "dependency conflicts" that are expected: they go to the log, one line per step here.
+trap 'echo "setup of $VENV failed; the last lines of $LOG:" >&2; tail -20 "$LOG" >&2' ERR
+step() { echo "setting up $VENV: $1 ..." >&2; shift; "$@" >>"$LOG" 2>&1; }
 echo "torch==2.13.0" > "$CONS"   # keeps every dependency off the multi-GB CUDA torch
-$PIP torch==2.13.0 >&2
-$PIP --no-deps "sglang==$V" >&2
-$PIP -c "$CONS" -r "$REQ" >&2
-[ "$V" = 0.5.17 ] && $PIP --no-deps xgrammar==0.2.1 >&2
-$PIP -c "$CONS" -e "$ROOT[test,bench]" >&2
+step "CPU torch" $PIP torch==2.13.0
+step "SGLang $V (without its CUDA dependencies)" $PIP --no-deps "sglang==$V"
+step "what SGLang's HiCache modules import" $PIP -c "$CONS" -r "$REQ"
+if [ "$V" = 0.5.17 ]; then step "xgrammar" $PIP --no-deps xgrammar==0.2.1; fi
+step "this package and its test extras" $PIP -c "$CONS" -e "$ROOT[test,bench]"
+echo "setting up $VENV: done (pip's log, with its expected dependency warnings: $LOG)" >&2
 echo "$want" > "$STAMP"
 echo "$PY"
