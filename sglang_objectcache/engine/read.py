@@ -47,6 +47,9 @@ class CancelledError(Exception):
     """A read session was cancelled while a range waited for its footer."""
 
 
+FOOTER_MOMENT = 0.02  # seconds a pulled range waits for a footer still on its way before going whole
+
+
 DELIVERED = object()  # a pulled read's outcome: its bytes are in place (or it failed and said so)
 SKIPPED = object()  # a pulled read that never started: the session was cancelled first
 
@@ -120,6 +123,7 @@ class ReadSession:
         whole = {r.obj for r in self.plan.reads if r.start == 0 and r.end == self.plan.objects[r.obj].info.size}
         # objects whose footer must be asked for: not held, and not read whole (a whole read carries it)
         self._footers = [i for i, j in enumerate(self._jobs) if j.header is None and i not in whole]
+        self._footer_asked = set(self._footers)
         self._rids: dict[Tier, int] = {}  # tier -> its scheduler's id for this request (loop only)
         self._positions: dict[int, int] = {}  # id(read) -> its place in its tier's registered reads
         self._lock = threading.Lock()
@@ -293,6 +297,10 @@ class ReadSession:
         if self._cancelled:
             return SKIPPED
         job = self._jobs[read.obj]
+        if read.obj in self._footer_asked and job.header is None:
+            # its footer left with the data requests and is a small response: give it a moment, so
+            # that this range streams piece by piece instead of landing whole first
+            job.header_known(FOOTER_MOMENT)
         pieces = job.pieces(read.start, read.end, read.l0, read.l1, self.segments)
         if pieces is not None:
             outcome = source.apply(pieces, self._gate, self.readiness)  # counts each layer as it lands

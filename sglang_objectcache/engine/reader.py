@@ -75,6 +75,10 @@ class ObjectRead:
                 self._header_error = e
         self._known.set()
 
+    def header_known(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the footer (or its failure); True once either is in."""
+        return self._known.wait(timeout)
+
     def wait_header(self, timeout: float = HEADER_WAIT) -> Header:
         if not self._known.wait(timeout):
             raise TimeoutError(f"no footer after {timeout:.0f} s")
