@@ -383,8 +383,6 @@ def two_writers(bed: Bed) -> Row:
 
 
 def gc_beside_readers(bed: Bed) -> Row:
-    from sglang_objectcache.engine import gc as gc_mod
-
     row = Row("garbage collection beside a reader", bed.srv.kind)
     w, r = bed.cache(), bed.cache()
     try:
@@ -403,7 +401,6 @@ def gc_beside_readers(bed: Bed) -> Row:
         for src, ks in spans:
             check(row, r, src, ks)
         row.saw = f"GC deleted {report.deleted} of {report.objects}: misses for those, hits for the rest"
-        del gc_mod
     finally:
         w.close()
         r.close()

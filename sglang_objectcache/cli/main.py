@@ -39,9 +39,9 @@ def _check_config(args) -> int:
 
         for i, t in enumerate(cfg.tiers):
             where = f"tiers[{i}]"
-            if getattr(t, "endpoint", None) is not None or t.kind == "s3":
-                print(f"{where}: checking {t.name} at {getattr(t, 'endpoint', None) or 'AWS'} (each request times "
-                      f"out after {getattr(t, 'request_timeout', 0):g} s) ...", file=sys.stderr, flush=True)
+            if t.kind == "s3":
+                print(f"{where}: checking {t.name} at {t.endpoint or 'AWS'} (each request times out after "
+                      f"{t.request_timeout:g} s) ...", file=sys.stderr, flush=True)
             store = build_store(t, where)
             try:
                 await probe(store, t, where, "objectcache-check/", create=False)  # a check creates nothing

@@ -122,7 +122,8 @@ def _store(t):
     return build_store(t, "tiers[s3]")
 
 
-def cmd_ls(args) -> int:
+def _namespace_usage(args) -> dict[str, NamespaceUsage]:
+    """Every namespace under the config's S3 prefix, from one listing."""
     t = _s3(_load(args))
 
     async def run():
@@ -131,7 +132,11 @@ def cmd_ls(args) -> int:
             return await _usage(store, t.prefix)
         finally:
             await store.close()
-    usage = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def cmd_ls(args) -> int:
+    usage = _namespace_usage(args)
     if args.json:
         print(json.dumps([u.row() for u in usage.values()], indent=1))
         return 0
@@ -142,15 +147,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_du(args) -> int:
-    t = _s3(_load(args))
-
-    async def run():
-        store = _store(t)
-        try:
-            return await _usage(store, t.prefix)
-        finally:
-            await store.close()
-    usage = asyncio.run(run())
+    usage = _namespace_usage(args)
     if args.json:
         print(json.dumps({"namespaces": [u.row() for u in usage.values()],
                           "total_bytes": sum(sum(u.bytes.values()) for u in usage.values())}, indent=1))
