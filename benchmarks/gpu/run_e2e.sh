@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu/run_e2e.sh s3        # carry .carry/weed.xz .carry/w2
 #   bash benchmarks/gpu/run_e2e.sh run [--with-file] [--py-spy $OUT/spy.raw]
 #                                            # one server, both shapes: benchmarks/e2e_gpu.py
+#   bash benchmarks/gpu/run_e2e.sh live [--backends objectcache,l2]
+#                                            # the live shared-prefix table: benchmarks/gpu/live.py
 #
 # What to carry: benchmarks/gpu/prepare_carry.sh builds it on a networked machine into .carry/.
 # The machine is released after 30 s idle: issue `s3`, `setup` and `run` back to back (setup+run can
@@ -31,5 +33,8 @@ run)
   mkdir -p ${OUT:-results}
   python3 benchmarks/e2e_gpu.py --out ${OUT:-results}/e2e.json --log ${OUT:-results}/sglang.log "${@:2}" 2>&1 | tee ${OUT:-results}/e2e.txt
   ;;
-*) echo "usage: $0 setup|s3|run" >&2; exit 2 ;;
+live)
+  python3 benchmarks/gpu/live.py --out ${OUT:-results}/live "${@:2}" 2>&1 | tee -a ${OUT:-results}/live.txt
+  ;;
+*) echo "usage: $0 setup|s3|run|live" >&2; exit 2 ;;
 esac

@@ -36,11 +36,12 @@ class Progress:
 
 
 def live_table(rows: list[dict]) -> str:
-    lines = ["| label | conc | reqs ok | TTFT ms mean / p50 / p90 / p99 | req/s | input tok/s | output tok/s "
-             "| cached device / host / storage (tokens) |", "|" + "|".join("---" for _ in range(8)) + "|"]
+    lines = ["| label | prefix | conc | reqs ok | TTFT ms mean / p50 / p90 / p99 | req/s | input tok/s | output tok/s "
+             "| cached device / host / storage (tokens) |", "|" + "|".join("---" for _ in range(9)) + "|"]
     for r in rows:
         lines.append(
-            f"| {r.get('label', '')} | {r.get('concurrency', '')} | {r['ok']}/{r['requests']} "
+            f"| {r.get('label', '')} | {r.get('system_prompt_len', '')} | {r.get('concurrency', '')} "
+            f"| {r['ok']}/{r['requests']} "
             f"| {r['ttft_mean_ms']:.0f} / {r['ttft_p50_ms']:.0f} / {r['ttft_p90_ms']:.0f} / {r['ttft_p99_ms']:.0f} "
             f"| {r['request_throughput']:.2f} | {r['input_throughput']:.0f} | {r['output_throughput']:.0f} "
             f"| {r['cached_device']} / {r['cached_host']} / {r['cached_storage']} |")

@@ -95,14 +95,13 @@ def run_live(args) -> int:
         raw.append({"spec": spec.__dict__, "shape": describe(reqs), "summary": s,
                     "requests": live.results_json(results)})
     print()
-    print(live_table := report.live_table(rows))
+    print(report.live_table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "live.json")
     report.write_json(path, {"meta": {**_meta(), "url": args.url}, "runs": raw})
     pngs = report.plots(rows, args.out, [("ttft_mean_ms", "TTFT mean (ms)"), ("ttft_p90_ms", "TTFT p90 (ms)")],
                         [("system_prompt_len", "shared prefix (tokens)"), ("concurrency", "concurrency")], "live")
     print(f"\nresults: {path}" + "".join(f"\nplot: {p}" for p in pngs))
-    del live_table
     return 0 if all(r["ok"] == r["requests"] for r in rows) else 1
 
 

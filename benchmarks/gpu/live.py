@@ -1,0 +1,159 @@
+"""The live shared-prefix benchmark against real SGLang 0.5.17 servers on the GPU machine.
+
+One server per backend, launched in turn with the same flags but the storage backend:
+
+  objectcache   layer-wise streaming from a local SeaweedFS (patched SGLang)
+  l2            HiCache without a storage backend: what falls out of host memory is recomputed
+  file          SGLang's own `file` backend on local disk
+
+The pools are small on purpose (`--max-total-tokens`, `--hicache-size`), so that the workload's
+distinct prefixes outgrow device and host memory and later requests of a group find their prefix
+in storage, or nowhere (l2). Per backend, each (prefix length, concurrency) point is one
+`objectcache bench shared-prefix live` run with its own seed (fresh prefixes: no point reuses an
+earlier point's storage), after a `/flush_cache`.
+
+    python benchmarks/gpu/live.py --backends objectcache,l2 --out $OUT/live
+    python benchmarks/gpu/live.py --backends file --out $OUT/live      # next call, same machine
+
+Needs what `benchmarks/gpu/run_e2e.sh setup` and `s3` install. Each point's JSON lands in
+`--out/<backend>-<len>-c<conc>/live.json` as soon as it is measured, and the table of all points
+found under `--out` is printed at the end (so a second call extends the first's table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: the local SeaweedFS
+
+PORT = 30000
+URL = f"http://127.0.0.1:{PORT}"
+
+
+def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--load-format", "dummy",
+           "--host", "127.0.0.1", "--port", str(PORT), "--attention-backend", "triton",
+           "--sampling-backend", "pytorch", "--disable-cuda-graph", "--context-length", "20000",
+           "--max-total-tokens", str(args.device_tokens), "--chunked-prefill-size", "8192", "--page-size", "64",
+           "--enable-hierarchical-cache", "--hicache-size", str(args.host_gb), "--hicache-mem-layout", "layer_first",
+           "--hicache-io-backend", "direct", "--hicache-write-policy", "write_through",
+           "--hicache-storage-prefetch-policy", "wait_complete"]
+    if backend == "objectcache":
+        cmd += ["--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}"]
+    elif backend == "file":
+        cmd += ["--hicache-storage-backend", "file"]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while time.time() - t0 < 400:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log_path}")
+        try:
+            urllib.request.urlopen(URL + "/health", timeout=2)
+            print(f"{backend}: server healthy after {time.time() - t0:.0f}s", flush=True)
+            return proc
+        except Exception:  # noqa: BLE001
+            time.sleep(1)
+    raise RuntimeError("server not healthy")
+
+
+def flush() -> None:
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(urllib.request.Request(URL + "/flush_cache", method="POST"), timeout=30)
+            return
+        except Exception:  # noqa: BLE001  (refused while requests or writes are pending)
+            time.sleep(1)
+    raise RuntimeError("flush_cache kept failing")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    subprocess.run(["pkill", "-9", "-f", "sglang.launch_server"], check=False)
+    subprocess.run(["pkill", "-9", "-f", "sglang::"], check=False)
+    time.sleep(3)
+
+
+def table(out: str) -> str:
+    from sglang_objectcache.bench import report
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, "*", "live.json"))):
+        for run in json.load(open(path))["runs"]:
+            rows.append(run["summary"])
+    order = {"objectcache": 0, "l2": 1, "file": 2}
+    rows.sort(key=lambda r: (r["system_prompt_len"], r["concurrency"], order.get(r["label"], 9)))
+    return report.live_table(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="objectcache,l2,file")
+    ap.add_argument("--model", default="/tmp/m8b")
+    ap.add_argument("--lengths", default="4096,8192")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--groups", default="24,16", help="groups per length (distinct prefixes)")
+    ap.add_argument("--prompts-per-group", type=int, default=4)
+    ap.add_argument("--output-len", type=int, default=8)
+    ap.add_argument("--device-tokens", type=int, default=49152, help="--max-total-tokens (6 GiB of KV)")
+    ap.add_argument("--host-gb", type=int, default=8, help="--hicache-size (about 65K tokens)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "live-gpu"))
+    args = ap.parse_args(argv)
+    from testbed.servers import start_seaweedfs
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    groups = [int(x) for x in args.groups.split(",")]
+    concs = [int(x) for x in args.concurrency.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    file_dir = "/tmp/hicache-file"
+    for backend in args.backends.split(","):
+        srv = None
+        cfg_path = "/tmp/objectcache-live.json"
+        if backend == "objectcache":
+            srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
+            os.environ.update(srv.env())
+            json.dump({"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "live",
+                                  "max_write_connections": 32}], "timeout": 60}, open(cfg_path, "w"))
+        elif backend == "file":
+            shutil.rmtree(file_dir, ignore_errors=True)
+            os.makedirs(file_dir)
+            os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = file_dir
+        proc = launch(args.model, backend, cfg_path, os.path.join(args.out, f"sglang-{backend}.log"), args)
+        try:
+            seed = 1
+            for L, g in zip(lengths, groups):
+                for c in concs:
+                    seed += 1
+                    flush()
+                    subprocess.run([sys.executable, "-m", "sglang_objectcache.cli.bench", "live", "--url", URL,
+                                    "--label", backend, "--num-groups", str(g),
+                                    "--prompts-per-group", str(args.prompts_per_group), "--system-prompt-len",
+                                    str(L), "--question-len", "64", "--output-len", str(args.output_len),
+                                    "--concurrency", str(c), "--seed", str(seed),
+                                    "--out", os.path.join(args.out, f"{backend}-{L}-c{c}")], check=False)
+        finally:
+            stop(proc)
+            if srv is not None:
+                srv.stop()
+            shutil.rmtree(file_dir, ignore_errors=True)
+    print("\n" + table(args.out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
