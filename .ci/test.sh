@@ -13,6 +13,6 @@ PY23=$(.ci/venv.sh 0.5.23 | tail -1)
 PY17=$(.ci/venv.sh 0.5.17 | tail -1)
 echo "== sglang 0.5.23: the whole suite"
 "$PY23" -m pytest -q -p no:cacheprovider "$@"
-echo "== sglang 0.5.17: everything that touches SGLang, on SGLang with the layer-wise patch applied"
+echo "== sglang 0.5.17: everything that touches SGLang, on SGLang with the patch set applied (layer-wise streaming, storage namespaces)"
 "$PY17" -m sglang_objectcache.cli.main patch-sglang
-"$PY17" -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_plugin.py tests/test_layerwise.py tests/test_isolation.py "$@"
+"$PY17" -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_plugin.py tests/test_layerwise.py tests/test_isolation.py tests/test_tenants.py "$@"

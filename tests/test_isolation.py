@@ -1,7 +1,8 @@
-"""Tenant isolation in storage, against the installed SGLang's own hashing: a release either folds
-the request's namespace (extra_key: cache_salt, LoRA id) into every storage page key, or the
-backend refuses the setup in which that would serve one adapter's KV to another. Runs on both
-releases (.ci/test.sh)."""
+"""Tenant isolation in storage, against the installed SGLang's own hashing: SGLang either folds
+the request's namespace (extra_key: cache_salt, LoRA id) into every storage page key (0.5.23;
+0.5.17 with `objectcache patch-sglang`), or the backend refuses the setup in which that would
+serve one adapter's KV to another. Runs on both releases (.ci/test.sh); through the real tree:
+test_tenants.py."""
 
 from __future__ import annotations
 
@@ -31,21 +32,23 @@ def storage_keys(extra_key: str | None) -> list[str]:
     return compute_node_hash_values(_Node(RadixKey(list(TOKENS), extra_key), root), PAGE)
 
 
-def test_our_table_matches_how_the_release_hashes():
-    """NAMESPACED_STORAGE_HASHES must say the truth about the installed release: if SGLang 0.5.17
-    starts folding extra_key in (or 0.5.23 stops), this fails and the refusal is revisited."""
+def test_our_check_matches_how_the_release_hashes():
+    """namespaced_storage_hashes() must say the truth about the installed SGLang (0.5.23; 0.5.17
+    with the patch set): if the hashing changes under it, this fails and the refusal is revisited."""
     differ = storage_keys(None) != storage_keys("lora-adapter-A") != storage_keys("lora-adapter-B")
-    assert differ == (compat.sglang_version() in compat.NAMESPACED_STORAGE_HASHES)
+    assert differ == compat.namespaced_storage_hashes()
 
 
-def test_lora_on_a_release_that_shares_keys_is_refused(monkeypatch):
+def test_lora_where_keys_are_shared_is_refused(monkeypatch):
     monkeypatch.setattr(compat, "lora_enabled", lambda: True)
     version = compat.sglang_version()
-    if version in compat.NAMESPACED_STORAGE_HASHES:
+    if compat.namespaced_storage_hashes():
         compat.check_isolation(version)  # adapters have their own keys: nothing to refuse
-        return
-    assert storage_keys("lora-adapter-A") == storage_keys("lora-adapter-B"), "the reason for refusing"
-    with pytest.raises(ConfigError, match="LoRA"):
+    else:
+        assert storage_keys("lora-adapter-A") == storage_keys("lora-adapter-B"), "the reason for refusing"
+    # an SGLang without the namespace (0.5.17 unpatched), whatever this one is
+    monkeypatch.setattr(compat, "namespaced_storage_hashes", lambda: False)
+    with pytest.raises(ConfigError, match="LoRA.*objectcache patch-sglang"):
         compat.check_isolation(version)
 
 
@@ -57,18 +60,18 @@ def test_the_backend_checks_isolation_when_sglang_builds_it(monkeypatch):
     monkeypatch.setattr(compat, "lora_enabled", lambda: True)
     cfg = storage_config(mla=False, layout="layer_first",
                          extra={"tiers": [{"kind": "disk", "path": "/tmp/never-used", "capacity": "1GiB"}]})
-    if compat.sglang_version() in compat.NAMESPACED_STORAGE_HASHES:
+    monkeypatch.setattr(compat, "namespaced_storage_hashes", lambda: False)
+    with pytest.raises(ConfigError, match="LoRA"):
         ObjectCacheStorage(cfg, None)
-    else:
-        with pytest.raises(ConfigError, match="LoRA"):
-            ObjectCacheStorage(cfg, None)
 
 
-def test_without_lora_a_release_that_shares_keys_says_so(monkeypatch, caplog):
+def test_without_lora_shared_keys_are_logged(monkeypatch, caplog):
     monkeypatch.setattr(compat, "lora_enabled", lambda: False)
-    version = compat.sglang_version()
-    compat.check_isolation(version)
-    assert ("cache_salt" in caplog.text) == (version not in compat.NAMESPACED_STORAGE_HASHES)
+    compat.check_isolation(compat.sglang_version())
+    assert ("cache_salt" in caplog.text) == (not compat.namespaced_storage_hashes())
+    monkeypatch.setattr(compat, "namespaced_storage_hashes", lambda: False)
+    compat.check_isolation(compat.sglang_version())
+    assert "cache_salt" in caplog.text and "objectcache patch-sglang" in caplog.text
 
 
 # ---- fingerprints: every layout that changes a page's bytes -------------------------------------

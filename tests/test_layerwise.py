@@ -28,7 +28,10 @@ pytestmark = [
 PAGE, LAYERS, TOKENS = 16, 8, 512  # 32 pages of 16 KiB per layer: 4 MiB in all
 PATCHED = ("sglang/srt/managers/cache_controller.py", "sglang/srt/mem_cache/hiradix_cache.py",
            "sglang/srt/managers/scheduler_components/batch_result_processor.py",
-           "sglang/srt/managers/schedule_batch.py")
+           "sglang/srt/managers/schedule_batch.py", "sglang/srt/mem_cache/utils.py",
+           "sglang/srt/managers/scheduler.py", "sglang/srt/disaggregation/decode_hicache_mixin.py",
+           "sglang/srt/disaggregation/decode_kvcache_offload_manager.py",
+           "sglang/srt/mem_cache/hybrid_cache/hybrid_cache_controller.py")
 
 
 # ---- the patch itself ----------------------------------------------------------------------
@@ -136,7 +139,7 @@ def test_patch_sglang_cli_checks_the_version(capsys, monkeypatch):
     from sglang_objectcache.sglang import patcher
 
     rc = main(["patch-sglang", "--check"])
-    assert (rc, capsys.readouterr().out) == (0, "sglang 0.5.17: layer-wise patch applied\n")
+    assert (rc, capsys.readouterr().out) == (0, "sglang 0.5.17: patch set applied\n")
     monkeypatch.setattr("sglang_objectcache.sglang.compat.importlib.metadata.version", lambda name: "0.5.99")
     assert main(["patch-sglang"]) == 2
     assert "0.5.99" in capsys.readouterr().err
@@ -451,7 +454,7 @@ def test_version_reports_the_patch_state(capsys):
 
     assert main(["version"]) == 0
     out = capsys.readouterr().out
-    assert "sglang 0.5.17: supported" in out and "layer-wise streaming patch: " in out
+    assert "sglang 0.5.17: supported" in out and "patch set (layer-wise streaming, storage namespaces): " in out
 
 
 def test_a_stalled_stream_fails_the_gate_once_within_its_deadline():

@@ -114,9 +114,10 @@ def _version(_args) -> int:
     if v in available_versions():
         try:
             st = state(v)
-            print(f"layer-wise streaming patch: {'not applied' if st == 'clean' else st} (objectcache patch-sglang)")
+            print("patch set (layer-wise streaming, storage namespaces): "
+                  f"{'not applied' if st == 'clean' else st} (objectcache patch-sglang)")
         except PatchError as e:
-            print(f"layer-wise streaming patch: {e}")
+            print(f"patch set: {e}")
     from .. import native
 
     print(f"copies and checksums: {native.status()}")

@@ -1,4 +1,5 @@
-"""`objectcache patch-sglang [--check | --revert]`: the layer-wise streaming patch set.
+"""`objectcache patch-sglang [--check | --revert]`: the patch set for SGLang 0.5.17 (layer-wise
+streaming, storage namespaces).
 
 Checks the installed SGLang's version first, then applies `patches/sglang-<version>/` strictly
 (every hunk matches exactly, or nothing is written); running it twice changes nothing.
@@ -10,7 +11,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("patch-sglang", help="apply the layer-wise streaming patch to the installed SGLang")
+    p = sub.add_parser("patch-sglang", help="apply the patch set (layer-wise streaming, storage namespaces) to the installed SGLang")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="report whether the patch is applied; write nothing")
     g.add_argument("--revert", action="store_true", help="restore SGLang's original files")
@@ -28,7 +29,7 @@ def run(args) -> int:
         if args.check:
             what = {"applied": "applied", "clean": "not applied",
                     "outdated": "from another release of sglang-objectcache; run `objectcache patch-sglang`"}
-            print(f"sglang {version}: layer-wise patch {what[st]}")
+            print(f"sglang {version}: patch set {what[st]}")
             return 0 if st == "applied" else 1
         written = apply(version, reverse=args.revert)
     except (PatchError, UnsupportedSGLang, ImportError) as e:
@@ -36,7 +37,7 @@ def run(args) -> int:
         return 2
     verb = "reverted" if args.revert else "applied"
     if not written:
-        print(f"sglang {version}: layer-wise patch already {verb}; nothing to do")
+        print(f"sglang {version}: patch set already {verb}; nothing to do")
     for path in written:
         print(f"{verb}: {path}")
     return 0

@@ -69,9 +69,15 @@ def storage_metrics(prefetch_pgs, backup_pgs, prefetch_bw, backup_bw):
                           prefetch_bandwidth=list(prefetch_bw), backup_bandwidth=list(backup_bw))
 
 
-# Releases whose storage hashes fold the request's namespace (extra_key: cache_salt, LoRA id) into
-# every page key (0.5.23: `storage_namespace_seed`). 0.5.17 hashes token ids only.
-NAMESPACED_STORAGE_HASHES = ("0.5.23",)
+def namespaced_storage_hashes() -> bool:
+    """Whether the installed SGLang folds the request's namespace (extra_key: cache_salt, LoRA id)
+    into every storage page key: 0.5.23 does (`storage_namespace_seed`); 0.5.17 hashes token ids
+    only, unless `objectcache patch-sglang` added the same seed."""
+    try:
+        from sglang.srt.mem_cache import utils
+    except Exception:  # noqa: BLE001 - an SGLang that cannot be imported here folds nothing we know of
+        return False
+    return hasattr(utils, "storage_namespace_seed")
 
 
 def lora_enabled() -> bool | None:
@@ -87,24 +93,24 @@ def lora_enabled() -> bool | None:
 
 
 def check_isolation(version: str) -> None:
-    """Refuse a setup in which one tenant's storage KV could load for another: on a release whose
-    storage hashes ignore the request's namespace, LoRA adapters would share keys for the same
-    tokens (wrong KV). Salted tenants only share timing there (a salt does not change the KV);
-    that is logged."""
+    """Refuse a setup in which one tenant's storage KV could load for another: where storage
+    hashes ignore the request's namespace, LoRA adapters would share keys for the same tokens
+    (wrong KV). Salted tenants only share timing there (a salt does not change the KV); that is
+    logged."""
     import logging
 
-    if version in NAMESPACED_STORAGE_HASHES:
+    if namespaced_storage_hashes():
         return
     if lora_enabled():
         from ..errors import ConfigError
 
         raise ConfigError(
-            f"hicache storage with LoRA: SGLang {version} computes storage page keys from token ids "
-            "only, so two adapters serving the same tokens would load each other's KV from storage. "
-            "Use SGLang 0.5.23 (it folds the adapter into the keys), or serve LoRA without "
-            "--hicache-storage-backend")
+            f"hicache storage with LoRA: SGLang {version} as installed computes storage page keys from "
+            "token ids only, so two adapters serving the same tokens would load each other's KV from "
+            "storage. Run `objectcache patch-sglang` (it folds the adapter into the keys, as SGLang "
+            "0.5.23 does), or serve LoRA without --hicache-storage-backend")
     logging.getLogger("sglang_objectcache").warning(
-        "objectcache: SGLang %s computes storage page keys from token ids only: requests with "
-        "different cache_salt share stored prefixes (the same KV bytes; a tenant can time whether "
-        "another sent a prompt). Use SGLang 0.5.23 where tenants must not learn of each other "
-        "(docs/security.md)", version)
+        "objectcache: SGLang %s as installed computes storage page keys from token ids only: requests "
+        "with different cache_salt share stored prefixes (the same KV bytes; a tenant can time whether "
+        "another sent a prompt). Run `objectcache patch-sglang` where tenants must not learn of each "
+        "other (docs/security.md)", version)
