@@ -41,11 +41,17 @@ def add_replay(modes) -> None:
     rp.add_argument("--host-frac", type=float, default=0.5,
                     help="host pool as a fraction of the distinct prefixes (small: prefixes spill to storage)")
     rp.add_argument("--prefetch-threshold", type=int, default=256)
-    rp.set_defaults(fn=run_replay)
+    rp.add_argument("--repeat", type=int, default=3,
+                    help="runs per point, every backend in each, in rotating order; the verdict needs them all to agree")
+    rp.add_argument("--race-writes", action="store_true",
+                    help="let storage writes race the next requests, as on a server (then backends may see "
+                    "different storage hits and are not compared); default: each wave's writes land first")
+    rp.set_defaults(fn=run_replay, system_prompt_len="512,1024", concurrency="1,2")
 
 
 def run_replay(args) -> int:
     import replay
+    import verdict
     from testbed import servers
 
     replay.setup_sglang()
@@ -69,23 +75,29 @@ def run_replay(args) -> int:
     else:
         srv = None
     specs = list(_specs(args))
-    total = sum(len(generate(s)) for s in specs) * len(names)
+    total = sum(len(generate(s)) for s in specs) * len(names) * args.repeat
     bar = report.Progress(total, "replay")
-    rows, raw = [], []
+    rows, raw, verdicts = [], [], []
     try:
         for spec in specs:
             reqs = generate(spec)
             dev, host = replay.sizes_for(reqs, spec.concurrency, geo.page_size, args.host_frac)
-            for name in names:
-                run = replay.run_backend(name, reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
-                                         device_tokens=dev, host_tokens=host,
-                                         prefetch_threshold=args.prefetch_threshold,
-                                         progress=lambda b, spl=spec.system_prompt_len, c=spec.concurrency:
-                                         bar.step(f"{b} prefix={spl} c={c}"))
-                row = replay.summarize(run)
-                rows.append(row)
-                raw.append({"spec": spec.__dict__, "shape": describe(reqs), "device_tokens": dev,
-                            "host_tokens": host, "summary": row, "run": run.to_dict()})
+            point = (spec.system_prompt_len, spec.concurrency)
+            runs: dict[str, list] = {n: [] for n in names}
+            for rep in range(args.repeat):
+                for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no backend always first
+                    run = replay.run_backend(name, reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
+                                             device_tokens=dev, host_tokens=host,
+                                             prefetch_threshold=args.prefetch_threshold,
+                                             settle_writes=not args.race_writes,
+                                             progress=lambda b, spl=spec.system_prompt_len, c=spec.concurrency,
+                                             k=rep: bar.step(f"{b} prefix={spl} c={c} run {k + 1}/{args.repeat}"))
+                    row = replay.summarize(run)
+                    runs[name].append((row, tuple(q.storage_hit for q in run.requests)))
+                    raw.append({"spec": spec.__dict__, "shape": describe(reqs), "device_tokens": dev,
+                                "host_tokens": host, "run_index": rep, "summary": row, "run": run.to_dict()})
+            rows.extend(verdict.median_row([r for r, _ in runs[n]]) for n in names)
+            verdicts.extend(verdict.compare(point, runs))
     finally:
         if owned:
             srv.stop()
@@ -94,24 +106,29 @@ def run_replay(args) -> int:
           f"synthetic KV {geo.layers} layers x {geo.heads} heads x {geo.head_dim} dim bf16, page {geo.page_size} "
           f"({geo.bytes_per_token * geo.page_size / 2**20:g} MiB/page); {os.cpu_count()} cores")
     print(replay.table(rows))
-    print("\nfetch, first batch, first layer: measured here (storage -> host pool). TTFT (modelled) = measured fetch"
-          " + modelled host->GPU copy (55 GB/s) + modelled prefill of the uncached tokens (H200 per-layer fit,"
-          " docs/benchmarks.md). first layer: objectcache's per-layer readiness; n/a = the backend cannot tell"
-          " (whole 128-page batches).")
+    print()
+    print(verdict.table(verdicts))
+    print()
+    print(verdict.MEANINGS)
+    print()
+    print(verdict.summary(verdicts))
+    if args.race_writes:
+        print("--race-writes: storage writes raced the requests; backends whose storage hits differ are not compared")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "replay.json")
     report.write_json(path, {"meta": {**_meta(), "sglang": _sglang_version(), "geometry": geo.__dict__,
+                                      "repeat": args.repeat, "settle_writes": not args.race_writes,
                                       "server": getattr(srv, "kind", None),
                                       "modelled": {"prefill_ms_per_layer": "c + a*n + b*n*ctx",
                                                    "coefficients": replay.PREFILL_MS,
                                                    "h2d_bytes_per_s": replay.H2D_BYTES_PER_S}},
-                                "runs": raw})
+                                "runs": raw, "verdicts": verdicts})
     pngs = report.plots(rows, args.out,
                         [("fetch_ms_mean", "storage fetch, mean (ms)"),
                          ("ttft_modelled_ms_mean", "TTFT mean (ms, modelled)")],
                         [("system_prompt_len", "shared prefix (tokens)"), ("concurrency", "concurrency")], "replay")
     print(f"\nresults: {path}" + "".join(f"\nplot: {p}" for p in pngs))
-    bad = [r for r in rows if r["corrupt_tokens"]]
+    bad = [r for r in raw if r["summary"]["corrupt_tokens"]]
     return 1 if bad else 0
 
 

@@ -212,3 +212,39 @@ def test_percentiles():
     assert live.percentile([], 50) == 0.0
     assert live.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert live.percentile([5.0], 99) == 5.0
+
+
+# ---- the replay's verdict (benchmarks/verdict.py) -------------------------------------------
+
+def _run(fetch, hits, ttft=None):
+    return ({"fetch_ms_mean": fetch, "ttft_modelled_ms_mean": ttft or fetch,
+             "storage_hit_requests": sum(h > 0 for h in hits)}, tuple(hits))
+
+
+def test_verdict_needs_every_run_to_agree_and_the_same_storage_hits(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import verdict
+
+    hits = (0, 64, 0, 64)
+    runs = {"objectcache": [_run(50, hits), _run(60, hits), _run(55, hits)],
+            "fast": [_run(100, hits), _run(90, hits), _run(80, hits)],  # every run: objectcache faster
+            "noisy": [_run(40, hits), _run(70, hits), _run(50, hits)],  # runs disagree
+            "never": [_run(10, (0, 0, 0, 0))] * 3,  # it never read: not a winner
+            "other": [_run(10, (64, 0, 0, 64))] * 3}  # other requests hit storage
+    rows = {r["peer"]: r for r in verdict.compare((512, 1), runs)}
+    assert rows["fast"]["verdict"] == "objectcache faster in 3 of 3 runs"
+    assert rows["fast"]["fetch_ratios"] == [0.5, 60 / 90, 55 / 80]
+    assert rows["noisy"]["verdict"].startswith("within noise")
+    assert rows["never"]["verdict"] == "not comparable: the peer never read from storage"
+    assert rows["other"]["verdict"] == "not comparable: different requests hit storage"
+    text = verdict.summary(list(rows.values()))
+    assert "objectcache vs fast: faster at 1, slower at 0, within noise at 0 of 1 points" in text
+    assert "not compared at 1" in text
+
+
+def test_median_row_takes_the_median_of_each_number(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import verdict
+
+    row = verdict.median_row([{"backend": "x", "fetch_ms_mean": v, "n": 24} for v in (9, 1, 5)])
+    assert row == {"backend": "x", "fetch_ms_mean": 5, "n": 24, "runs": 3}
