@@ -20,7 +20,7 @@ from ..config import parse_config
 from ..errors import ConfigError
 from ..engine.cache import ObjectCache
 from ..format import SegmentFn
-from . import shutdown
+from . import metrics, shutdown
 from .compat import check_isolation, check_version, storage_metrics
 from .pool import describe_pool, flat_segments, host_segments
 
@@ -68,6 +68,7 @@ class ObjectCacheStorage(HiCacheStorage):
         self.fp = describe_pool(mem_pool_host, self.storage_config)
         self.cache = ObjectCache(self.config, self.fp)
         shutdown.register(self.cache)  # SGLang closes a backend only on detach
+        self._exporter = metrics.start_exporter(self.stats, f"tp{self.fp.tp_rank}pp{self.fp.pp_rank}")
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name) -> None:
         # Side pools (Mamba, SWA, ...) are not stored by objectcache: dense KV only.
@@ -217,5 +218,7 @@ class ObjectCacheStorage(HiCacheStorage):
         return self.cache.snapshot() if self.cache is not None else {}
 
     def close(self) -> None:
+        if getattr(self, "_exporter", None) is not None:
+            self._exporter.stop()
         if self.cache is not None:
             self.cache.close()

@@ -1,0 +1,108 @@
+"""The engine's counters on SGLang's own Prometheus endpoint.
+
+With `--enable-metrics`, SGLang's processes share a prometheus_client multiprocess directory
+(`PROMETHEUS_MULTIPROC_DIR`) and its HTTP server's `/metrics` reads every process's values from
+there. The backend lives in a scheduler process, so its numbers reach `/metrics` only as metric
+objects of that process: a daemon thread copies `ObjectCacheStorage.stats()` into gauges every few
+seconds. Names: `objectcache_<counter>` for the engine's counters, `objectcache_tier_<field>{tier}`
+for each tier's, `objectcache_tier_requests{tier,verb}`; every one labelled with the rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("sglang_objectcache")
+
+INTERVAL = 5.0  # seconds between copies: a scrape sees numbers at most this old
+
+
+def metrics_enabled() -> bool:
+    """SGLang was launched with --enable-metrics (or something set up a multiprocess directory)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return True
+    try:
+        from sglang.srt.server_args import get_global_server_args
+
+        return bool(getattr(get_global_server_args(), "enable_metrics", False))
+    except Exception:  # noqa: BLE001 - no server context (tests, tools)
+        return False
+
+
+def _name(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", text)
+
+
+class Exporter:
+    """Copies a stats snapshot (`ObjectCache.snapshot()` shape) into prometheus_client gauges."""
+
+    def __init__(self, stats: Callable[[], dict], rank: str, interval: float = INTERVAL):
+        from prometheus_client import Gauge  # SGLang depends on it
+
+        self._gauge_cls = Gauge
+        self._stats, self._rank, self._interval = stats, rank, interval
+        self._gauges: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _gauge(self, name: str, labels: tuple[str, ...], doc: str):
+        g = self._gauges.get(name)
+        if g is None:
+            # liveall: one series per live process (SGLang's processes each hold their backend)
+            g = self._gauge_cls(name, doc, ("rank", *labels), multiprocess_mode="liveall")
+            self._gauges[name] = g
+        return g
+
+    def update(self) -> None:
+        snap = self._stats() or {}
+        for key, value in (snap.get("counters") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._gauge(f"objectcache_{_name(key)}", (), f"objectcache engine counter {key} since start"
+                            ).labels(self._rank).set(value)
+        for tier, fields in (snap.get("tiers") or {}).items():
+            for key, value in fields.items():
+                if key == "requests" and isinstance(value, dict):
+                    g = self._gauge("objectcache_tier_requests", ("tier", "verb"),
+                                    "requests sent to a tier since start, by kind")
+                    for verb, n in value.items():
+                        g.labels(self._rank, tier, verb).set(n)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._gauge(f"objectcache_tier_{_name(key)}", ("tier",), f"objectcache tier field {key}"
+                                ).labels(self._rank, tier).set(value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.update()
+            except Exception:  # noqa: BLE001 - metrics never take the backend down
+                log.debug("objectcache: metrics update failed", exc_info=True)
+
+    def start(self) -> Exporter:
+        self.update()
+        self._thread = threading.Thread(target=self._run, name="objectcache-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        try:
+            self.update()  # the last numbers, for a scrape after shutdown
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def start_exporter(stats: Callable[[], dict], rank: str) -> Exporter | None:
+    """An exporter when SGLang serves metrics, else None (nothing to export to)."""
+    if not metrics_enabled():
+        return None
+    try:
+        return Exporter(stats, rank).start()
+    except Exception as e:  # noqa: BLE001 - prometheus_client missing or a name clash: run without
+        log.warning("objectcache: metrics are not exported (%s)", e)
+        return None
