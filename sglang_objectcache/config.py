@@ -164,8 +164,8 @@ class ObjectCacheConfig:
     # 0 leaves Python's own (5 ms). Each read hands the GIL between our threads and SGLang's busy
     # scheduler thread; a waiting thread gets it back after at most this long.
     switch_interval: float = 0.0002
-    # how concurrent fetches share the S3 bandwidth: slack | srpt | fair. SGLang passes no compute
-    # time per layer, so slack ranks requests as srpt does (engine/policy.py)
+    # how concurrent fetches share the S3 bandwidth: slack | srpt | fair. slack ranks by compute time
+    # per layer, which only the 0.5.17 patch set measures (load_or_recompute); elsewhere it is srpt
     fetch_policy: str = "slack"
     bandwidth: int = 0  # bytes/s the S3 reads may use together (0: no cap; the server's limit applies)
     timeout: float = 15.0  # deadline of one backend call (batch get / set)
@@ -174,6 +174,12 @@ class ObjectCacheConfig:
     # hit is agreed and host slots are allocated, and copy layer l to the GPU as soon as layer l
     # has landed. Without the patch this key has no effect.
     layerwise: bool = True
+    # With the SGLang 0.5.17 patch: per request, load a storage hit only when reading it (at the
+    # read rate measured now) ends sooner than recomputing it (at the prefill rate measured from
+    # SGLang's own forwards) by at least `load_margin`; else recompute it (engine/decide.py).
+    # SGLang's prefetch_threshold still applies first, as a floor.
+    load_or_recompute: bool = True
+    load_margin: float = 0.1
     namespace: str | None = None  # overrides SGLang's model name in object names
     # which weights: the served name does not say (two checkpoints under one name would share KV);
     # any string that changes with the weights (a commit, a checkpoint hash), part of the fingerprint
@@ -329,6 +335,14 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         kw["verify_checksums"] = _expect(ours["verify_checksums"], bool, "verify_checksums", "true or false")
     if "layerwise" in ours:
         kw["layerwise"] = _expect(ours["layerwise"], bool, "layerwise", "true or false")
+    if "load_or_recompute" in ours:
+        kw["load_or_recompute"] = _expect(ours["load_or_recompute"], bool, "load_or_recompute", "true or false")
+    if "load_margin" in ours:
+        m = ours["load_margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+            raise ConfigError("load_margin: a fraction in [0, 1), e.g. 0.1: a load must end 10% sooner "
+                              "than recompute to be chosen")
+        kw["load_margin"] = float(m)
     for k in ("integrity_key_file", "integrity_key_env"):
         if ours.get(k) is not None:
             kw[k] = _expect(ours[k], str, k, "a file path" if k.endswith("file") else "an environment variable name")

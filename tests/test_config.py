@@ -40,6 +40,9 @@ def test_the_issue_example_parses():
     ({"tiers": [S3], "read_waves": 4}, r"^read_waves: unknown key"),  # removed
     ({"tiers": [{**S3, "native_receive": "staging"}]}, r"^tiers\[0\]\.native_receive: unknown key"),  # removed
     ({"tiers": [S3], "bandwidth": "fast"}, r"^bandwidth: cannot read 'fast' as a size"),
+    ({"tiers": [S3], "load_margin": 1.5}, r"^load_margin: a fraction in \[0, 1\)"),
+    ({"tiers": [S3], "load_margin": "10%"}, r"^load_margin: a fraction"),
+    ({"tiers": [S3], "load_or_recompute": "yes"}, r"^load_or_recompute: expected true or false"),
     (None, r"^tiers: no configuration given"),
 ])
 def test_errors_name_the_key(raw, match):

@@ -25,6 +25,7 @@ from ..format import SegmentFn
 from ..keys import Fingerprint, Namespace
 from ..stores.factory import build_range_reader, build_store, probe
 from .disk_tier import DiskTier
+from .decide import ReadMeter
 from .events import RateLimitedLog, Stats
 from .plan import PlannedObject
 from .policy import POLICIES
@@ -123,7 +124,8 @@ class ObjectCache:
             self.runtime.submit(_start_write_back())
         self._reads = ReadContext(self.tiers, self.ns.root, fp.n_layers, self.digest, cfg.read_range_bytes, cfg.verify_checksums,
                                   cfg.first_layer_hold, cfg.switch_interval, self.runtime.loop, self._copiers,
-                                  self.writer.may_promote, self._on_read_event, mac_key)
+                                  self.writer.may_promote, self._on_read_event, mac_key,
+                                  meters={t: ReadMeter() for t in self.tiers})
         log.info("objectcache ready: %s; namespace %s; tiers %s; copies %s; GIL switch interval while "
                  "reading: %s", fp.describe(), self.ns.root, ", ".join(t.name for t in self.tiers),
                  native.status(), f"{cfg.switch_interval * 1e3:.2g} ms" if cfg.switch_interval else "Python's")

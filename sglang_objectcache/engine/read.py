@@ -81,6 +81,7 @@ class ReadContext:
     may_promote: Callable  # (ObjectInfo) -> bool: copy an object read from a lower tier upward
     on_event: Callable  # (kind, PlannedObject | None, detail): stats, logs, bans, promotion
     mac_key: bytes | None = None  # keyed integrity: footers must carry a MAC under it
+    meters: dict | None = None  # Tier -> decide.ReadMeter: the read rate each tier gives (load or recompute)
 
 
 def locate(tiers: Sequence[Tier], root: str, keys: Sequence[str]) -> list[PlannedObject]:
@@ -139,11 +140,36 @@ class ReadSession:
         # reads not yet landed (loop thread only); a landed read leaves at once, so that its bytes
         # are freed as soon as they are copied (a task keeps its result)
         self._futs: set[asyncio.Task] = set()
+        self._metered = self._meter_start()
         switch.enter(ctx.switch_interval)  # until `_signal`: the GIL hand-overs of the reads are short
         if not self._left:
             self._signalled = True
             self._on_finish()
             self._finished.set()
+
+    def _meter_start(self) -> list:
+        """Tell each tier's read meter the bytes this session asks of it."""
+        if not self.ctx.meters or not self.plan.reads:
+            return []
+        per: dict = {}
+        for r in self.plan.reads:
+            tier = self.plan.objects[r.obj].tier
+            per[tier] = per.get(tier, 0) + r.nbytes
+        out = []
+        for tier, nbytes in per.items():
+            meter = self.ctx.meters.get(tier)
+            if meter is not None:
+                meter.started(id(self), nbytes)
+                out.append((meter, tier, nbytes))
+        return out
+
+    def _meter_end(self) -> None:
+        """Each tier's meter learns what arrived of what it was asked (failed pages count their time)."""
+        for meter, tier, nbytes in self._metered:
+            mine = [o for o in self.plan.objects if o.tier is tier]
+            asked = sum(len(o.slots) for o in mine)
+            got = sum(sum(self.ok[o.first:o.first + len(o.slots)]) for o in mine)
+            meter.ended(id(self), nbytes * got // max(asked, 1))
 
     def _promotes(self, o: PlannedObject) -> bool:
         return o.tier is not self.ctx.tiers[0] and self.ctx.may_promote(o.info)
@@ -408,6 +434,7 @@ class ReadSession:
     def _on_finish(self) -> None:
         """Once, as the session's last step: the switch interval and the schedulers let go."""
         switch.leave(self.ctx.switch_interval)
+        self._meter_end()
         for tier, rid in self._rids.items():
             try:
                 self.ctx.loop.call_soon_threadsafe(tier.scheduler.close_request, rid)

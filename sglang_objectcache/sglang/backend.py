@@ -100,14 +100,15 @@ class ObjectCacheStorage(HiCacheStorage):
         self._record("get", sum(ok), time.perf_counter() - t0)
         return ok
 
-    def start_layer_fetch(self, keys: List[str], host_indices: torch.Tensor):
+    def start_layer_fetch(self, keys: List[str], host_indices: torch.Tensor, t_layer: float = 0.0):
         """Start filling pages into the host pool in layer order and return the engine's
         `ReadSession` at once (per-layer readiness, then per-page results); None if nothing can start. Used by
-        the layer-wise streaming patch (`sglang/layerwise.py`)."""
+        the layer-wise streaming patch (`sglang/layerwise.py`). `t_layer`: the request's compute time
+        per layer, when measured (`load_or_recompute.py`), for the `slack` policy."""
         if not keys or not self._ready():
             return None
         try:
-            return self.cache.fetch(keys, self._segments(keys, host_indices), streamed=True)
+            return self.cache.fetch(keys, self._segments(keys, host_indices), t_layer, streamed=True)
         except Exception:  # noqa: BLE001 - the prefetch IO thread must survive
             log.exception("objectcache: cannot start a layer-wise fetch of %d pages", len(keys))
             return None

@@ -68,7 +68,8 @@ class Layerwise:
         n_tok = len(keys) * self.page_size
         slots = op.host_indices[:n_tok]
         t0 = time.perf_counter()
-        fetch = self.backend.start_layer_fetch(keys, slots)
+        decide = getattr(self.cc, "oc_decide", None)  # the request's compute per layer, for `slack`
+        fetch = self.backend.start_layer_fetch(keys, slots, decide.t_layer(op.request_id) if decide else 0.0)
         if fetch is None:
             op.mark_terminate()
             return

@@ -34,14 +34,17 @@ def _attach(orig, self, storage_backend, *a, **kw):
     # backend, or objectcache with another config) must not keep the old one, nor its thread
     old = getattr(self, "oc_layerwise", None)
     self.oc_layerwise = None
+    self.oc_decide = None
     if old is not None:
         old.close()
     if storage_backend == BACKEND_NAME:
+        from . import load_or_recompute
         from .layerwise import attach
 
         self.page_get_func = self._page_get_zero_copy
         self.page_set_func = self._page_set_zero_copy
         self.oc_layerwise = attach(self, self.storage_backend)  # None unless SGLang is patched
+        self.oc_decide = load_or_recompute.attach(self, self.storage_backend)  # likewise
     return result
 
 

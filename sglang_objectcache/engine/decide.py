@@ -1,0 +1,187 @@
+"""Load or recompute, per request: is a storage hit worth reading, given what is measured now?
+
+Three measured inputs, no constants:
+- `ReadMeter`: the storage read rate this process is getting (bytes landed over the time reads were
+  in flight, smoothed), and the bytes already promised to fetches in flight;
+- `PrefillModel`: the GPU's prefill time for k new tokens over a context of c tokens, fitted live
+  to SGLang's own forward timings (t = c0 + a*k + b*k*c, least squares over recent batches);
+- the request: hit tokens, new tokens, context before the hit.
+
+`Decider.tokens_to_load` picks how much of the hit to load (0: recompute it all; a prefix of it:
+load what pays, recompute the rest). Until both meters have data it answers as SGLang would (the
+whole hit). `ReadMeter.stale` lets the caller treat a tier whose rate was measured long ago as
+unmeasured, so that one load goes through and measures it again (a tier that recovered is seen).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+
+class ReadMeter:
+    """Aggregate storage read rate, measured over busy time (when at least one fetch was in flight),
+    so idle gaps do not dilute it and concurrent fetches add up."""
+
+    def __init__(self, alpha: float = 0.3, window: float = 0.05, long: float = 1.0, forget: float = 2.0,
+                 clock=time.monotonic):
+        self._alpha, self._window, self._long, self._forget, self._clock = alpha, window, long, forget, clock
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # fetch id -> bytes promised
+        self._busy_since: float | None = None
+        self._busy = 0.0
+        self._landed = 0
+        self.rate: float | None = None  # bytes/s
+        self.updated: float | None = None
+
+    def started(self, fid: int, nbytes: int) -> None:
+        with self._lock:
+            if not self._inflight:
+                self._busy_since = self._clock()
+            self._inflight[fid] = nbytes
+
+    def ended(self, fid: int, landed: int) -> None:
+        """A fetch ended; `landed`: its bytes that arrived (a failed or late fetch counts its time
+        and only what arrived, so a slow or failing tier drags the rate down)."""
+        with self._lock:
+            if self._inflight.pop(fid, None) is None:
+                return
+            now = self._clock()
+            self._landed += landed
+            if not self._inflight and self._busy_since is not None:
+                self._busy += now - self._busy_since
+                self._busy_since = None
+            busy = self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
+            # a sample when reads go idle (all their bytes counted), or under sustained reads
+            # every `long` seconds (then fetches still in flight are counted when they end)
+            if busy >= self._window and (not self._inflight or busy >= self._long):
+                sample = self._landed / busy
+                old = self.rate is None or self.updated is None or now - self.updated > self._forget
+                # a rate measured long ago says little about now (a tier that recovered, or broke):
+                # the new sample replaces it; recent ones are smoothed
+                self.rate = sample if old else (1 - self._alpha) * self.rate + self._alpha * sample
+                self.updated = now
+                self._landed, self._busy = 0, 0.0
+                if self._busy_since is not None:
+                    self._busy_since = now
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return sum(self._inflight.values())
+
+    def stale(self, after: float) -> bool:
+        """No measurement for `after` seconds and nothing in flight that would give one."""
+        with self._lock:
+            idle = not self._inflight
+        return self.updated is not None and idle and self._clock() - self.updated > after
+
+    def seconds(self, nbytes: int) -> float | None:
+        """Expected time to read `nbytes` more now, behind the bytes already in flight."""
+        rate = self.rate
+        if rate is None:
+            return None
+        if rate <= 0:  # every read failed: nothing will arrive
+            return math.inf
+        return (self.outstanding() + nbytes) / rate
+
+
+class PrefillModel:
+    """Forward time of a prefill batch: t = c0 + a * sum(k) + b * sum(k * ctx), over the last
+    `keep` batches SGLang ran with nothing loaded from host or storage (those wait on copies)."""
+
+    MIN_SAMPLES = 8
+
+    def __init__(self, keep: int = 256):
+        self._rows: deque = deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._coef: tuple[float, float, float] | None = None
+        self._dirty = False
+
+    def observe(self, tokens: int, token_ctx: int, seconds: float) -> None:
+        """One batch: `tokens` new tokens in all, `token_ctx` = sum over its requests of new
+        tokens times their context length (prefix + new), `seconds` its forward time."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            self._rows.append((1.0, float(tokens), float(token_ctx), seconds))
+            self._dirty = True
+
+    def coefficients(self) -> tuple[float, float, float] | None:
+        with self._lock:
+            if self._dirty and len(self._rows) >= self.MIN_SAMPLES:
+                m = np.array(self._rows)
+                x, y = m[:, :3], m[:, 3]
+                try:
+                    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+                except np.linalg.LinAlgError:
+                    coef = None
+                if coef is not None:
+                    c0, a, b = (float(v) for v in coef)
+                    if a <= 0:  # too few distinct sizes to fit: a single rate through the origin
+                        c0, a, b = 0.0, float(y.sum() / x[:, 1].sum()), 0.0
+                    self._coef = (max(c0, 0.0), a, max(b, 0.0))
+                self._dirty = False
+            return self._coef
+
+    def seconds(self, tokens: int, ctx: int) -> float | None:
+        """Time to prefill `tokens` new tokens that end at context length `ctx`; None until fitted."""
+        coef = self.coefficients()
+        if coef is None:
+            return None
+        if tokens <= 0:
+            return 0.0
+        c0, a, b = coef
+        return c0 + a * tokens + b * tokens * ctx
+
+
+class Decider:
+    """How many tokens of a storage hit to load. `margin`: a load must finish this fraction sooner
+    than recompute to be chosen; `overlap`: the forward overlaps the load layer by layer (the
+    0.5.17 patch), else it starts after the last byte."""
+
+    def __init__(self, model: PrefillModel, page_size: int, *, margin: float = 0.1, overlap: bool = False):
+        self.model, self.page_size, self.margin, self.overlap = model, page_size, margin, overlap
+        self.counters = dict(load=0, recompute=0, partial=0, unmeasured=0)
+        self._lock = threading.Lock()
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counters[what] += 1
+
+    def finish(self, load_s: float, rest_tokens: int, ctx: int) -> float:
+        """Expected time until the forward can end: loading takes `load_s`, and `rest_tokens` are
+        computed over a context of `ctx` tokens."""
+        t_rest = self.model.seconds(rest_tokens, ctx) or 0.0
+        return max(load_s, t_rest) if self.overlap else load_s + t_rest
+
+    def tokens_to_load(self, hit: int, new_tokens: int, prefix: int,
+                       load_seconds: Callable[[int], float | None]) -> int:
+        """`hit` tokens of the request's `new_tokens` (those past what device and host hold, after
+        `prefix` tokens) are in storage; `load_seconds(pages)` is the expected time to read the first
+        `pages` pages of the hit now (None: not measured). Returns how many tokens to load: a
+        multiple of the page size, at most `hit`; 0 recomputes them."""
+        pages = hit // self.page_size
+        if pages <= 0:
+            return 0
+        ctx = prefix + new_tokens
+        whole = load_seconds(pages)
+        if whole is None or self.model.coefficients() is None:
+            self._count("unmeasured")
+            return hit  # as SGLang would: the meters have nothing to go on yet
+        recompute = self.finish(0.0, new_tokens, ctx)
+        best, best_t = 0, recompute
+        step = max(1, pages // 16)  # 16 candidates at most: the prefix of the hit that pays best
+        for p in sorted({*range(step, pages + 1, step), pages}):
+            t_load = whole if p == pages else load_seconds(p)
+            t = self.finish(t_load or 0.0, new_tokens - p * self.page_size, ctx)
+            if t < best_t:
+                best, best_t = p * self.page_size, t
+        if best and best_t > recompute * (1 - self.margin):
+            best = 0  # not enough sooner to be worth the risk of a slow read
+        self._count("recompute" if best == 0 else "load" if best == hit else "partial")
+        return best

@@ -1,0 +1,128 @@
+"""Load or recompute, inside SGLang 0.5.17 (with the patch set): the glue of `engine/decide.py`.
+
+Attached to the cache controller as `oc_decide`; the patch calls it from three places:
+- `note(req_id, last_host_node)`, scheduler thread, when a prefetch is queued: how many tokens the
+  request already has on device or host (the context before its storage hit);
+- `__call__(operation, hash_value, hit_tokens)`, prefetch thread, once the storage hit is known
+  and before the ranks agree on it (their MIN all-reduce follows, so every rank loads the least
+  any rank chose): how many of the hit's tokens to load;
+- `observe_prefill(batch)`, scheduler thread, when a prefill batch's results are ready: its
+  forward time, which fits the prefill model. Batches that loaded from host or storage are left
+  out (they wait on copies).
+`t_layer(req_id)` gives the streamed fetch the request's compute time per layer, so `fetch_policy:
+slack` ranks requests by need (`layerwise.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..engine.decide import Decider, PrefillModel
+from ..engine.read import locate
+
+log = logging.getLogger("sglang_objectcache")
+
+PROBE_AFTER = 5.0  # seconds: a tier not read for this long is read once more before it is judged (per instance: probe_after)
+
+
+class LoadOrRecompute:
+    def __init__(self, controller, backend, *, margin: float, overlap: bool):
+        self.cache = backend.cache
+        self.fp = backend.fp
+        self.page_size = controller.page_size
+        self.page_bytes = self.fp.n_layers * self.fp.piece_bytes
+        self.model = PrefillModel()
+        self.decider = Decider(self.model, self.page_size, margin=margin, overlap=overlap)
+        self._lock = threading.Lock()
+        self._prefix: dict[str, int] = {}
+        self._t_layer: dict[str, float] = {}
+        self.probe_after = PROBE_AFTER
+
+    # ---- scheduler thread ------------------------------------------------------------------
+
+    def note(self, req_id: str, last_host_node) -> None:
+        n, node = 0, last_host_node
+        while node is not None and getattr(node, "parent", None) is not None:
+            n += len(node.key)
+            node = node.parent
+        with self._lock:
+            self._prefix[req_id] = n
+
+    def observe_prefill(self, batch) -> None:
+        mode = getattr(batch, "forward_mode", None)
+        if mode is None or not mode.is_extend() or getattr(mode, "is_mixed", lambda: False)():
+            return
+        if getattr(batch, "hicache_consumer_index", -1) != -1 or not getattr(batch, "launch_ts", None):
+            return
+        ext, pre = batch.extend_lens or [], batch.prefix_lens or []
+        tokens = sum(ext)
+        token_ctx = sum(e * (p + e) for e, p in zip(ext, pre))
+        self.model.observe(tokens, token_ctx, time.monotonic() - batch.launch_ts)
+
+    # ---- prefetch thread -------------------------------------------------------------------
+
+    def _load_seconds(self, keys: list[str]):
+        objects = locate(self.cache.tiers, self.cache.ns.root, keys)
+        meters = self.cache._reads.meters or {}
+
+        def seconds(pages: int) -> float | None:
+            per: dict = {}
+            for o in objects:
+                take = min(len(o.slots), pages - o.first)
+                if take > 0:
+                    per[o.tier] = per.get(o.tier, 0) + take * self.page_bytes
+            worst = 0.0
+            for tier, nbytes in per.items():
+                meter = meters.get(tier)
+                if meter is None or meter.stale(self.probe_after):
+                    return None  # not measured (lately): load, and so measure
+                t = meter.seconds(nbytes)
+                if t is None:
+                    return None
+                worst = max(worst, t)  # tiers read in parallel
+            return worst
+        return seconds
+
+    def __call__(self, operation, hash_value, hit_tokens: int) -> int:
+        req_id = operation.request_id
+        with self._lock:
+            prefix = self._prefix.pop(req_id, 0)
+        new_tokens = len(operation.token_ids)
+        try:
+            load = self.decider.tokens_to_load(hit_tokens, new_tokens, prefix,
+                                               self._load_seconds(list(hash_value[:hit_tokens // self.page_size])))
+        except Exception:  # noqa: BLE001 - never take SGLang's prefetch thread down: as SGLang would
+            log.exception("objectcache: load-or-recompute failed; loading the whole hit")
+            load = hit_tokens
+        rest = new_tokens - load
+        t = self.model.seconds(rest, prefix + new_tokens)
+        if t is not None and load:
+            with self._lock:
+                self._t_layer[req_id] = t / max(self.fp.n_layers, 1)
+        if load < hit_tokens:
+            log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached)",
+                      req_id, load, hit_tokens, new_tokens, prefix)
+        return load
+
+    def t_layer(self, req_id: str) -> float:
+        with self._lock:
+            return self._t_layer.pop(req_id, 0.0)
+
+    def stats(self) -> dict:
+        coef = self.model.coefficients()
+        return {**self.decider.counters, "prefill_fit": list(coef) if coef else None,
+                "read_rates": {t.name: m.rate for t, m in (self.cache._reads.meters or {}).items()}}
+
+
+def attach(controller, backend):
+    """The decision for this controller, or None where it does not apply (off in the config, or
+    SGLang without the patch's hooks)."""
+    cfg = getattr(backend, "config", None)
+    if cfg is None or not cfg.load_or_recompute or backend.cache is None:
+        return None
+    if not getattr(type(controller), "oc_decide_patch", False):
+        return None
+    overlap = getattr(controller, "oc_layerwise", None) is not None
+    return LoadOrRecompute(controller, backend, margin=cfg.load_margin, overlap=overlap)

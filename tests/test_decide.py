@@ -1,0 +1,125 @@
+"""Load or recompute (engine/decide.py): the meters and the choice, with injected clocks and
+measurements (no SGLang, no server; the real-tree test is tests/test_load_or_recompute.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sglang_objectcache.engine.decide import Decider, PrefillModel, ReadMeter
+
+MiB = 2**20
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_read_meter_measures_busy_time_and_adds_concurrent_fetches():
+    clock = Clock()
+    m = ReadMeter(alpha=1.0, window=0.01, clock=clock)
+    assert m.rate is None and m.seconds(MiB) is None
+    m.started(1, 8 * MiB)
+    m.started(2, 8 * MiB)
+    assert m.outstanding() == 16 * MiB
+    clock.t += 0.5
+    m.ended(1, 8 * MiB)
+    assert m.rate is None, "a fetch still in flight: no sample yet"
+    m.ended(2, 8 * MiB)
+    assert m.rate == pytest.approx(32 * MiB)  # two fetches in half a second of busy time
+    clock.t += 60.0  # idle time does not dilute the rate
+    m.started(3, 4 * MiB)
+    clock.t += 0.5
+    m.ended(3, 4 * MiB)
+    assert m.rate == pytest.approx(8 * MiB)
+    assert m.seconds(8 * MiB) == pytest.approx(1.0)
+    m.started(4, 64 * MiB)  # sustained reads: a sample at least every `long` seconds of busy time
+    m.started(5, 64 * MiB)
+    clock.t += 2.0
+    m.ended(4, 64 * MiB)
+    assert m.rate == pytest.approx(32 * MiB)
+
+
+def test_a_failing_tier_drags_its_rate_down_and_an_idle_one_goes_stale():
+    clock = Clock()
+    m = ReadMeter(alpha=0.5, window=0.01, clock=clock)
+    m.started(1, 8 * MiB)
+    clock.t += 0.1
+    m.ended(1, 8 * MiB)
+    fast = m.rate
+    m.started(2, 8 * MiB)
+    clock.t += 2.0
+    m.ended(2, 0)  # nothing arrived in two seconds
+    assert m.rate == pytest.approx(fast / 2)
+    assert not m.stale(5.0)
+    clock.t += 6.0
+    assert m.stale(5.0)
+    m.started(3, MiB)
+    assert not m.stale(5.0), "a read in flight will measure it"
+    first = ReadMeter(window=0.01, clock=clock)
+    first.started(1, MiB)
+    clock.t += 1
+    first.ended(1, 0)
+    assert first.seconds(MiB) == math.inf  # every read failed: nothing will arrive
+
+
+def test_prefill_model_fits_sglangs_forward_times():
+    truth = (0.004, 2e-5, 3e-10)  # c0, per token, per token x context
+    m = PrefillModel()
+    assert m.seconds(1000, 1000) is None
+    for k, ctx in [(512, 512), (1024, 4096), (2048, 2048), (4096, 16384), (256, 8192), (8192, 8192),
+                   (1024, 1024), (3000, 12000), (64, 64)]:
+        m.observe(k, k * ctx, truth[0] + truth[1] * k + truth[2] * k * ctx)
+    c0, a, b = m.coefficients()
+    assert (c0, a, b) == pytest.approx(truth, rel=1e-3)
+    assert m.seconds(2000, 10000) == pytest.approx(truth[0] + truth[1] * 2000 + truth[2] * 2000 * 10000, rel=1e-3)
+    assert m.seconds(0, 10000) == 0.0
+
+
+def _model(per_token: float) -> PrefillModel:
+    m = PrefillModel()
+    for k in (256, 512, 1024, 2048, 4096, 8192, 128, 64):
+        m.observe(k, k * k, per_token * k)
+    return m
+
+
+def test_load_when_it_ends_sooner_recompute_when_not():
+    d = Decider(_model(1e-4), page_size=64)  # 10K tokens/s of prefill
+    page_s = 0.001  # reading one page takes 1 ms: 64 tokens for 1 ms against 6.4 ms of prefill
+    assert d.tokens_to_load(1024, 2048, 0, lambda p: p * page_s) == 1024
+    slow = 0.02  # 20 ms a page: slower than recomputing it
+    assert d.tokens_to_load(1024, 2048, 0, lambda p: p * slow) == 0
+    assert d.counters["load"] == 1 and d.counters["recompute"] == 1
+
+
+def test_the_margin_keeps_a_load_that_barely_pays_as_recompute():
+    d = Decider(_model(1e-4), page_size=64, margin=0.1)
+    # the whole hit: 16 pages; loading takes 95% of its recompute time
+    per_page = 0.95 * 64 * 1e-4
+    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * per_page) == 0
+    d.margin = 0.0
+    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * per_page) == 1024
+
+
+def test_overlapped_a_partial_hit_loads_what_pays():
+    """Streamed layer by layer, the forward runs while the load lands: the best is to load as much
+    as arrives while the rest computes."""
+    d = Decider(_model(1e-4), page_size=64, overlap=True, margin=0.0)
+    per_page = 0.02  # a page reads in 20 ms, computes in 6.4 ms
+    got = d.tokens_to_load(64 * 64, 64 * 64, 0, lambda p: p * per_page)
+    assert 0 < got < 64 * 64 and got % 64 == 0
+    assert d.counters["partial"] == 1
+
+
+def test_without_measurements_it_loads_as_sglang_would():
+    d = Decider(PrefillModel(), page_size=64)
+    assert d.tokens_to_load(1024, 2048, 0, lambda p: 1.0) == 1024  # no prefill fit yet
+    d = Decider(_model(1e-4), page_size=64)
+    assert d.tokens_to_load(1024, 2048, 0, lambda p: None) == 1024  # no read rate yet
+    assert d.counters["unmeasured"] == 1
+    assert d.tokens_to_load(40, 2048, 0, lambda p: 0.0) == 0  # less than a page

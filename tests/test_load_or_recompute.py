@@ -1,0 +1,98 @@
+"""Load or recompute, per request, through SGLang 0.5.17's real HiRadixCache and HiCacheController
+(patched) with our backend behind a bandwidth-capped proxy in front of a real S3 server.
+
+The prefill side is SGLang's own hook (`observe_prefill` on the batches it runs) fed with batches
+of a GPU that prefills 1,000 tokens a second; the read side is measured from the real reads. Under
+a cap, a 512-token hit (4 MiB) reads slower than recomputing it, so the next request recomputes
+(nothing is loaded); once the cap is lifted and the tier has been idle past `probe_after`, one
+load measures it again and decisions move back to loading.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import pytest
+
+from sglang_objectcache.sglang.compat import sglang_version
+
+pytestmark = [
+    pytest.mark.usefixtures("sglang_cpu"),
+    pytest.mark.skipif(sglang_version() != "0.5.17", reason="the decision hooks are in the 0.5.17 patch set"),
+    pytest.mark.parametrize("s3", ["seaweedfs"], indirect=True),
+]
+
+PAGE, LAYERS, TOKENS = 16, 8, 512  # 32 pages of 128 KiB (16 KiB a layer): 4 MiB a prefix
+PER_TOKEN = 1e-3  # the modelled GPU: 1,000 tokens/s, so recomputing a prefix takes about 0.5 s
+
+
+def _batch(tokens: int, seconds: float):
+    """What SGLang hands `observe_prefill`: a prefill batch with its launch time."""
+    mode = types.SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False)
+    return types.SimpleNamespace(forward_mode=mode, hicache_consumer_index=-1, extend_lens=[tokens],
+                                 prefix_lens=[0], launch_ts=time.monotonic() - seconds)
+
+
+def _loaded(tree, tokens, rid) -> int:
+    """The scheduler's steps for a new request until it is admitted; the tokens it got from storage."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+    tree.prefetch_from_storage(rid, m.last_host_node, tokens)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tree.check_hicache_events()
+        if tree.check_prefetch_progress(rid):
+            return tree.prefetch_loaded_tokens_by_reqid.pop(rid, 0)
+        time.sleep(0.005)
+    raise AssertionError("request not admitted")
+
+
+def test_a_slow_tier_is_recomputed_and_a_recovered_one_loaded_again(s3_env, prefix):
+    from testbed.hiradix import build_tree, store_prefix
+    from testbed.proxy import Proxy
+
+    proxy = Proxy(s3_env.port)
+    extra = {"tiers": [{"kind": "s3", "endpoint": proxy.endpoint, "bucket": s3_env.bucket, "prefix": prefix,
+                        "max_connections": 2, "max_write_connections": 2, "native_reads": "off"}],
+             "pages_per_object": 8, "read_range_bytes": "128KiB", "timeout": 30, "prefetch_threshold": 64,
+             "layerwise": False}
+    tree = build_tree(extra, layers=LAYERS, page_size=PAGE, device_tokens=4096, host_ratio=2.0)
+    try:
+        decide = tree.cache_controller.oc_decide
+        assert decide is not None, "the patch set's hooks are attached with objectcache"
+        decide.probe_after = 2.5  # past the meter's memory (2 s): the probe's rate replaces the old one
+        prompts = [[10_000 * (i + 1) + j for j in range(TOKENS)] for i in range(5)]
+        for i, p in enumerate(prompts):
+            store_prefix(tree, p, seed=i)
+        for n in (64, 128, 256, 512, 1024, 2048, 96, 192):  # SGLang's forwards, as it runs them
+            decide.observe_prefill(_batch(n, PER_TOKEN * n))
+
+        proxy.rate = 1 * 2**20  # 1 MiB/s a connection, 2 connections: 2 s to load what computes in 0.5 s
+        assert _loaded(tree, prompts[0], "measure") == TOKENS, "no rate measured yet: load, as SGLang would"
+        assert decide.stats()["read_rates"], decide.stats()
+        assert _loaded(tree, prompts[1], "slow") == 0, f"a load slower than recompute was chosen: {decide.stats()}"
+        assert decide.decider.counters["recompute"] == 1
+
+        proxy.rate = None  # the tier recovers
+        time.sleep(decide.probe_after + 0.2)
+        assert _loaded(tree, prompts[2], "probe") == TOKENS, "an idle tier is read again to measure it"
+        assert _loaded(tree, prompts[3], "fast") == TOKENS, f"a fast tier must be loaded: {decide.stats()}"
+        assert decide.decider.counters["load"] >= 1
+    finally:
+        tree.cache_controller.storage_backend.close()
+        proxy.close()
+
+
+def test_off_in_the_config_leaves_sglang_alone(s3_env, prefix):
+    from testbed.hiradix import build_tree
+
+    extra = {"tiers": [{"kind": "s3", "endpoint": s3_env.endpoint, "bucket": s3_env.bucket, "prefix": prefix}],
+             "load_or_recompute": False}
+    tree = build_tree(extra, layers=LAYERS, page_size=PAGE)
+    try:
+        assert tree.cache_controller.oc_decide is None
+    finally:
+        tree.cache_controller.storage_backend.close()
