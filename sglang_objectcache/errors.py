@@ -57,6 +57,11 @@ class AlreadyExists(StoreError):
     """A create-only put found the object already there."""
 
 
+class NameTaken(StoreError):
+    """The object's name already holds an object this writer cannot use (other pages or geometry,
+    or not written with the integrity key): retrying cannot help."""
+
+
 class AccessDenied(StoreError):
     """The server rejected the request's credentials (403: a rotated key, an expired token)."""
 

@@ -168,3 +168,33 @@ def test_sigterm_publishes_what_is_owed(s3_env, prefix, tmpdir_path):
         if p.poll() is None:
             p.kill()
     assert in_s3(s3_env, prefix, spans(2, "t"))
+
+
+def test_a_name_held_by_an_unusable_object_is_given_up_not_retried(s3_env, prefix, tmpdir_path, monkeypatch):
+    """A writer with another integrity key stored the span first: that object can never be adopted,
+    so the copy owed below the disk tier is dropped at once instead of retried for as long as the
+    disk holds it."""
+    monkeypatch.setenv("OC_TEST_KEY", "k" * 32)
+    monkeypatch.setenv("OC_OTHER_KEY", "z" * 32)
+    src, ks = Pages(8, seed=7), keys(8, "squat")
+    squatter = ObjectCache(parse_config({"tiers": [s3_tier(s3_env, prefix, **FAST)], "timeout": 5,
+                                         "integrity_key_env": "OC_OTHER_KEY"}), fingerprint("m"))
+    try:
+        assert squatter.put(ks, src.segments()) == [True] * 8
+    finally:
+        squatter.close()
+    # it never announced its object (it crashed before its manifest): ours does not know the name
+    import boto3
+
+    s3 = boto3.client("s3", **s3_env.client_kwargs())
+    for o in s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=f"{prefix}/").get("Contents", []):
+        if "/d/" not in o["Key"]:
+            s3.delete_object(Bucket=s3_env.bucket, Key=o["Key"])
+    c = make(s3_env, prefix, tmpdir_path, integrity_key_env="OC_TEST_KEY")
+    try:
+        assert c.put(ks, src.segments()) == [True] * 8  # on the disk tier: write_back's promise
+        assert eventually(lambda: c.stats.snapshot().get("write_back_dropped", 0) == 1, 10), c.stats.snapshot()
+        snap = c.stats.snapshot()
+        assert snap.get("write_back_retries", 0) == 0 and snap.get("write_back_owed", 0) == 0, snap
+    finally:
+        c.close()

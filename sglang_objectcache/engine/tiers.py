@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import AlreadyExists, CorruptObject, StoreError
+from ..errors import AlreadyExists, CorruptObject, NameTaken, StoreError
 from ..format import Header, decode_meta, mac_ok
 from ..keys import Namespace
 from ..stores.base import ObjectStore, RangeReader
@@ -123,28 +123,29 @@ class Tier:
                 await self.store.put(info.name, data, create_only=True)
                 self.headers.put(info.name, decode_meta(data))  # it is likely read soon
             except AlreadyExists:
-                adopted = await self._adopt(info)
-                if adopted is None:
-                    raise StoreError(f"{info.name} exists and cannot be used (see the warning above)") from None
-                info = adopted
+                info = await self._adopt(info)
         self.index.add(info)
         return info
 
-    async def _adopt(self, mine: ObjectInfo) -> ObjectInfo | None:
-        """The stored object of the name `mine` lost to, from its footer."""
+    async def _adopt(self, mine: ObjectInfo) -> ObjectInfo:
+        """The stored object of the name `mine` lost to, from its footer. StoreError where its
+        footer cannot be read now (worth a retry); NameTaken where it can never be used."""
         try:
             self.requests["get"] += 1
             h = await read_footer(self.store, mine.name, mine.size)
-        except (StoreError, CorruptObject) as e:
+        except CorruptObject as e:
+            log.warning("objectcache: %s exists but its footer is unusable (%s); not indexed", mine.name, e)
+            raise NameTaken(f"{mine.name} exists and its footer is unusable") from None
+        except StoreError as e:
             log.warning("objectcache: %s exists but its footer cannot be read (%s); not indexed", mine.name, e)
-            return None
+            raise StoreError(f"{mine.name} exists and its footer cannot be read now: {e}") from None
         if self.mac_key is not None and not mac_ok(h, self.mac_key):
             log.warning("objectcache: %s exists but was not written with the integrity key; not indexed", mine.name)
-            return None
+            raise NameTaken(f"{mine.name} exists and was not written with the integrity key")
         theirs = ObjectInfo.from_header(mine.name, h)
         if not theirs.same_shape(mine) or theirs.hashes != mine.hashes:
             log.warning("objectcache: %s exists with other pages or another geometry; not indexed", mine.name)
-            return None
+            raise NameTaken(f"{mine.name} exists with other pages or another geometry")
         self.headers.put(mine.name, h)
         return theirs
 

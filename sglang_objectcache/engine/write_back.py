@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..errors import CorruptObject, NotFound, StoreError
+from ..errors import CorruptObject, NameTaken, NotFound, StoreError
 from ..format import decode_header
 from .index import ObjectInfo
 
@@ -105,7 +105,7 @@ class WriteBack:
             try:
                 await self._copy(c)
             except (StoreError, CorruptObject, asyncio.TimeoutError) as e:
-                if self._release(c) and not isinstance(e, (NotFound, CorruptObject)):
+                if self._release(c) and not isinstance(e, (NotFound, CorruptObject, NameTaken)):
                     self._retry(c, e)
                     continue
                 self._done(c, ok=False, why=e)
