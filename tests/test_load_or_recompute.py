@@ -2,8 +2,8 @@
 (patched) with our backend behind a bandwidth-capped proxy in front of a real S3 server.
 
 The prefill side is SGLang's own hook (`observe_prefill` on the batches it runs) fed with batches
-of a GPU that prefills 1,000 tokens a second; the read side is measured from the real reads. Under
-a cap, a 512-token hit (4 MiB) reads slower than recomputing it, so the next request recomputes
+of a GPU that prefills 250 tokens a second; the read side is measured from the real reads. Under
+a cap, a 256-token hit (2 MiB) reads 4x slower than recomputing it, so the next request recomputes
 (nothing is loaded); once the cap is lifted and the tier has been idle past `probe_after`, one
 load measures it again and decisions move back to loading.
 """
@@ -23,8 +23,8 @@ pytestmark = [
     pytest.mark.parametrize("s3", ["seaweedfs"], indirect=True),
 ]
 
-PAGE, LAYERS, TOKENS = 16, 8, 512  # 32 pages of 128 KiB (16 KiB a layer): 4 MiB a prefix
-PER_TOKEN = 1e-3  # the modelled GPU: 1,000 tokens/s, so recomputing a prefix takes about 0.5 s
+PAGE, LAYERS, TOKENS = 16, 8, 256  # 16 pages of 128 KiB (16 KiB a layer): 2 MiB a prefix
+PER_TOKEN = 4e-3  # the modelled GPU: 250 tokens/s, so recomputing a prefix takes about 1 s
 
 
 def _batch(tokens: int, seconds: float):
@@ -70,11 +70,12 @@ def test_a_slow_tier_is_recomputed_and_a_recovered_one_loaded_again(s3_env, pref
         for n in (64, 128, 256, 512, 1024, 2048, 96, 192):  # SGLang's forwards, as it runs them
             decide.observe_prefill(_batch(n, PER_TOKEN * n))
 
-        proxy.rate = 1 * 2**20  # 1 MiB/s a connection, 2 connections: 2 s to load what computes in 0.5 s
+        proxy.rate = 256 * 2**10  # 256 KiB/s a connection, 2 connections: 4 s to load what computes in 1 s
         assert _loaded(tree, prompts[0], "measure") == TOKENS, "no rate measured yet: load, as SGLang would"
         assert decide.stats()["read_rates"], decide.stats()
         assert _loaded(tree, prompts[1], "slow") == 0, f"a load slower than recompute was chosen: {decide.stats()}"
         assert decide.decider.counters["recompute"] == 1
+        assert tree.cache_controller.storage_backend.stats()["decisions"]["recompute"] == 1  # and in /metrics
 
         proxy.rate = None  # the tier recovers
         time.sleep(decide.probe_after + 0.2)

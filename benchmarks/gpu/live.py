@@ -2,7 +2,8 @@
 
 One server per backend, launched in turn with the same flags but the storage backend:
 
-  objectcache   layer-wise streaming from a local SeaweedFS (patched SGLang)
+  objectcache   layer-wise streaming from a local SeaweedFS (patched SGLang), load or recompute per request
+  objectcache-static   the same with `load_or_recompute: false` (SGLang's static prefetch_threshold only)
   l2            HiCache without a storage backend: what falls out of host memory is recomputed
   file          SGLang's own `file` backend on local disk
 
@@ -47,8 +48,8 @@ def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subp
            "--max-total-tokens", str(args.device_tokens), "--chunked-prefill-size", "8192", "--page-size", "64",
            "--enable-hierarchical-cache", "--hicache-size", str(args.host_gb), "--hicache-mem-layout", "layer_first",
            "--hicache-io-backend", "direct", "--hicache-write-policy", "write_through",
-           "--hicache-storage-prefetch-policy", "wait_complete"]
-    if backend == "objectcache":
+           "--hicache-storage-prefetch-policy", "wait_complete", "--enable-metrics"]
+    if backend.startswith("objectcache"):
         cmd += ["--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}"]
     elif backend == "file":
         cmd += ["--hicache-storage-backend", "file"]
@@ -77,6 +78,20 @@ def flush() -> None:
     raise RuntimeError("flush_cache kept failing")
 
 
+def scrape(path: str) -> None:
+    """The server's /metrics lines of objectcache (its counters and load-or-recompute decisions)."""
+    try:
+        text = urllib.request.urlopen(URL + "/metrics", timeout=30).read().decode()
+    except Exception as e:  # noqa: BLE001
+        print(f"/metrics: {e}", flush=True)
+        return
+    mine = [ln for ln in text.splitlines() if ln.startswith("objectcache_")]
+    open(path, "w").write("\n".join(mine) + "\n")
+    for ln in mine:
+        if ln.startswith(("objectcache_decisions", "objectcache_get_hits", "objectcache_corrupt")):
+            print(ln, flush=True)
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -96,7 +111,7 @@ def table(out: str) -> str:
     for path in sorted(glob.glob(os.path.join(out, "*", "live.json"))):
         for run in json.load(open(path))["runs"]:
             rows.append(run["summary"])
-    order = {"objectcache": 0, "l2": 1, "file": 2}
+    order = {"objectcache": 0, "objectcache-static": 1, "l2": 2, "file": 3}
     rows.sort(key=lambda r: (r["system_prompt_len"], r["concurrency"], order.get(r["label"], 9)))
     return report.live_table(rows)
 
@@ -124,11 +139,12 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         srv = None
         cfg_path = "/tmp/objectcache-live.json"
-        if backend == "objectcache":
+        if backend.startswith("objectcache"):
             srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
             os.environ.update(srv.env())
             json.dump({"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "live",
-                                  "max_write_connections": 32}], "timeout": 60}, open(cfg_path, "w"))
+                                  "max_write_connections": 32}], "timeout": 60,
+                       "load_or_recompute": backend != "objectcache-static"}, open(cfg_path, "w"))
         elif backend == "file":
             shutil.rmtree(file_dir, ignore_errors=True)
             os.makedirs(file_dir)
@@ -146,6 +162,7 @@ def main(argv=None) -> int:
                                     str(L), "--question-len", "64", "--output-len", str(args.output_len),
                                     "--concurrency", str(c), "--seed", str(seed),
                                     "--out", os.path.join(args.out, f"{backend}-{L}-c{c}")], check=False)
+            scrape(os.path.join(args.out, f"metrics-{backend}.txt"))
         finally:
             stop(proc)
             if srv is not None:

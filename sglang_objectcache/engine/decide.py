@@ -28,7 +28,7 @@ class ReadMeter:
     """Aggregate storage read rate, measured over busy time (when at least one fetch was in flight),
     so idle gaps do not dilute it and concurrent fetches add up."""
 
-    def __init__(self, alpha: float = 0.3, window: float = 0.05, long: float = 1.0, forget: float = 2.0,
+    def __init__(self, alpha: float = 0.3, window: float = 0.001, long: float = 1.0, forget: float = 2.0,
                  clock=time.monotonic):
         self._alpha, self._window, self._long, self._forget, self._clock = alpha, window, long, forget, clock
         self._lock = threading.Lock()

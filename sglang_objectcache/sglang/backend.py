@@ -215,8 +215,13 @@ class ObjectCacheStorage(HiCacheStorage):
         return storage_metrics(m["get_pgs"], m["set_pgs"], m["get_bw"], m["set_bw"])
 
     def stats(self) -> dict:
-        """The engine's counters: requests, bytes, hits, corrupt objects, timeouts, per tier."""
-        return self.cache.snapshot() if self.cache is not None else {}
+        """The engine's counters: requests, bytes, hits, corrupt objects, timeouts, per tier; and
+        the load-or-recompute decisions where they run (the 0.5.17 patch set)."""
+        snap = self.cache.snapshot() if self.cache is not None else {}
+        decisions = getattr(self, "decisions", None)
+        if decisions is not None:
+            snap["decisions"] = decisions()
+        return snap
 
     def close(self) -> None:
         if getattr(self, "_exporter", None) is not None:

@@ -125,4 +125,6 @@ def attach(controller, backend):
     if not getattr(type(controller), "oc_decide_patch", False):
         return None
     overlap = getattr(controller, "oc_layerwise", None) is not None
-    return LoadOrRecompute(controller, backend, margin=cfg.load_margin, overlap=overlap)
+    lor = LoadOrRecompute(controller, backend, margin=cfg.load_margin, overlap=overlap)
+    backend.decisions = lor.stats  # in the backend's stats, and so in /metrics
+    return lor

@@ -5,7 +5,8 @@ With `--enable-metrics`, SGLang's processes share a prometheus_client multiproce
 there. The backend lives in a scheduler process, so its numbers reach `/metrics` only as metric
 objects of that process: a daemon thread copies `ObjectCacheStorage.stats()` into gauges every few
 seconds. Names: `objectcache_<counter>` for the engine's counters, `objectcache_tier_<field>{tier}`
-for each tier's, `objectcache_tier_requests{tier,verb}`; every one labelled with the rank.
+for each tier's, `objectcache_tier_requests{tier,verb}`, `objectcache_decisions{kind}` (load or
+recompute); every one labelled with the rank.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Exporter:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._gauge(f"objectcache_{_name(key)}", (), f"objectcache engine counter {key} since start"
                             ).labels(self._rank).set(value)
+        decisions = snap.get("decisions") or {}
+        for kind in ("load", "partial", "recompute", "unmeasured"):
+            if isinstance(decisions.get(kind), int):
+                self._gauge("objectcache_decisions", ("kind",), "storage hits loaded, partly loaded, recomputed, "
+                            "or loaded unmeasured, since start").labels(self._rank, kind).set(decisions[kind])
         for tier, fields in (snap.get("tiers") or {}).items():
             for key, value in fields.items():
                 if key == "requests" and isinstance(value, dict):
