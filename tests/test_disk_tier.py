@@ -128,3 +128,22 @@ def test_a_live_writers_temporary_file_is_left_alone_and_counted(tmpdir_path):
         assert c.snapshot()["tiers"][c.tiers[0].name]["used_bytes"] >= OBJ + 5000 - 4096
     finally:
         c.close()
+
+
+def test_a_zombie_writer_counts_as_dead():
+    """A writer that exited but was not reaped yet (its parent still runs) holds no write: its
+    temporary files are crash leftovers."""
+    from sglang_objectcache.stores.disk_budget import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # exited, not waited for: a zombie
+            with open(f"/proc/{child.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        assert not _pid_alive(child.pid)
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()

@@ -27,13 +27,19 @@ STALE_TMP = 3600.0  # seconds after which a temporary file is left over, whoever
 
 
 def _pid_alive(pid: int) -> bool:
+    """The process runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the name in parentheses may hold spaces
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):  # no /proc (not Linux): what kill said
+        return True
 
 
 def tmp_pid(filename: str) -> int | None:
