@@ -12,8 +12,12 @@ Bytes read back are checked against what was written.
 
 Backends: objectcache (obstore, 8 pages per object), objectcache-ppo1 (one object per page),
 objectcache-aioboto3, objectcache-r8 (8 MiB read ranges, the default before 16 MiB),
-objectcache-keyed (keyed integrity on: its read rate is printed as a ratio to objectcache's), and
-SGLang 0.5.23's own `seaweedfs` (when installed).
+objectcache-keyed (keyed integrity on: its read rate is printed as a ratio to objectcache's),
+objectcache-https (the same server's https port, reads by the native reader over the system's
+OpenSSL) and objectcache-https-obstore (https, reads through obstore), both printed as ratios to
+objectcache over http, and SGLang 0.5.23's own `seaweedfs` (when installed). With an https
+backend and no --endpoint, the SeaweedFS started here also serves https, with a certificate from a
+CA made for the run (needs the `openssl` command).
 
     python benchmarks/storage.py                         # starts its own SeaweedFS
     python benchmarks/storage.py --sizes 16k --backends objectcache,objectcache-ppo1,objectcache-aioboto3,seaweedfs
@@ -28,10 +32,13 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -51,6 +58,10 @@ BACKENDS = {
     "objectcache-r8": {"pages_per_object": 8, "transport": "obstore", "read_range_bytes": "8MiB"},
     # keyed integrity: every footer's MAC checked under a secret (from this environment variable)
     "objectcache-keyed": {"pages_per_object": 8, "transport": "obstore", "integrity_key_env": "OBJECTCACHE_BENCH_KEY"},
+    # https on the same server (the run's CA as ca_bundle): the native reader over OpenSSL, and obstore
+    "objectcache-https": {"pages_per_object": 8, "transport": "obstore", "https": True},
+    "objectcache-https-obstore": {"pages_per_object": 8, "transport": "obstore", "https": True,
+                                  "native_reads": "off"},
     "seaweedfs": None,
 }
 
@@ -165,10 +176,13 @@ def make_backend(name: str, srv, prefix: str, pool):
     from sglang_objectcache.sglang.backend import ObjectCacheStorage
 
     opts = BACKENDS[name]
-    extra = {"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
-                        "transport": opts["transport"]}],
-             "pages_per_object": opts["pages_per_object"],
-             **{k: v for k, v in opts.items() if k not in ("transport", "pages_per_object")}}
+    tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
+            "transport": opts["transport"]}
+    if opts.get("https"):
+        tier.update(endpoint=srv.https_endpoint, ca_bundle=srv.ca_bundle,
+                    **({"native_reads": opts["native_reads"]} if "native_reads" in opts else {}))
+    extra = {"tiers": [tier], "pages_per_object": opts["pages_per_object"],
+             **{k: v for k, v in opts.items() if k not in ("transport", "pages_per_object", "https", "native_reads")}}
     return Counted(name, ObjectCacheStorage(storage_config(extra=extra, **cfg_kw), pool))
 
 
@@ -269,6 +283,9 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
         if name == "objectcache-keyed" and plain:
             line += (f"; keyed integrity on / off: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
+        if name.startswith("objectcache-https") and plain:
+            line += (f"; {'native' if name == 'objectcache-https' else 'obstore'} https / http native: read "
+                     f"x{r['read_gibps'] / plain['read_gibps']:.3f}, write x{r['write_gibps'] / plain['write_gibps']:.3f}")
         peer = by.get((tokens, "seaweedfs"))
         if peer:
             line += (f"; vs seaweedfs: read x{r['read_gibps'] / peer['read_gibps']:.2f}, write "
@@ -282,7 +299,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OBJECTCACHE_BENCH_KEY", hashlib.sha256(uuid.uuid4().bytes).hexdigest())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="4k,16k,64k", help="prefix lengths in tokens (k = 1024)")
-    ap.add_argument("--backends", default="objectcache,seaweedfs")
+    ap.add_argument("--backends", default="objectcache,objectcache-https,objectcache-https-obstore,seaweedfs")
     ap.add_argument("--endpoint", help="use this server instead of starting SeaweedFS (credentials from "
                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, bucket from --bucket)")
     ap.add_argument("--bucket", default="kv-cache")
@@ -313,10 +330,22 @@ def main(argv=None) -> int:
             names.remove("seaweedfs")
 
     owned = False  # whether this run started the server (and so stops it)
+    if args.endpoint and any(BACKENDS[n] and BACKENDS[n].get("https") for n in names):
+        print("https backends need the server this run starts; skipping them with --endpoint")
+        names = [n for n in names if not (BACKENDS[n] and BACKENDS[n].get("https"))]
     if args.endpoint:
         srv = servers.S3Server(kind="external", endpoint=args.endpoint,
                                access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
                                secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""), bucket=args.bucket)
+    elif any(BACKENDS[n] and BACKENDS[n].get("https") for n in names):
+        from testbed.tls import start_seaweedfs_tls
+
+        print("starting SeaweedFS with https (a certificate from a CA made for this run) ...", flush=True)
+        certs_dir = Path(tempfile.mkdtemp(prefix="oc-bench-tls-"))
+        srv, over_tls, certs = start_seaweedfs_tls(certs_dir, memory_limit_mb=None)
+        srv.https_endpoint, srv.ca_bundle = over_tls.endpoint, certs["ca"]
+        srv.certs_dir = certs_dir
+        owned = True
     else:
         print("starting SeaweedFS (a temporary directory, removed at the end) ...", flush=True)
         srv = servers.start_seaweedfs(memory_limit_mb=None)
@@ -363,6 +392,8 @@ def main(argv=None) -> int:
     finally:
         if owned:
             srv.stop()
+            if getattr(srv, "certs_dir", None):
+                shutil.rmtree(srv.certs_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,11 @@ class S3TierConfig:
     prefix: str = ""
     region: str = "us-east-1"
     transport: str = "auto"  # auto | obstore | aioboto3
-    native_reads: str = "auto"  # auto | on | off: range reads by stores/native_reader.py (http:// only)
+    native_reads: str = "auto"  # auto | on | off: range reads by stores/native_reader.py
     profile: str | None = None
+    # https: a PEM file of CAs to trust besides the system's (a private CA); every transport uses it,
+    # and certificates are always verified
+    ca_bundle: str | None = None
     max_connections: int = 32
     max_write_connections: int = 8
     request_timeout: float = 10.0
@@ -228,6 +231,16 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
     kw["endpoint"] = endpoint
     if "prefix" in d:
         kw["prefix"] = _expect(d["prefix"], str, f"{where}prefix", "a string").strip("/")
+    if d.get("ca_bundle") is not None:
+        ca = _expect(d["ca_bundle"], str, f"{where}ca_bundle", "a PEM file of CA certificates")
+        try:
+            pem = Path(ca).read_text()
+        except OSError as e:
+            raise ConfigError(f"{where}ca_bundle: cannot read {ca} ({e.strerror}); give a PEM file of the CA "
+                              "certificates that signed the server's") from None
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            raise ConfigError(f"{where}ca_bundle: {ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        kw["ca_bundle"] = ca
     for k in ("region", "profile"):
         if k in d:
             kw[k] = _expect(d[k], str, f"{where}{k}", "a string")
@@ -261,9 +274,9 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
     if "gc_interval" in d:
         kw["gc_interval"] = parse_duration(d["gc_interval"], f"{where}gc_interval")
     cfg = S3TierConfig(**kw)
-    if cfg.native_reads == "on" and not (cfg.endpoint or "").startswith("http://"):
-        raise ConfigError(f"{where}native_reads: 'on' needs a plain http:// endpoint (the native reader has "
-                          "no TLS); use 'auto' to fall back to the transport elsewhere")
+    if cfg.native_reads == "on" and not cfg.endpoint:
+        raise ConfigError(f"{where}native_reads: 'on' needs an endpoint (http:// or https://); AWS's default "
+                          "endpoint is read through the transport: use 'auto'")
     if cfg.max_write_connections > cfg.max_connections:
         raise ConfigError(
             f"{where}max_write_connections: {cfg.max_write_connections} exceeds max_connections "

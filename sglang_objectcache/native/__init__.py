@@ -66,7 +66,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _built(srcs: dict[str, bytes], so: Path) -> Path:
+def _built(srcs: dict[str, bytes], so: Path, flags: Sequence[str] = ()) -> Path:
     """The compiled helper for these sources: the cached build when its checks pass (private
     directory and file, content as recorded when it was built), else a fresh build."""
     so.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def _built(srcs: dict[str, bytes], so: Path) -> Path:
             log.warning("objectcache: cached native helper %s has no recorded hash; rebuilding", so)
         except RuntimeError as e:  # someone else's file in our directory: replaced, never loaded
             log.warning("objectcache: %s; rebuilding", e)
-    _compile(srcs, so)
+    _compile(srcs, so, flags)
     tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
     tmp.write_text(_digest(so))
     os.replace(tmp, stamp)
@@ -99,9 +99,11 @@ def _hash_pointer() -> int | None:
 
 
 SOURCES = ("copyhash.c", "httpget.c", "layers.c")
+TLS_SOURCES = ("httpget.c", "layers.c", "tls.c")  # with -DOC_TLS, linked with the system's OpenSSL
+TLS_FLAGS = ("-DOC_TLS", "-lssl", "-lcrypto")
 
 
-def _compile(srcs: dict[str, bytes], so: Path) -> None:
+def _compile(srcs: dict[str, bytes], so: Path, flags: Sequence[str] = ()) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC, or install cc)")
@@ -112,8 +114,10 @@ def _compile(srcs: dict[str, bytes], so: Path) -> None:
             files.append(Path(tmp) / name)
             files[-1].write_bytes(src)
         out = Path(tmp) / so.name
-        r = subprocess.run([*cc.split(), "-O3", "-shared", "-fPIC", "-std=c99", "-o", str(out), *map(str, files)],
-                           capture_output=True, text=True, timeout=120)
+        defines = [f for f in flags if f.startswith("-D")]
+        libs = [f for f in flags if not f.startswith("-D")]
+        r = subprocess.run([*cc.split(), "-O3", "-shared", "-fPIC", "-std=c99", *defines, "-o", str(out),
+                            *map(str, files), *libs], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[:500]}")
         os.chmod(out, 0o644)
@@ -133,9 +137,7 @@ def _load():
             if hash_fn is None:
                 raise RuntimeError("xxhash does not export XXH3_64bits")
             srcs = {n: resources.files(__name__).joinpath(n).read_bytes() for n in SOURCES}
-            tag = hashlib.sha256(b"".join(srcs.values()) + sys.platform.encode()
-                                 + os.uname().machine.encode()).hexdigest()[:16]
-            so = _built(srcs, _cache_dir() / f"objectcache-{tag}.so")
+            so = _built(srcs, _cache_dir() / f"objectcache-{_tag(srcs)}.so")
             lib = ctypes.CDLL(str(so))  # CDLL: calls release the GIL
             fn = lib.oc_copy_hash
             fn.restype = ctypes.c_int64
@@ -143,12 +145,12 @@ def _load():
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
             get = lib.oc_http_get
             get.restype = ctypes.c_int64
-            get.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            get.argtypes = (ctypes.c_ssize_t, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
             _state["http_get"] = get
             pieces = lib.oc_http_get_pieces
             pieces.restype = ctypes.c_int64
-            pieces.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+            pieces.argtypes = (ctypes.c_ssize_t, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -173,6 +175,57 @@ def _load():
                         "by piece in Python, slower inside SGLang", why)
         _state.update(fn=fn, why=why, hash=hash_fn if fn else None)
         return fn
+
+
+_tls_state: dict = {}
+
+
+def _tag(srcs: dict[str, bytes], flags: Sequence[str] = ()) -> str:
+    return hashlib.sha256(b"".join(srcs.values()) + " ".join(flags).encode() + sys.platform.encode()
+                          + os.uname().machine.encode()).hexdigest()[:16]
+
+
+class Tls:
+    """The native reader's https functions (`tls.c`, and `httpget.c` built with -DOC_TLS)."""
+
+    def __init__(self, lib):
+        def fn(name, res, *args):
+            f = getattr(lib, name)
+            f.restype, f.argtypes = res, args
+            return f
+        p, i64, vp = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
+        self.ctx = fn("oc_tls_ctx", p, ctypes.c_char_p, vp, i64)
+        self.ctx_free = fn("oc_tls_ctx_free", None, p)
+        self.open = fn("oc_tls_open", p, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, vp, i64)
+        self.free = fn("oc_tls_free", None, p)
+        self.get = fn("oc_https_get", i64, p, ctypes.c_char_p, i64, vp, i64, vp, i64, vp)
+        self.pieces = fn("oc_https_get_pieces", i64, p, ctypes.c_char_p, i64, i64, vp, i64, vp, vp, i64,
+                         ctypes.c_uint64, vp, vp, vp, vp, vp, i64, vp, vp, i64, i64, i64)
+
+
+def tls() -> Tls | None:
+    """The https range reader, built on first use; None (reason: `tls_status()`) where it cannot
+    be (no compiler, no OpenSSL headers, or the plain helper is unavailable)."""
+    if _load() is None:
+        return None
+    with _lock:
+        if "tls" in _tls_state:
+            return _tls_state["tls"]
+        t, why = None, None
+        try:
+            srcs = {n: resources.files(__name__).joinpath(n).read_bytes() for n in TLS_SOURCES}
+            so = _built(srcs, _cache_dir() / f"objectcache-tls-{_tag(srcs, TLS_FLAGS)}.so", TLS_FLAGS)
+            t = Tls(ctypes.CDLL(str(so)))
+        except Exception as e:  # noqa: BLE001 - https reads then go through obstore
+            why = str(e)
+            log.info("objectcache: native https reader unavailable (%s); https reads go through obstore", why)
+        _tls_state.update(tls=t, why=why)
+        return t
+
+
+def tls_status() -> str:
+    t = tls()
+    return "native TLS (system OpenSSL)" if t else f"obstore: {_tls_state.get('why') or _state.get('why')}"
 
 
 def http_get():

@@ -11,7 +11,9 @@
  * its targets, so every byte crosses memory once on its way into the host pool (receive into a
  * 16 MiB staging buffer, then check and copy, crossed it three times).
  *
- * Plain HTTP only (no TLS): the caller uses it for http:// endpoints and obstore elsewhere.
+ * Compiled twice: plain (a connection is a socket's fd), and with -DOC_TLS into a second library
+ * linked with OpenSSL, where a connection is an SSL* on that socket (tls.c makes it) and the same
+ * functions are exported as oc_https_get / oc_https_get_pieces. Only conn_io and conn_fd differ.
  */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
@@ -25,7 +27,16 @@
 #include <sys/types.h>
 #include <time.h>
 
+#ifdef OC_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#define oc_http_get oc_https_get
+#define oc_http_get_pieces oc_https_get_pieces
+#define oc_gate_close oc_tls_gate_close
+#endif
+
 typedef uint64_t (*oc_hash_fn)(const void *, size_t);
+typedef intptr_t oc_conn; /* a socket fd, or (OC_TLS) an SSL* */
 
 void oc_layers_arrived(int64_t *st, int64_t n, int64_t l0, int64_t l1); /* layers.c */
 
@@ -46,11 +57,44 @@ enum {
     OC_ERANGE = -9,     /* the response is not the range asked for (Content-Range, or a 200 mid-object) */
 };
 
+#ifdef OC_TLS
+static int conn_fd(oc_conn c) { return SSL_get_fd((SSL *)c); }
+
+/* One SSL_read or SSL_write (blocking; the socket's timeouts bound it): bytes moved, 0 when the
+ * peer closed, -1 with errno set otherwise (EAGAIN for a timeout, as the plain path gives). */
+static ssize_t conn_io(oc_conn c, char *p, size_t n, int sending, int waitall)
+{
+    (void)waitall; /* the callers loop until n */
+    size_t k = 0;
+    errno = 0;
+    int ok = sending ? SSL_write_ex((SSL *)c, p, n, &k) : SSL_read_ex((SSL *)c, p, n, &k);
+    if (ok)
+        return (ssize_t)k;
+    int e = SSL_get_error((SSL *)c, 0);
+    ERR_clear_error();
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return 0;
+    if (e == SSL_ERROR_SYSCALL && errno == 0)
+        return 0; /* EOF without close_notify: the peer went away */
+    if (errno == 0 || errno == EINTR)
+        errno = (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) ? EAGAIN : EPROTO;
+    return -1;
+}
+#else
+static int conn_fd(oc_conn c) { return (int)c; }
+
+static ssize_t conn_io(oc_conn c, char *p, size_t n, int sending, int waitall)
+{
+    return sending ? send((int)c, p, n, MSG_NOSIGNAL) : recv((int)c, p, n, waitall ? MSG_WAITALL : 0);
+}
+#endif
+
 /* Bound the next wait by the request's deadline, info[7] (CLOCK_MONOTONIC ns; 0: none): the
  * socket's timeouts become the time left, so a server that trickles bytes cannot hold a request
  * past it. 0 (info[4] = EAGAIN, as a timed-out wait) once the deadline has passed. */
-static int arm(int fd, int64_t *info)
+static int arm(oc_conn c, int64_t *info)
 {
+    int fd = conn_fd(c);
     if (info[7] <= 0)
         return 1;
     struct timespec ts;
@@ -70,12 +114,12 @@ static int arm(int fd, int64_t *info)
 
 /* Send or receive exactly n bytes: EINTR resumed, a timeout, the deadline or a closed peer is
  * OC_EIO. */
-static int64_t xfer_all(int fd, char *p, int64_t n, int sending, int64_t *info)
+static int64_t xfer_all(oc_conn c, char *p, int64_t n, int sending, int64_t *info)
 {
     while (n > 0) {
-        if (!arm(fd, info))
+        if (!arm(c, info))
             return OC_EIO;
-        ssize_t k = sending ? send(fd, p, (size_t)n, MSG_NOSIGNAL) : recv(fd, p, (size_t)n, MSG_WAITALL);
+        ssize_t k = conn_io(c, p, (size_t)n, sending, 1);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {
@@ -145,7 +189,7 @@ static const char *find_crlf(const char *p, const char *end)
  * keep-alive (1/0), [4] errno, [5] body bytes kept after the header in hdr (error statuses only);
  * in: [7] the request's deadline (arm), [8] the first byte asked for (checked against Content-Range). On OC_OK, *body points at the body bytes that came with the
  * header and *extra counts them. */
-static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, int64_t hdr_cap, int64_t *info,
+static int64_t recv_head(oc_conn c, const char *req, int64_t req_len, char *hdr, int64_t hdr_cap, int64_t *info,
                          int64_t want, const char **body, int64_t *extra_out)
 {
     int64_t have = 0, rc;
@@ -154,15 +198,15 @@ static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, in
     info[0] = info[1] = info[4] = info[5] = 0;
     info[2] = -1;
     info[3] = 1;
-    if ((rc = xfer_all(fd, (char *)req, req_len, 1, info)) != OC_OK)
+    if ((rc = xfer_all(c, (char *)req, req_len, 1, info)) != OC_OK)
         return rc;
     /* the header block: read what comes until its blank line */
     while (eoh == NULL) {
         if (have >= hdr_cap)
             return OC_EPROTO;
-        if (!arm(fd, info))
+        if (!arm(c, info))
             return OC_EIO;
-        ssize_t k = recv(fd, hdr + have, (size_t)(hdr_cap - have), 0);
+        ssize_t k = conn_io(c, hdr + have, (size_t)(hdr_cap - have), 0, 0);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {
@@ -212,7 +256,7 @@ static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, in
         int64_t room = hdr_cap - have, left = info[2] > extra ? info[2] - extra : 0;
         if (left > room)
             left = room;
-        if (left > 0 && xfer_all(fd, hdr + have, left, 0, info) != OC_OK)
+        if (left > 0 && xfer_all(c, hdr + have, left, 0, info) != OC_OK)
             left = 0;
         info[5] = (extra < hdr_cap - info[1] ? extra : hdr_cap - info[1]) + (left > 0 ? left : 0);
         return OC_ESTATUS;
@@ -232,16 +276,16 @@ static int64_t recv_head(int fd, const char *req, int64_t req_len, char *hdr, in
 
 /* Send req, then receive the response: want body bytes into dst. hdr and info as for recv_head.
  * Returns OC_OK (info[2] body bytes are in dst, at most want) or one of the negative codes above. */
-int64_t oc_http_get(int fd, const char *req, int64_t req_len, char *dst, int64_t want, char *hdr,
+int64_t oc_http_get(oc_conn c, const char *req, int64_t req_len, char *dst, int64_t want, char *hdr,
                     int64_t hdr_cap, int64_t *info)
 {
     const char *body;
-    int64_t extra, rc = recv_head(fd, req, req_len, hdr, hdr_cap, info, want, &body, &extra);
+    int64_t extra, rc = recv_head(c, req, req_len, hdr, hdr_cap, info, want, &body, &extra);
     if (rc != OC_OK)
         return rc;
     /* a shorter body is the object's end (a truncated object): the caller sees info[2] bytes */
     memcpy(dst, body, (size_t)extra);
-    return xfer_all(fd, dst + extra, info[2] - extra, 0, info);
+    return xfer_all(c, dst + extra, info[2] - extra, 0, info);
 }
 
 /* The gate between a fetch and the threads copying into its pages: a count of copies running,
@@ -269,7 +313,7 @@ int64_t oc_gate_close(int64_t *gate)
 
 /* Bytes of the body, first those that came with the header, then from the socket. */
 typedef struct {
-    int fd;
+    oc_conn conn;
     const char *pending;
     int64_t n_pending;
     int64_t *info;
@@ -285,7 +329,7 @@ static int64_t take(body_t *b, char *dst, int64_t n)
         dst += k;
         n -= k;
     }
-    return n > 0 ? xfer_all(b->fd, dst, n, 0, b->info) : OC_OK;
+    return n > 0 ? xfer_all(b->conn, dst, n, 0, b->info) : OC_OK;
 }
 
 static int64_t skip(body_t *b, char *bounce, int64_t cap, int64_t n)
@@ -311,14 +355,14 @@ static int64_t skip(body_t *b, char *bounce, int64_t cap, int64_t n)
  * Returns OC_OK with the whole body consumed (the connection may be kept), or an error: OC_EBAD
  * (info[6] the bad piece: those before it are in place), OC_ECLOSED, OC_ESHORT or those of
  * recv_head/OC_EIO; after an error the caller drops the connection. */
-int64_t oc_http_get_pieces(int fd, const char *req, int64_t req_len, int64_t want, char *hdr, int64_t hdr_cap,
+int64_t oc_http_get_pieces(oc_conn c, const char *req, int64_t req_len, int64_t want, char *hdr, int64_t hdr_cap,
                            int64_t *info, const uint64_t *off, int64_t n_pieces, uint64_t piece_len,
                            const uint64_t *expect, oc_hash_fn hash, const uint64_t *copies,
                            const int64_t *first, char *bounce, int64_t bounce_cap, int64_t *gate,
                            int64_t *layers, int64_t n_layers, int64_t l0, int64_t per_layer)
 {
     body_t b;
-    int64_t at = 0, rc = recv_head(fd, req, req_len, hdr, hdr_cap, info, want, &b.pending, &b.n_pending);
+    int64_t at = 0, rc = recv_head(c, req, req_len, hdr, hdr_cap, info, want, &b.pending, &b.n_pending);
 
     info[6] = -1;
     if (rc != OC_OK)
@@ -327,7 +371,7 @@ int64_t oc_http_get_pieces(int fd, const char *req, int64_t req_len, int64_t wan
         return OC_ESHORT;
     if ((int64_t)piece_len > bounce_cap || (layers != NULL && (per_layer <= 0 || n_pieces % per_layer != 0)))
         return OC_EPROTO;
-    b.fd = fd;
+    b.conn = c;
     b.info = info;
     for (int64_t i = 0, j; i < n_pieces; i = j) {
         if ((int64_t)off[i] < at || (int64_t)(off[i] + piece_len) > want)

@@ -43,7 +43,7 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
         raise ConfigError(f"{where}.profile: {type(e).__name__}: {e}") from None
     kw = dict(bucket=t.bucket, endpoint=t.endpoint, region=t.region,
               max_connections=t.max_connections, request_timeout=t.request_timeout,
-              connect_timeout=t.connect_timeout, max_retries=t.max_retries)
+              connect_timeout=t.connect_timeout, max_retries=t.max_retries, ca_bundle=t.ca_bundle)
     transport = pick_transport(t)
     if transport == "obstore":
         if not importlib.util.find_spec("obstore"):
@@ -59,11 +59,12 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
 
 def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int,
                        credentials=None) -> RangeReader | None:
-    """The native range reader for this tier (native_reader.py), or None: `native_reads: off`, an
-    https:// or default AWS endpoint, or no native helper (auto only; `on` makes those errors).
+    """The native range reader for this tier (native_reader.py), or None: `native_reads: off`, the
+    default AWS endpoint, no native helper, or for https:// no native TLS (OpenSSL headers at build
+    time) (auto only; `on` makes those errors).
     `staging_bytes`: the size of a whole-range receive buffer (the planned range size);
     `credentials`: the tier store's CredentialSource, shared (else one of its own)."""
-    if t.native_reads == "off" or not (t.endpoint or "").startswith("http://"):
+    if t.native_reads == "off" or not (t.endpoint or "").startswith(("http://", "https://")):
         return None
     from .. import native
     from .credentials import CredentialSource
@@ -75,10 +76,16 @@ def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int,
             raise ConfigError(f"{where}.native_reads: the native helper cannot be built ({native.status()}); "
                               "install a C compiler or set native_reads: auto")
         return None
+    if t.endpoint.startswith("https://") and native.tls() is None:
+        if t.native_reads == "on":
+            raise ConfigError(f"{where}.native_reads: the native https reader cannot be built "
+                              f"({native.tls_status()}); install OpenSSL's headers (libssl-dev) or set "
+                              "native_reads: auto")
+        return None
     http = RawRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region,
                           creds=credentials or CredentialSource(t.profile),
                           request_timeout=t.request_timeout, connect_timeout=t.connect_timeout,
-                          max_idle=t.max_connections, max_retries=t.max_retries)
+                          max_idle=t.max_connections, max_retries=t.max_retries, ca_bundle=t.ca_bundle)
     return NativeRangeReader(http, threads=t.max_connections, staging_bytes=staging_bytes)
 
 
@@ -110,6 +117,24 @@ def _create_bucket(t: S3TierConfig, where: str) -> None:
 _STATUS = re.compile(r"status code: (\d{3})\b|\((\d{3})\)")
 
 
+def _tls_refusal(t: S3TierConfig) -> str | None:
+    """Why the https endpoint's certificate is refused (a verification error), or None where the
+    handshake works or the failure is not TLS's: a transport's "error sending request" says neither."""
+    import socket
+    import ssl
+
+    u = urllib.parse.urlsplit(t.endpoint)
+    ctx = ssl.create_default_context(cafile=t.ca_bundle) if t.ca_bundle else ssl.create_default_context()
+    try:
+        with socket.create_connection((u.hostname, u.port or 443), timeout=t.connect_timeout) as sock:
+            with ctx.wrap_socket(sock, server_hostname=u.hostname):
+                return None
+    except ssl.SSLCertVerificationError as e:
+        return f"certificate verify failed: {e.verify_message}"
+    except (OSError, ssl.SSLError):
+        return None
+
+
 async def probe(store: ObjectStore, t: TierConfig, where: str, root: str, *, create: bool = True) -> None:
     """One LIST under a name that never exists: an empty answer means endpoint, bucket and
     credentials work (a HEAD could not tell a missing bucket from a missing key). `create`: a
@@ -123,6 +148,11 @@ async def probe(store: ObjectStore, t: TierConfig, where: str, root: str, *, cre
             await store.list(f"{root}.probe")
             return
         except Unavailable as e:
+            tls = _tls_refusal(t) if (t.endpoint or "").startswith("https://") else None
+            if tls:
+                raise StartupError(
+                    f"{where}.endpoint: {t.endpoint}: TLS {tls}; set ca_bundle to the CA that signed the "
+                    "server's certificate (verification is never turned off)") from None
             raise StartupError(
                 f"{where}.endpoint: cannot reach {t.endpoint or 'the default AWS endpoint'} ({e}); "
                 "start the server or fix the endpoint") from None

@@ -1,11 +1,13 @@
-"""Range GETs over plain HTTP, each body received by native code straight into a caller's buffer.
+"""Range GETs over HTTP/1.1, each body received by native code straight into a caller's buffer.
 
-The read path's fast transport for `http://` endpoints (on-premises Ceph RGW, SeaweedFS, MinIO):
-a blocking call, made from the native reader's pull threads (`native_reader.py`), that releases
-the GIL once per range (`native/httpget.c`). Connections are kept alive in a small pool; a reused connection that the
-server had closed is retried once on a fresh one. Anything else that goes wrong closes the
-connection and raises the store vocabulary (NotFound, Unavailable, StoreError), never with the
-credentials in it. TLS endpoints and everything but ranged GETs stay with obstore.
+The read path's fast transport: a blocking call, made from the native reader's pull threads
+(`native_reader.py`), that releases the GIL once per range (`native/httpget.c`). `https://`
+endpoints go through the same code built against the system's OpenSSL (`native/tls.c`): the
+handshake runs once per connection, the peer verified against the system's CAs or `ca_bundle`.
+Connections are kept alive in a small pool; a reused connection that the server had closed is
+retried once on a fresh one. Anything else that goes wrong closes the connection and raises the
+store vocabulary (NotFound, Unavailable, StoreError), never with the credentials in it. Everything
+but ranged GETs stays with obstore.
 """
 
 from __future__ import annotations
@@ -37,27 +39,62 @@ BOUNCE_BYTES = int(os.environ.get("OBJECTCACHE_BOUNCE_BYTES", 1 << 20))
 _PIECE_ENDS = (0, -6, -7, -8)  # native codes that end read_pieces without an error
 
 
+class _Conn:
+    """A kept connection: the socket, and its TLS state for https (`handle` is what the native
+    functions take: the fd, or the SSL*)."""
+
+    __slots__ = ("sock", "ssl", "handle", "_tls")
+
+    def __init__(self, sock: socket.socket, ssl: int | None, tls):
+        self.sock, self.ssl = sock, ssl
+        self.handle = ssl if ssl is not None else sock.fileno()
+        self._tls = tls
+
+    def close(self) -> None:
+        if self.ssl is not None:
+            self._tls.free(self.ssl)
+            self.ssl = None
+        self.sock.close()
+
+
 class RawRangeReader:
     def __init__(self, *, endpoint: str, bucket: str, region: str, creds: Credentials,
-                 request_timeout: float, connect_timeout: float, max_idle: int, max_retries: int = 2):
+                 request_timeout: float, connect_timeout: float, max_idle: int, max_retries: int = 2,
+                 ca_bundle: str | None = None):
         u = urlsplit(endpoint)
-        if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"the native reader speaks plain HTTP only, not {endpoint!r}")
-        self.addr = (u.hostname, u.port or 80)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"the native reader speaks http:// and https://, not {endpoint!r}")
+        default_port = 443 if u.scheme == "https" else 80
+        self.addr = (u.hostname, u.port or default_port)
         name = f"[{u.hostname}]" if ":" in u.hostname else u.hostname  # an IPv6 literal keeps its brackets
-        host = name if u.port in (None, 80) else f"{name}:{u.port}"
+        host = name if u.port in (None, default_port) else f"{name}:{u.port}"
+        self._tls = self._ctx = None
+        if u.scheme == "https":
+            self._tls = native.tls()
+            if self._tls is None:
+                raise RuntimeError(f"native https reader unavailable: {native.tls_status()}")
+            err = ctypes.create_string_buffer(512)
+            self._ctx = self._tls.ctx(ca_bundle.encode() if ca_bundle else None, err, len(err))
+            if not self._ctx:
+                raise StoreError(f"TLS set-up for {endpoint}: {err.value.decode(errors='replace')}")
+            try:
+                socket.inet_pton(socket.AF_INET6 if ":" in u.hostname else socket.AF_INET, u.hostname)
+                self._is_ip = True
+            except OSError:
+                self._is_ip = False
         self.bucket = bucket
         self.signer = GetSigner(host, region, creds)
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.max_retries = max_retries
-        self._idle: list[socket.socket] = []
+        self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread header buffer and info array
         self._fn, self._pieces_fn = native.http_get(), native.http_get_pieces()
         if self._fn is None:
             raise RuntimeError(f"native helper unavailable: {native.status()}")
+        self._get = self._tls.get if self._tls is not None else self._fn
         self.closed = False
 
     def read_into(self, key: str, start: int, end: int, dst) -> int:
@@ -69,7 +106,7 @@ class RawRangeReader:
             raise ValueError(f"buffer of {view.nbytes} bytes for range {start}-{end}")
 
         def call(sock, req, loc):
-            return self._fn(sock.fileno(), req, len(req), view.ctypes.data, view.nbytes, loc.hdr, _HDR_CAP, loc.info)
+            return self._get(sock.handle, req, len(req), view.ctypes.data, view.nbytes, loc.hdr, _HDR_CAP, loc.info)
         rc, info = self._request(key, start, end, call)
         return info[2]
 
@@ -84,11 +121,13 @@ class RawRangeReader:
         if end <= start:
             raise ValueError(f"range {start}-{end}")
         fn, hash_fn = self._pieces_fn
+        if self._tls is not None:
+            fn = self._tls.pieces
 
         def call(sock, req, loc):
             if loc.bounce.nbytes < max(pieces.piece_len, BOUNCE_BYTES):
                 loc.bounce = np.empty(max(pieces.piece_len, BOUNCE_BYTES), dtype=np.uint8)
-            return fn(sock.fileno(), req, len(req), end - start, loc.hdr, _HDR_CAP, loc.info,
+            return fn(sock.handle, req, len(req), end - start, loc.hdr, _HDR_CAP, loc.info,
                       pieces.offsets.ctypes.data, len(pieces.offsets), pieces.piece_len,
                       None if pieces.expect is None else pieces.expect.ctypes.data,
                       None if pieces.expect is None else hash_fn, pieces.copies.ctypes.data,
@@ -171,7 +210,7 @@ class RawRangeReader:
             return StoreError(f"{what}: server announced {info[2]} bytes for {end - start}")
         return StoreError(f"{what}: {_MESSAGES.get(rc, f'error {rc}')}")
 
-    def _take(self) -> tuple[socket.socket, bool]:
+    def _take(self) -> tuple[_Conn, bool]:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
@@ -187,9 +226,24 @@ class RawRangeReader:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, False
+        if self._tls is None:
+            return _Conn(sock, None, None), False
+        err = ctypes.create_string_buffer(512)
+        ssl = self._tls.open(self._ctx, sock.fileno(), self.addr[0].encode(), int(self._is_ip), err, len(err))
+        if not ssl:
+            sock.close()
+            why = err.value.decode(errors="replace")
+            if "certificate verify failed" in why:  # no retry can fix it: a wrong CA or host name
+                raise StoreError(f"TLS {self.addr[0]}:{self.addr[1]}: {why}; give the CA that signed the "
+                                 "server's certificate as ca_bundle")
+            raise Unavailable(f"TLS {self.addr[0]}:{self.addr[1]}: {why}")
+        return _Conn(sock, ssl, self._tls), False
 
-    def _give(self, sock: socket.socket, keep: bool) -> None:
+    def check(self) -> None:
+        """One connection (with its TLS handshake), kept: raises what a read would."""
+        self._give(self._take()[0], True)
+
+    def _give(self, sock: _Conn, keep: bool) -> None:
         with self._lock:
             if keep and not self.closed and len(self._idle) < self.max_idle:
                 self._idle.append(sock)
@@ -202,3 +256,6 @@ class RawRangeReader:
             idle, self._idle = self._idle, []
         for s in idle:
             s.close()
+        if self._ctx:
+            self._tls.ctx_free(self._ctx)
+            self._ctx = None

@@ -42,10 +42,11 @@ def _map(e: BaseException, what: str) -> StoreError:
 class Aioboto3S3Store:
     def __init__(self, *, bucket: str, endpoint: str | None, region: str, creds: Credentials,
                  max_connections: int, request_timeout: float, connect_timeout: float,
-                 max_retries: int):
+                 max_retries: int, ca_bundle: str | None = None):
         self.name = f"s3(aioboto3):{bucket}"
         self._bucket = bucket
         self._kw = dict(endpoint_url=endpoint, region_name=region,
+                        **({"verify": ca_bundle} if ca_bundle else {}),
                         aws_access_key_id=creds.access_key_id,
                         aws_secret_access_key=creds.secret_access_key,
                         aws_session_token=creds.session_token)

@@ -42,7 +42,7 @@ def _map(e: BaseException, what: str) -> StoreError:
 class ObstoreS3Store:
     def __init__(self, *, bucket: str, endpoint: str | None, region: str, creds: Credentials,
                  max_connections: int, request_timeout: float, connect_timeout: float,
-                 max_retries: int):
+                 max_retries: int, ca_bundle: str | None = None):
         self.name = f"s3(obstore):{bucket}"
         kw = {}
         if creds.access_key_id:
@@ -62,6 +62,8 @@ class ObstoreS3Store:
                 "timeout": timedelta(seconds=request_timeout),
                 "connect_timeout": timedelta(seconds=connect_timeout),
                 "pool_max_idle_per_host": str(max_connections),
+                # a private CA, trusted besides the system's roots (verification stays on)
+                **({"root_certificate": open(ca_bundle, "rb").read()} if ca_bundle else {}),
             },
             retry_config={
                 "max_retries": max_retries,
