@@ -6,10 +6,11 @@
 # time; the cluster still serves S3). curl (>= 7.75, for --aws-sigv4) creates the bucket.
 # --no-install-recommends keeps this to ~100 packages / ~75 MB instead of pulling in the dashboard,
 # smartmontools, etc. gcc builds the package's native helper (copies, checksums, range reads), so
-# the tests exercise that path, not only its Python fallback.
+# the tests exercise that path, not only its Python fallback; libssl-dev lets it build the https
+# reader too, and openssl makes the test CA for the https tests.
 set -euo pipefail
 
-PKGS=(ceph-mon ceph-osd radosgw ceph-common curl gcc)
+PKGS=(ceph-mon ceph-osd radosgw ceph-common curl gcc libssl-dev openssl)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -18,6 +18,19 @@ from sglang_objectcache.errors import ConfigError, StartupError, StoreError
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def native_tls():
+    """The native https reader must build in CI (.ci/install-ceph.sh installs libssl-dev)."""
+    from conftest import IN_CI
+
+    from sglang_objectcache import native
+
+    if native.tls() is None:
+        if IN_CI:
+            pytest.fail(f"the native https reader does not build: {native.tls_status()}")
+        pytest.skip(f"the native https reader does not build here: {native.tls_status()}")
+
+
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
     """SeaweedFS seen through its https port; the CA that signed its certificate; another CA."""
