@@ -45,27 +45,33 @@ def test_read_meter_measures_busy_time_and_adds_concurrent_fetches():
     assert m.rate == pytest.approx(32 * MiB)
 
 
-def test_a_failing_tier_drags_its_rate_down_and_an_idle_one_goes_stale():
+def test_bad_news_counts_at_once_good_news_is_smoothed_and_an_idle_tier_goes_stale():
     clock = Clock()
     m = ReadMeter(alpha=0.5, window=0.01, clock=clock)
     m.started(1, 8 * MiB)
     clock.t += 0.1
     m.ended(1, 8 * MiB)
-    fast = m.rate
+    assert m.rate == pytest.approx(80 * MiB)
     m.started(2, 8 * MiB)
+    clock.t += 1.0
+    m.ended(2, 2 * MiB)  # a slow fetch: its rate replaces the estimate at once
+    assert m.rate == pytest.approx(2 * MiB)
+    m.started(3, 8 * MiB)
+    clock.t += 0.1
+    m.ended(3, 8 * MiB)  # one fast fetch after it moves the estimate only part of the way
+    assert m.rate == pytest.approx((2 + 80) / 2 * MiB)
+    m.started(4, 8 * MiB)
     clock.t += 2.0
-    m.ended(2, 0)  # nothing arrived in two seconds
-    assert m.rate == pytest.approx(fast / 2)
+    m.ended(4, 0)  # nothing arrived: nothing will
+    assert m.rate == 0 and m.seconds(MiB) == math.inf
     assert not m.stale(5.0)
     clock.t += 6.0
     assert m.stale(5.0)
-    m.started(3, MiB)
+    m.started(5, MiB)
     assert not m.stale(5.0), "a read in flight will measure it"
-    first = ReadMeter(window=0.01, clock=clock)
-    first.started(1, MiB)
-    clock.t += 1
-    first.ended(1, 0)
-    assert first.seconds(MiB) == math.inf  # every read failed: nothing will arrive
+    clock.t += 0.5
+    m.ended(5, MiB)
+    assert m.rate == pytest.approx(2 * MiB), "after `forget` seconds a sample replaces the old rate"
 
 
 def test_prefill_model_fits_sglangs_forward_times():

@@ -2,10 +2,11 @@
 (patched) with our backend behind a bandwidth-capped proxy in front of a real S3 server.
 
 The prefill side is SGLang's own hook (`observe_prefill` on the batches it runs) fed with batches
-of a GPU that prefills 250 tokens a second; the read side is measured from the real reads. Under
-a cap, a 256-token hit (2 MiB) reads 4x slower than recomputing it, so the next request recomputes
-(nothing is loaded); once the cap is lifted and the tier has been idle past `probe_after`, one
-load measures it again and decisions move back to loading.
+of a GPU that prefills 250 tokens a second; the read side is measured from the real reads. A load
+chosen while the tier was fast, which then slows to a crawl, is cut at about the time recomputing
+would have taken (the rest is recomputed); the next request recomputes (nothing is loaded); once
+the cap is lifted and the tier has been idle past `probe_after`, one load measures it again and
+decisions move back to loading.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def _loaded(tree, tokens, rid) -> int:
     raise AssertionError("request not admitted")
 
 
-def test_a_slow_tier_is_recomputed_and_a_recovered_one_loaded_again(s3_env, prefix):
+def test_a_slow_tier_is_cut_at_recompute_time_then_recomputed_then_loaded_again(s3_env, prefix):
     from testbed.hiradix import build_tree, store_prefix
     from testbed.proxy import Proxy
 
     proxy = Proxy(s3_env.port)
     extra = {"tiers": [{"kind": "s3", "endpoint": proxy.endpoint, "bucket": s3_env.bucket, "prefix": prefix,
                         "max_connections": 2, "max_write_connections": 2, "native_reads": "off"}],
-             "pages_per_object": 8, "read_range_bytes": "128KiB", "timeout": 30, "prefetch_threshold": 64,
+             "pages_per_object": 2, "read_range_bytes": "128KiB", "timeout": 30, "prefetch_threshold": 64,
              "layerwise": False}
     tree = build_tree(extra, layers=LAYERS, page_size=PAGE, device_tokens=4096, host_ratio=2.0)
     try:
@@ -69,19 +70,28 @@ def test_a_slow_tier_is_recomputed_and_a_recovered_one_loaded_again(s3_env, pref
             store_prefix(tree, p, seed=i)
         for n in (64, 128, 256, 512, 1024, 2048, 96, 192):  # SGLang's forwards, as it runs them
             decide.observe_prefill(_batch(n, PER_TOKEN * n))
+        recompute = decide.model.seconds(TOKENS, TOKENS)
 
-        proxy.rate = 256 * 2**10  # 256 KiB/s a connection, 2 connections: 4 s to load what computes in 1 s
         assert _loaded(tree, prompts[0], "measure") == TOKENS, "no rate measured yet: load, as SGLang would"
         assert decide.stats()["read_rates"], decide.stats()
-        assert _loaded(tree, prompts[1], "slow") == 0, f"a load slower than recompute was chosen: {decide.stats()}"
-        assert decide.decider.counters["recompute"] == 1
+
+        proxy.rate = 32 * 2**10  # the tier slows to 64 KiB/s in all: the 2 MiB would take 32 s
+        t0 = time.monotonic()
+        got = _loaded(tree, prompts[1], "slowed")
+        waited = time.monotonic() - t0
+        assert decide.decider.counters["load"] == 1, "the load was chosen on the fast measurement"
+        assert got < TOKENS, "what did not arrive by the deadline is recomputed"
+        assert waited < recompute * (1 + decide.margin) + 1.0, (waited, recompute)
+
+        assert _loaded(tree, prompts[2], "slow") == 0, f"a load slower than recompute was chosen: {decide.stats()}"
+        assert decide.decider.counters["recompute"] == 1, decide.stats()
         assert tree.cache_controller.storage_backend.stats()["decisions"]["recompute"] == 1  # and in /metrics
 
         proxy.rate = None  # the tier recovers
         time.sleep(decide.probe_after + 0.2)
-        assert _loaded(tree, prompts[2], "probe") == TOKENS, "an idle tier is read again to measure it"
-        assert _loaded(tree, prompts[3], "fast") == TOKENS, f"a fast tier must be loaded: {decide.stats()}"
-        assert decide.decider.counters["load"] >= 1
+        assert _loaded(tree, prompts[3], "probe") == TOKENS, "an idle tier is read again to measure it"
+        assert _loaded(tree, prompts[4], "fast") == TOKENS, f"a fast tier must be loaded: {decide.stats()}"
+        assert decide.decider.counters["load"] == 2, decide.stats()
     finally:
         tree.cache_controller.storage_backend.close()
         proxy.close()

@@ -166,14 +166,15 @@ class ObjectCache:
         fetch gains nothing from it."""
         return ReadSession(self._reads, keys, segments, t_layer, streamed=streamed).start()
 
-    def get(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
-        """Fill pages from storage; one bool per key, within the configured deadline."""
-        return self.collect(self.fetch(keys, segments))
+    def get(self, keys: Sequence[str], segments: SegmentFn, timeout: float | None = None) -> list[bool]:
+        """Fill pages from storage; one bool per key, within the configured deadline (or `timeout`)."""
+        return self.collect(self.fetch(keys, segments), timeout)
 
-    def collect(self, session: ReadSession) -> list[bool]:
-        """Wait for a started fetch within the configured deadline and count it as one read call:
-        `get` is fetch plus collect; a caller that needs the layers as they land uses the two."""
-        ok = session.wait(self.cfg.timeout)
+    def collect(self, session: ReadSession, timeout: float | None = None) -> list[bool]:
+        """Wait for a started fetch within the configured deadline (or `timeout`) and count it as
+        one read call: `get` is fetch plus collect; a caller that needs the layers as they land
+        uses the two."""
+        ok = session.wait(self.cfg.timeout if timeout is None else timeout)
         hits = sum(ok)
         if log.isEnabledFor(logging.DEBUG) and session.plan.reads:
             took = time.monotonic() - session.started

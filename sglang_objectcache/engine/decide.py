@@ -64,7 +64,10 @@ class ReadMeter:
                 old = self.rate is None or self.updated is None or now - self.updated > self._forget
                 # a rate measured long ago says little about now (a tier that recovered, or broke):
                 # the new sample replaces it; recent ones are smoothed
-                self.rate = sample if old else (1 - self._alpha) * self.rate + self._alpha * sample
+                # bad news counts at once (a tier that slows loses its loads after one fetch; the
+                # probe after `stale` gives it back); good news is smoothed (one lucky fetch does
+                # not make a slow tier fast)
+                self.rate = sample if old or sample < self.rate else (1 - self._alpha) * self.rate + self._alpha * sample
                 self.updated = now
                 self._landed, self._busy = 0, 0.0
                 if self._busy_since is not None:

@@ -8,6 +8,7 @@ every failure is a miss (reads) or False (writes), logged by the engine.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ class ObjectCacheStorage(HiCacheStorage):
         self.cache: ObjectCache | None = None
         self.mem_pool_host = None
         self._metrics_lock = threading.Lock()
+        self._deadline = threading.local()  # a sooner deadline for this thread's reads (load_or_recompute)
         self._metrics: dict[str, collections.deque] = {
             k: collections.deque(maxlen=4096) for k in ("get_pgs", "set_pgs", "get_bw", "set_bw")}
         # `dynamic` passes {} as the second argument; the pool arrives via register_mem_pool_host.
@@ -93,12 +95,29 @@ class ObjectCacheStorage(HiCacheStorage):
             return [False] * len(keys)
         t0 = time.perf_counter()
         try:
-            ok = self.cache.get(keys, self._segments(keys, host_indices))
+            ok = self.cache.get(keys, self._segments(keys, host_indices), self._call_timeout())
         except Exception:  # noqa: BLE001 - a raise here would kill SGLang's prefetch IO thread
             log.exception("objectcache: batch_get_v1 failed; %d pages are misses", len(keys))
             return [False] * len(keys)
         self._record("get", sum(ok), time.perf_counter() - t0)
         return ok
+
+    def _call_timeout(self) -> float:
+        """The configured deadline, or less where the calling thread carries a sooner one (`deadline`)."""
+        at = getattr(self._deadline, "at", None)
+        if at is None:
+            return self.config.timeout
+        return max(0.001, min(self.config.timeout, at - time.monotonic()))
+
+    @contextlib.contextmanager
+    def deadline(self, at: float):
+        """Reads made by this thread inside the block end by monotonic time `at` (what is not in by
+        then is a miss): a request loads from storage no longer than recomputing would take."""
+        self._deadline.at = at
+        try:
+            yield
+        finally:
+            self._deadline.at = None
 
     def start_layer_fetch(self, keys: List[str], host_indices: torch.Tensor, t_layer: float = 0.0):
         """Start filling pages into the host pool in layer order and return the engine's

@@ -15,6 +15,7 @@ slack` ranks requests by need (`layerwise.py`).
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from ..engine.read import locate
 
 log = logging.getLogger("sglang_objectcache")
 
+MIN_WAIT = 0.05  # seconds: the least a chosen load is given, whatever the model says
 PROBE_AFTER = 5.0  # seconds: a tier not read for this long is read once more before it is judged (per instance: probe_after)
 
 
@@ -38,6 +40,8 @@ class LoadOrRecompute:
         self._lock = threading.Lock()
         self._prefix: dict[str, int] = {}
         self._t_layer: dict[str, float] = {}
+        self._deadline: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.margin = margin
         self.probe_after = PROBE_AFTER
 
     # ---- scheduler thread ------------------------------------------------------------------
@@ -98,13 +102,32 @@ class LoadOrRecompute:
             load = hit_tokens
         rest = new_tokens - load
         t = self.model.seconds(rest, prefix + new_tokens)
-        if t is not None and load:
+        full = self.model.seconds(new_tokens, prefix + new_tokens)
+        if t is not None and full is not None and load:
+            # the load may take what recomputing the loaded part would, plus the margin: no longer
+            budget = max(full - t + self.margin * full, MIN_WAIT)
             with self._lock:
                 self._t_layer[req_id] = t / max(self.fp.n_layers, 1)
+                self._deadline[req_id] = time.monotonic() + budget
+                while len(self._deadline) > 4096:  # requests whose fetch never came
+                    self._deadline.popitem(last=False)
         if load < hit_tokens:
             log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached)",
                       req_id, load, hit_tokens, new_tokens, prefix)
         return load
+
+    def bounded(self, page_get, backend):
+        """SGLang's page-get function (whole prefetch), with each request's reads ending by its
+        deadline: a tier that slows after the decision costs a request at most what recomputing
+        would have, plus the margin; what is not in by then is recomputed."""
+        def get(operation, hash_values, host_indices, extra_info=None):
+            with self._lock:
+                at = self._deadline.get(operation.request_id)
+            if at is None:
+                return page_get(operation, hash_values, host_indices, extra_info)
+            with backend.deadline(at):
+                return page_get(operation, hash_values, host_indices, extra_info)
+        return get
 
     def t_layer(self, req_id: str) -> float:
         with self._lock:

@@ -45,6 +45,8 @@ def _attach(orig, self, storage_backend, *a, **kw):
         self.page_set_func = self._page_set_zero_copy
         self.oc_layerwise = attach(self, self.storage_backend)  # None unless SGLang is patched
         self.oc_decide = load_or_recompute.attach(self, self.storage_backend)  # likewise
+        if self.oc_decide is not None and self.oc_layerwise is None:  # whole prefetch: bounded by its deadline
+            self.page_get_func = self.oc_decide.bounded(self._page_get_zero_copy, self.storage_backend)
     return result
 
 
