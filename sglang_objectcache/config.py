@@ -185,7 +185,9 @@ class ObjectCacheConfig:
     load_margin: float = 0.1
     namespace: str | None = None  # overrides SGLang's model name in object names
     # which weights: the served name does not say (two checkpoints under one name would share KV);
-    # any string that changes with the weights (a commit, a checkpoint hash), part of the fingerprint
+    # any string that changes with the weights (a commit, a checkpoint hash), part of the fingerprint.
+    # None: derived from the weights SGLang loads where they can be read (sglang/weights.py); "":
+    # not identified (the fingerprint of releases before the derivation)
     model_revision: str | None = None
     # Keyed integrity (opt-in): a secret shared by the writers, read from this file or this
     # environment variable (never from the config itself); an object whose footer MAC does not
@@ -363,8 +365,9 @@ def parse_config(raw: Mapping[str, Any] | None) -> ObjectCacheConfig:
         raise ConfigError("integrity_key_env: give the secret one way, integrity_key_file or integrity_key_env")
     if ours.get("model_revision") is not None:
         rev = _expect(ours["model_revision"], str, "model_revision", "a string naming the weights")
-        if not 0 < len(rev) <= 256:
-            raise ConfigError("model_revision: give 1-256 characters that change with the weights")
+        if len(rev) > 256:
+            raise ConfigError("model_revision: give at most 256 characters that change with the weights "
+                              "('' to leave the weights unidentified)")
         kw["model_revision"] = rev
     if "namespace" in ours and ours["namespace"] is not None:
         ns = _expect(ours["namespace"], str, "namespace", "a string")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from ..config import parse_config
 from ..errors import ConfigError
 from ..engine.cache import ObjectCache
 from ..format import SegmentFn
-from . import metrics, shutdown
+from . import metrics, shutdown, weights
 from .compat import check_isolation, check_version, storage_metrics
 from .pool import describe_pool, flat_segments, host_segments
 
@@ -68,6 +69,12 @@ class ObjectCacheStorage(HiCacheStorage):
             )
         self.mem_pool_host = mem_pool_host
         self.fp = describe_pool(mem_pool_host, self.storage_config)
+        if self.config.model_revision is None:  # not named in the config: what the weights say
+            rev = weights.server_identity()
+            if rev:
+                self.fp = dataclasses.replace(self.fp, model_revision=rev)
+                log.info("objectcache: weights identified as %s (part of the fingerprint; model_revision "
+                         "names them instead, '' leaves them unidentified)", rev)
         self.cache = ObjectCache(self.config, self.fp)
         shutdown.register(self.cache)  # SGLang closes a backend only on detach
         self._exporter = metrics.start_exporter(self.stats, f"tp{self.fp.tp_rank}pp{self.fp.pp_rank}")
