@@ -371,6 +371,9 @@ def main(argv=None) -> int:
                     help="after (c), also measure objectcache re-attached with these config keys changed, "
                     "e.g. lw8='{\"read_range_bytes\": \"8MiB\"}', c64='{\"tier\": {\"max_connections\": 64}}' "
                     "(repeatable)")
+    ap.add_argument("--https", action="store_true", help="SeaweedFS also serves https (a CA made for the run; "
+                    "needs the openssl command); after (c), the row `https`: (d) read over the https port, "
+                    "through the native reader over OpenSSL")
     ap.add_argument("--fault", action="store_true", help="also check a storage failure after admission "
                     "(a 16K prefix whose last object is overwritten with garbage): abort, then success")
     ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
@@ -381,7 +384,17 @@ def main(argv=None) -> int:
 
     lengths = [int(x) for x in args.lengths.split(",")]
     shapes = args.shapes.split(",")
-    srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
+    if args.https:
+        import tempfile
+        from pathlib import Path
+
+        from testbed.tls import start_seaweedfs_tls
+
+        srv, over_tls, certs = start_seaweedfs_tls(Path(tempfile.mkdtemp(prefix="e2e-tls-")), memory_limit_mb=None,
+                                                   reader_cache_mb=None)
+        args.variant.append("https=" + json.dumps({"tier": {"endpoint": over_tls.endpoint, "ca_bundle": certs["ca"]}}))
+    else:
+        srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
     for k, v in srv.env().items():
         os.environ[k] = v
     prefix = "e2e"
