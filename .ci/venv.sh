@@ -28,6 +28,8 @@ step "SGLang $V (without its CUDA dependencies)" $PIP --no-deps "sglang==$V"
 step "what SGLang's HiCache modules import" $PIP -c "$CONS" -r "$REQ"
 if [ "$V" = 0.5.17 ]; then step "xgrammar" $PIP --no-deps xgrammar==0.2.1; fi
 step "this package and its test extras" $PIP -c "$CONS" -e "$ROOT[test,bench]"
+# transport: nixl (NIXL's OBJ plugin, CPU build): --no-deps, as its metadata asks for CUDA torch
+if [ "$V" = 0.5.23 ]; then step "nixl-cu12 (transport: nixl)" $PIP --no-deps nixl-cu12==1.5.1; fi
 echo "setting up $VENV: done (pip's log, with its expected dependency warnings: $LOG)" >&2
 echo "$want" > "$STAMP"
 echo "$PY"

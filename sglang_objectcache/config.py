@@ -122,7 +122,8 @@ class S3TierConfig:
     bucket: str
     prefix: str = ""
     region: str = "us-east-1"
-    transport: str = "auto"  # auto | obstore | aioboto3
+    # auto | obstore | aioboto3 | nixl (range reads through NIXL's OBJ plugin, the rest through obstore)
+    transport: str = "auto"
     native_reads: str = "auto"  # auto | on | off: range reads by stores/native_reader.py
     profile: str | None = None
     # https: a PEM file of CAs to trust besides the system's (a private CA); every transport uses it,
@@ -247,7 +248,13 @@ def _parse_s3(d: Mapping[str, Any], where: str) -> S3TierConfig:
         if k in d:
             kw[k] = _expect(d[k], str, f"{where}{k}", "a string")
     if "transport" in d:
-        kw["transport"] = _choice(d["transport"], f"{where}transport", ("auto", "obstore", "aioboto3"))
+        kw["transport"] = _choice(d["transport"], f"{where}transport", ("auto", "obstore", "aioboto3", "nixl"))
+        if kw["transport"] == "nixl":
+            from .stores.nixl_reader import available
+
+            why = available()
+            if why:
+                raise ConfigError(f"{where}transport: nixl: {why}")
     if "native_reads" in d:
         v = d["native_reads"]
         if isinstance(v, bool):  # YAML 1.1 reads a bare on/off as a bool

@@ -47,8 +47,12 @@ def _cfg(srv, prefix, ca, **tier):
     return parse_config({"tiers": [t], "timeout": 10})
 
 
-@pytest.mark.parametrize("transport", ["obstore", "aioboto3"])
+@pytest.mark.parametrize("transport", ["obstore", "aioboto3", "nixl"])
 def test_round_trip_over_https_with_a_private_ca(tls_server, prefix, monkeypatch, transport):
+    from sglang_objectcache.stores import nixl_reader
+
+    if transport == "nixl" and nixl_reader.available():
+        pytest.skip(nixl_reader.available())
     srv, ca, _ = tls_server
     for k, v in srv.env().items():
         monkeypatch.setenv(k, v)

@@ -327,7 +327,7 @@ class ReadSession:
             # its footer left with the data requests and is a small response: give it a moment, so
             # that this range streams piece by piece instead of landing whole first
             job.header_known(FOOTER_MOMENT)
-        pieces = job.pieces(read.start, read.end, read.l0, read.l1, self.segments)
+        pieces = job.pieces(read.start, read.end, read.l0, read.l1, self.segments) if getattr(source, "applies", True) else None
         if pieces is not None:
             outcome = source.apply(pieces, self._gate, self.readiness)  # counts each layer as it lands
             if outcome == CLOSED:

@@ -81,7 +81,10 @@ class RangePieces:
 
 
 class RangeSource(Protocol):
-    """One range of one object, for the pull thread that reads it."""
+    """One range of one object, for the pull thread that reads it. `applies`: whether `apply` is
+    offered (a transport that lands whole ranges only, such as NIXL, has just `filled`)."""
+
+    applies: bool
 
     def filled(self) -> ContextManager[memoryview]:
         """Receive the whole range into a reused buffer: a view of exactly its bytes inside the

@@ -19,8 +19,9 @@ log = logging.getLogger("sglang_objectcache")
 
 
 def pick_transport(t: S3TierConfig) -> str:
-    """obstore when installed (5x faster reads, docs/benchmarks.md), else aioboto3."""
-    if t.transport != "auto":
+    """The control transport: obstore when installed (5x faster reads, docs/benchmarks.md), else
+    aioboto3. `nixl` moves range reads only (build_range_reader); the rest goes through obstore."""
+    if t.transport not in ("auto", "nixl"):
         return t.transport
     return "obstore" if importlib.util.find_spec("obstore") else "aioboto3"
 
@@ -64,6 +65,18 @@ def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int,
     time) (auto only; `on` makes those errors).
     `staging_bytes`: the size of a whole-range receive buffer (the planned range size);
     `credentials`: the tier store's CredentialSource, shared (else one of its own)."""
+    if t.transport == "nixl":
+        from .credentials import CredentialSource
+        from .native_reader import NativeRangeReader
+        from .nixl_reader import NixlRangeReader
+
+        if not t.endpoint:
+            raise ConfigError(f"{where}.transport: nixl needs an endpoint (http:// or https://)")
+        creds = (credentials or CredentialSource(t.profile)).current()  # fixed for the backend's life
+        nixl = NixlRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region, creds=creds,
+                               request_timeout=t.request_timeout, max_retries=t.max_retries,
+                               threads=t.max_connections, ca_bundle=t.ca_bundle)
+        return NativeRangeReader(nixl, threads=t.max_connections, staging_bytes=staging_bytes)
     if t.native_reads == "off" or not (t.endpoint or "").startswith(("http://", "https://")):
         return None
     from .. import native

@@ -59,6 +59,10 @@ class HttpRangeSource:
     start: int
     end: int
 
+    @property
+    def applies(self) -> bool:
+        return hasattr(self.http, "read_pieces")  # NIXL lands whole ranges only
+
     def filled(self):
         return self.staging.filled(self.http, self.key, self.start, self.end)
 
