@@ -15,7 +15,8 @@ objectcache-aioboto3, objectcache-r8 (8 MiB read ranges, the default before 16 M
 objectcache-keyed (keyed integrity on: its read rate is printed as a ratio to objectcache's),
 objectcache-https (the same server's https port, reads by the native reader over the system's
 OpenSSL) and objectcache-https-obstore (https, reads through obstore), both printed as ratios to
-objectcache over http, and SGLang 0.5.23's own `seaweedfs` (when installed). With an https
+objectcache over http, objectcache-nixl and objectcache-nixl-https (range reads through NIXL's
+OBJ plugin, when nixl-cu12 is installed), and SGLang 0.5.23's own `seaweedfs` (when installed). With an https
 backend and no --endpoint, the SeaweedFS started here also serves https, with a certificate from a
 CA made for the run (needs the `openssl` command).
 
@@ -62,6 +63,9 @@ BACKENDS = {
     "objectcache-https": {"pages_per_object": 8, "transport": "obstore", "https": True},
     "objectcache-https-obstore": {"pages_per_object": 8, "transport": "obstore", "https": True,
                                   "native_reads": "off"},
+    # range reads through NIXL's OBJ plugin (nixl-cu12, when installed), over http and https
+    "objectcache-nixl": {"pages_per_object": 8, "transport": "nixl"},
+    "objectcache-nixl-https": {"pages_per_object": 8, "transport": "nixl", "https": True},
     "seaweedfs": None,
 }
 
@@ -283,9 +287,11 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
         if name == "objectcache-keyed" and plain:
             line += (f"; keyed integrity on / off: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
-        if name.startswith("objectcache-https") and plain:
-            line += (f"; {'native' if name == 'objectcache-https' else 'obstore'} https / http native: read "
-                     f"x{r['read_gibps'] / plain['read_gibps']:.3f}, write x{r['write_gibps'] / plain['write_gibps']:.3f}")
+        label = {"objectcache-https": "native https", "objectcache-https-obstore": "obstore https",
+                 "objectcache-nixl": "nixl http", "objectcache-nixl-https": "nixl https"}.get(name)
+        if label and plain:
+            line += (f"; {label} / http native: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
+                     f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
         peer = by.get((tokens, "seaweedfs"))
         if peer:
             line += (f"; vs seaweedfs: read x{r['read_gibps'] / peer['read_gibps']:.2f}, write "
@@ -299,7 +305,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("OBJECTCACHE_BENCH_KEY", hashlib.sha256(uuid.uuid4().bytes).hexdigest())
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="4k,16k,64k", help="prefix lengths in tokens (k = 1024)")
-    ap.add_argument("--backends", default="objectcache,objectcache-https,objectcache-https-obstore,seaweedfs")
+    ap.add_argument("--backends", default="objectcache,objectcache-https,objectcache-https-obstore,objectcache-nixl,"
+                    "objectcache-nixl-https,seaweedfs")
     ap.add_argument("--endpoint", help="use this server instead of starting SeaweedFS (credentials from "
                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, bucket from --bucket)")
     ap.add_argument("--bucket", default="kv-cache")
@@ -322,6 +329,11 @@ def main(argv=None) -> int:
     for n in names:
         if n not in BACKENDS:
             ap.error(f"unknown backend {n}; choose from {', '.join(BACKENDS)}")
+    from sglang_objectcache.stores import nixl_reader
+
+    if any(n.startswith("objectcache-nixl") for n in names) and nixl_reader.available():
+        print(f"skipping the nixl rows: {nixl_reader.available()}")
+        names = [n for n in names if not n.startswith("objectcache-nixl")]
     if "seaweedfs" in names:
         try:
             import sglang.srt.mem_cache.storage.seaweedfs.seaweedfs_store  # noqa: F401

@@ -120,7 +120,11 @@ def _version(_args) -> int:
             print(f"patch set: {e}")
     from .. import native
 
+    from ..stores import nixl_reader
+
     print(f"copies and checksums: {native.status()}")
+    print(f"https range reads: {native.tls_status()}")
+    print(f"transport nixl: {nixl_reader.available() or 'available (nixl-cu12)'}")
     return 0
 
 
