@@ -5,8 +5,8 @@ Same door as `rawhttp.py` for the native reader's pull threads (`read_into`: one
 buffer), so staging, verification and copies stay the engine's: every piece is checked after it
 lands, as for any whole-range read. What NIXL does not do, done here:
 - a deadline: NIXL has no timeout knobs, so the poll loop gives up at `request_timeout`, releases
-  the transfer and raises Unavailable (the read is a miss); the AWS SDK's own retries are bounded
-  through AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, which it reads from the environment;
+  the transfer and raises Unavailable (the read is a miss); the AWS SDK's own retries are the
+  tier's, through AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, set while the backend is made and restored;
 - per-object status: a failed transfer raises one opaque error, so a HEAD (`query_memory`) tells
   a missing object (NotFound, and the index heals) from anything else;
 - short reads: NIXL reports a range past an object's end as done; the engine's checksums then
@@ -55,10 +55,7 @@ class NixlRangeReader:
         u = urlsplit(endpoint)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"transport nixl needs an http:// or https:// endpoint, not {endpoint!r}")
-        # the AWS SDK's retries, read from the environment when the backend is made: a dead server
-        # fails after the tier's retries, not after the SDK's default 25 s
-        os.environ.setdefault("AWS_RETRY_MODE", "standard")
-        os.environ.setdefault("AWS_MAX_ATTEMPTS", str(max_retries + 1))
+        self.max_retries = max_retries
         self.request_timeout = request_timeout
         self.bucket = bucket
         with self._ids_lock:
@@ -73,10 +70,21 @@ class NixlRangeReader:
                 params["session_token"] = creds.session_token
         if ca_bundle:
             params["ca_bundle"] = ca_bundle
+        # the AWS SDK reads its retry policy from the environment when the backend's client is made:
+        # the tier's retries there (a dead server fails after them, not after the SDK's default
+        # 25 s), and the environment as it was afterwards
+        saved = {k: os.environ.get(k) for k in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")}
+        os.environ.update(AWS_RETRY_MODE="standard", AWS_MAX_ATTEMPTS=str(max_retries + 1))
         try:
             self.agent.create_backend("OBJ", params)
         except Exception as e:  # noqa: BLE001 - the plugin did not load (the cu13 build, a missing library)
             raise StoreError(f"NIXL's OBJ plugin cannot be used: {type(e).__name__}; {INSTALL}") from None
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.closed = False
 
     def _dev_id(self) -> int:
@@ -94,10 +102,10 @@ class NixlRangeReader:
         dram = a.register_memory([(view.ctypes.data, n, 0, "")], "DRAM", backends=["OBJ"])
         obj = a.register_memory([(0, end, dev, key)], "OBJ", backends=["OBJ"])
         handle = None
+        deadline = time.monotonic() + self.request_timeout
         try:
             handle = a.initialize_xfer("READ", a.get_xfer_descs([(view.ctypes.data, n, 0)], "DRAM"),
                                        a.get_xfer_descs([(start, n, dev)], "OBJ"), a.name, backends=["OBJ"])
-            deadline = time.monotonic() + self.request_timeout
             state = a.transfer(handle)
             while state == "PROC":
                 if time.monotonic() > deadline:
@@ -111,6 +119,9 @@ class NixlRangeReader:
         except (StoreError, ValueError):
             raise
         except Exception as e:  # noqa: BLE001 - nixlBackendError and friends: one opaque failure
+            if time.monotonic() > deadline:  # no time left to ask why: a miss now
+                raise Unavailable(f"GET {key} bytes {start}-{end - 1}: nixl {type(e).__name__} after "
+                                  f"{self.request_timeout:g} s") from None
             raise self._why(key, start, end, e) from None
         finally:
             if handle is not None:
