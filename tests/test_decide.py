@@ -129,3 +129,16 @@ def test_without_measurements_it_loads_as_sglang_would():
     assert d.tokens_to_load(1024, 2048, 0, lambda p: None) == 1024  # no read rate yet
     assert d.counters["unmeasured"] == 1
     assert d.tokens_to_load(40, 2048, 0, lambda p: 0.0) == 0  # less than a page
+
+
+def test_per_request_tables_stay_bounded():
+    """Requests that never reach the decision (no storage hit) or never fetch leave entries
+    behind: a server running for months must not grow them without bound."""
+    import collections
+
+    from sglang_objectcache.sglang import load_or_recompute as lor
+
+    table = collections.OrderedDict()
+    for i in range(lor.KEEP * 3):
+        lor._put(table, f"r{i}", i)
+    assert len(table) == lor.KEEP and next(iter(table)) == f"r{lor.KEEP * 2}"

@@ -29,6 +29,16 @@ MIN_WAIT = 0.05  # seconds: the least a chosen load is given, whatever the model
 PROBE_AFTER = 5.0  # seconds: a tier not read for this long is read once more before it is judged (per instance: probe_after)
 
 
+KEEP = 4096  # requests remembered per table: far more than are ever in flight at once
+
+
+def _put(table: collections.OrderedDict, key, value) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > KEEP:
+        table.popitem(last=False)
+
+
 class LoadOrRecompute:
     def __init__(self, controller, backend, *, margin: float, overlap: bool):
         self.cache = backend.cache
@@ -38,8 +48,10 @@ class LoadOrRecompute:
         self.model = PrefillModel()
         self.decider = Decider(self.model, self.page_size, margin=margin, overlap=overlap)
         self._lock = threading.Lock()
-        self._prefix: dict[str, int] = {}
-        self._t_layer: dict[str, float] = {}
+        # per request, between the calls that set and read them; bounded, since some requests never
+        # reach the reading call (no storage hit, a revoked prefetch, a whole prefetch without t_layer)
+        self._prefix: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._t_layer: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._deadline: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.margin = margin
         self.probe_after = PROBE_AFTER
@@ -52,7 +64,7 @@ class LoadOrRecompute:
             n += len(node.key)
             node = node.parent
         with self._lock:
-            self._prefix[req_id] = n
+            _put(self._prefix, req_id, n)
 
     def observe_prefill(self, batch) -> None:
         mode = getattr(batch, "forward_mode", None)
@@ -107,10 +119,8 @@ class LoadOrRecompute:
             # the load may take what recomputing the loaded part would, plus the margin: no longer
             budget = max(full - t + self.margin * full, MIN_WAIT)
             with self._lock:
-                self._t_layer[req_id] = t / max(self.fp.n_layers, 1)
-                self._deadline[req_id] = time.monotonic() + budget
-                while len(self._deadline) > 4096:  # requests whose fetch never came
-                    self._deadline.popitem(last=False)
+                _put(self._t_layer, req_id, t / max(self.fp.n_layers, 1))
+                _put(self._deadline, req_id, time.monotonic() + budget)
         if load < hit_tokens:
             log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached)",
                       req_id, load, hit_tokens, new_tokens, prefix)
