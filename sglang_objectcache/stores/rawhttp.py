@@ -149,6 +149,7 @@ class RawRangeReader:
                      *(f"{n}: {v}" for n, v in self.signer.headers(path)), "", ""]
             return "\r\n".join(lines).encode()
         req = signed()
+        signed_with = getattr(self.signer.credentials, "version", None)  # what the request carries
         refreshed = False
         loc = self._local
         if not hasattr(loc, "hdr"):
@@ -177,8 +178,11 @@ class RawRangeReader:
                     stale_retried = True  # the server closed an idle keep-alive connection: once more
                     continue
                 err = self._error(rc, info, loc.hdr, key, start, end)
-            if isinstance(err, AccessDenied) and not refreshed and self.signer.credentials is not None \
-                    and self.signer.credentials.refresh():  # a rotated key or an expired token: once more
+            # a rotated key or an expired token: once more, with what the chain gives now (another
+            # thread may have resolved it first, while this request was on its way)
+            creds = self.signer.credentials
+            if isinstance(err, AccessDenied) and not refreshed and creds is not None \
+                    and (creds.version != signed_with or creds.refresh()):
                 refreshed, req = True, signed()
                 continue
             # a server error or a refused connection may pass; a timeout has used its time already

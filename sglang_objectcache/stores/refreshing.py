@@ -51,10 +51,13 @@ class RefreshingStore:
         self.credentials.current()  # notices a changed file or renews a token; cheap otherwise
         if self.credentials.version != self._version:
             await self._swap()
+        used = self._version
         try:
             return await getattr(self._inner, verb)(*args, **kw)
         except AccessDenied:
-            if not self.credentials.refresh():
+            # retry once with other credentials: ones that changed while this call ran (another
+            # call, or the file check, resolved them first), or what the chain gives now
+            if self.credentials.version == used and not self.credentials.refresh():
                 raise
             await self._swap()
             return await getattr(self._inner, verb)(*args, **kw)
