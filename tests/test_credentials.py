@@ -24,6 +24,26 @@ def admin(srv, *args) -> None:
                    env={**os.environ, "PATH": servers._ceph_path()})
 
 
+def key_accepted(srv, key, secret, timeout: float = 15.0) -> None:
+    """Wait until the gateway accepts a new key (RGW learns of it through its user cache, not at
+    once), as a rotation would before it retires the old key."""
+    import time
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    kw = {**srv.client_kwargs(), "aws_access_key_id": key, "aws_secret_access_key": secret}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            boto3.client("s3", **kw).list_buckets()
+            return
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def write_credentials(path, key, secret) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -63,6 +83,7 @@ def test_a_rotated_key_is_picked_up_without_a_restart(s3_env, rotating_user, tra
         assert all(c.put(before[1], before[0].segments()))
         k2, s2 = f"K2{uuid.uuid4().hex[:14]}".upper(), uuid.uuid4().hex
         admin(s3_env, "key", "create", f"--uid={uid}", "--key-type=s3", f"--access-key={k2}", f"--secret-key={s2}")
+        key_accepted(s3_env, k2, s2)
         write_credentials(path, k2, s2)
         admin(s3_env, "key", "rm", f"--uid={uid}", "--key-type=s3", f"--access-key={k1}")
         # reads (the native reader's or the transport's), writes and the journal all go on
