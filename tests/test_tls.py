@@ -151,3 +151,15 @@ def test_a_dead_https_server_is_a_miss_within_the_deadline(tls_server):
     finally:
         r.close()
     assert time.monotonic() - t0 < 3
+
+
+def test_create_bucket_over_https_trusts_the_ca_bundle(tls_server, prefix, monkeypatch):
+    import uuid
+
+    srv, ca, _ = tls_server
+    for k, v in srv.env().items():
+        monkeypatch.setenv(k, v)
+    cfg = parse_config({"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": f"tls-{uuid.uuid4().hex[:8]}",
+                                   "prefix": prefix, "ca_bundle": ca, "create_bucket": True}], "timeout": 10})
+    c = ObjectCache(cfg, fingerprint("m"))  # the bucket is made over TLS, verified with the CA
+    c.close()

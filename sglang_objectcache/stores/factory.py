@@ -110,7 +110,7 @@ def _create_bucket(t: S3TierConfig, where: str) -> None:
     from .credentials import resolve
 
     c = resolve(t.profile)
-    s3 = boto3.client("s3", endpoint_url=t.endpoint, region_name=t.region,
+    s3 = boto3.client("s3", endpoint_url=t.endpoint, region_name=t.region, verify=t.ca_bundle,
                       aws_access_key_id=c.access_key_id, aws_secret_access_key=c.secret_access_key,
                       aws_session_token=c.session_token,
                       config=Config(connect_timeout=t.connect_timeout, read_timeout=t.request_timeout,
