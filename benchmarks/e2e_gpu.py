@@ -343,13 +343,18 @@ def launch(model: str, cfg_path: str, log_path: str) -> subprocess.Popen:
     # DEBUG: one line per read call (pages, bytes, requests, ms, GiB/s, first layer ready)
     env = dict(os.environ, OBJECTCACHE_LOG_LEVEL="DEBUG")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return wait_healthy(proc, log_path, 500)
+
+
+def wait_healthy(proc: subprocess.Popen, log_path: str, limit: float, label: str = "") -> subprocess.Popen:
+    """The launched server once /health answers; RuntimeError if it exits or `limit` s pass first."""
     t0 = time.time()
-    while time.time() - t0 < 500:
+    while time.time() - t0 < limit:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited; see {log_path}")
         try:
             urllib.request.urlopen(URL + "/health", timeout=2)
-            print(f"server healthy after {time.time() - t0:.0f}s", flush=True)
+            print(f"{label}server healthy after {time.time() - t0:.0f}s", flush=True)
             return proc
         except Exception:  # noqa: BLE001
             time.sleep(1)

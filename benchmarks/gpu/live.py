@@ -36,9 +36,9 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: the local SeaweedFS
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-PORT = 30000
-URL = f"http://127.0.0.1:{PORT}"
+from e2e_gpu import PORT, URL, wait_healthy  # noqa: E402  the same server, launched the same way
 
 
 def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subprocess.Popen:
@@ -55,17 +55,7 @@ def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subp
         cmd += ["--hicache-storage-backend", "file"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    t0 = time.time()
-    while time.time() - t0 < 400:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log_path}")
-        try:
-            urllib.request.urlopen(URL + "/health", timeout=2)
-            print(f"{backend}: server healthy after {time.time() - t0:.0f}s", flush=True)
-            return proc
-        except Exception:  # noqa: BLE001
-            time.sleep(1)
-    raise RuntimeError("server not healthy")
+    return wait_healthy(proc, log_path, 400, f"{backend}: ")
 
 
 def flush() -> None:
