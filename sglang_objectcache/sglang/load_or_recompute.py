@@ -53,8 +53,11 @@ class LoadOrRecompute:
         self._prefix: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._t_layer: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._deadline: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self.margin = margin
         self.probe_after = PROBE_AFTER
+
+    @property
+    def margin(self) -> float:
+        return self.decider.margin
 
     # ---- scheduler thread ------------------------------------------------------------------
 
