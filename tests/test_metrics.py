@@ -76,3 +76,19 @@ def test_without_metrics_nothing_is_started(monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setattr(metrics, "metrics_enabled", lambda: False)
     assert metrics.start_exporter(lambda: {"counters": {"x": 1}}, "tp0pp0") is None
+
+
+def test_a_backend_attached_again_keeps_exporting(monkeypatch):
+    """SGLang re-attaches a storage backend at runtime (`PUT /hicache/storage-backend`): the second
+    backend's exporter must not be refused for names the first one registered."""
+    pytest.importorskip("prometheus_client")
+    from sglang_objectcache.sglang import metrics
+
+    monkeypatch.setattr(metrics, "metrics_enabled", lambda: True)
+    snap = {"counters": {"reattach_test_pages": 3}, "tiers": {"disk:/x": {"used_bytes": 5, "requests": {"put": 1}}}}
+    first = metrics.start_exporter(lambda: snap, "tp0pp0")
+    assert first is not None
+    first.stop()
+    second = metrics.start_exporter(lambda: snap, "tp0pp0")
+    assert second is not None, "the second exporter was refused"
+    second.stop()

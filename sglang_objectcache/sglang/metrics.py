@@ -21,6 +21,11 @@ log = logging.getLogger("sglang_objectcache")
 
 INTERVAL = 5.0  # seconds between copies: a scrape sees numbers at most this old
 
+# A name registers once per process (prometheus_client refuses a second), and a backend re-attached
+# at runtime builds a second exporter: the gauges belong to the process, not to one exporter.
+_GAUGES: dict[str, object] = {}
+_GAUGES_LOCK = threading.Lock()
+
 
 def metrics_enabled() -> bool:
     """SGLang was launched with --enable-metrics (or something set up a multiprocess directory)."""
@@ -46,16 +51,16 @@ class Exporter:
 
         self._gauge_cls = Gauge
         self._stats, self._rank, self._interval = stats, rank, interval
-        self._gauges: dict[str, object] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _gauge(self, name: str, labels: tuple[str, ...], doc: str):
-        g = self._gauges.get(name)
-        if g is None:
-            # liveall: one series per live process (SGLang's processes each hold their backend)
-            g = self._gauge_cls(name, doc, ("rank", *labels), multiprocess_mode="liveall")
-            self._gauges[name] = g
+        with _GAUGES_LOCK:
+            g = _GAUGES.get(name)
+            if g is None:
+                # liveall: one series per live process (SGLang's processes each hold their backend)
+                g = self._gauge_cls(name, doc, ("rank", *labels), multiprocess_mode="liveall")
+                _GAUGES[name] = g
         return g
 
     def update(self) -> None:
