@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sglang_objectcache.bench import live
+from sglang_objectcache.bench import live, report
 from sglang_objectcache.bench.workload import Request, WorkloadSpec, describe, generate, zipf_probs
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -201,6 +201,12 @@ def test_live_client_measures_ttft_and_cache_breakdown(fake_server):
     assert s["cached_tokens"] == s["cached_storage"]  # first of each group: no hit
     assert FakeSGLang.delay * 1e3 <= s["ttft_p50_ms"] <= s["ttft_p90_ms"] <= s["ttft_p99_ms"]
     assert s["request_throughput"] > 0 and s["output_throughput"] == pytest.approx(36 / wall)
+    # the first of each group computed its prefix (32 of 72 prompt tokens: under half), the rest read it
+    src = s["ttft_by_source"]
+    assert src["storage"]["n"] == 6 and src["recompute"]["n"] == 3 and "cache" not in src
+    assert src["storage"]["mean_ms"] >= FakeSGLang.delay * 1e3
+    table = report.source_table([{**s, "label": "x", "system_prompt_len": 64, "concurrency": 3}])
+    assert "| x | 64 | 3 | 6: " in table and " | 3: " in table and table.rstrip().endswith("| - |")
 
 
 def test_live_client_reports_errors_without_raising():

@@ -103,7 +103,7 @@ def table(out: str) -> str:
             rows.append(run["summary"])
     order = {"objectcache": 0, "objectcache-static": 1, "l2": 2, "file": 3}
     rows.sort(key=lambda r: (r["system_prompt_len"], r["concurrency"], order.get(r["label"], 9)))
-    return report.live_table(rows)
+    return report.live_table(rows) + "\n\nTTFT by where the prefix came from:\n" + report.source_table(rows)
 
 
 def main(argv=None) -> int:
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
         if backend.startswith("objectcache"):
             srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
             os.environ.update(srv.env())
+            # one line per read (size, rate, first-layer latency) and per decision (expected times)
+            os.environ["OBJECTCACHE_LOG_LEVEL"] = "DEBUG"
             json.dump({"tiers": [{"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "live",
                                   "max_write_connections": 32}], "timeout": 60,
                        "load_or_recompute": backend != "objectcache-static"}, open(cfg_path, "w"))

@@ -6,6 +6,9 @@
 #                                                   to sm90 and the triton attention backend; cffi,
 #                                                   pycparser, obstore, pyyaml; this package's wheel
 #   .carry/weed.xz + .carry/w2/           (s3)      SeaweedFS's `weed` (xz); botocore/aioboto3; py-spy
+#   .carry/native/                        (setup)   the native reader built here, https included, for an
+#                                                   image without OpenSSL's headers ($PY: a Python
+#                                                   with numpy and xxhash; x86-64, glibc <= the image's)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=$ROOT/.carry; mkdir -p "$OUT/w1" "$OUT/w2"; cd "$OUT"
@@ -41,4 +44,7 @@ if [ ! -f weed.xz ]; then
   WEED=$(python3 -c "import sys; sys.path.insert(0, sys.argv[1]); from testbed.servers import find_weed; print(find_weed())" "$ROOT/tests")
   xz -T0 -c "$WEED" > weed.xz
 fi
+rm -rf native
+OBJECTCACHE_NATIVE_DIR=$OUT/native PYTHONPATH=$ROOT ${PY:-python3} -c \
+  "from sglang_objectcache import native; print('native:', native.tls_status())"
 du -ch site-517.tar.xz w1 | tail -1; du -ch weed.xz w2 | tail -1

@@ -7,6 +7,8 @@
 #                                            # one server, both shapes: benchmarks/e2e_gpu.py
 #   bash benchmarks/gpu/run_e2e.sh live [--backends objectcache,l2]
 #                                            # the live shared-prefix table: benchmarks/gpu/live.py
+#                                            # (points kept in $LIVE_DIR, default /tmp/live; all packed
+#                                            # into $OUT/live.tgz)
 #
 # What to carry: benchmarks/gpu/prepare_carry.sh builds it on a networked machine into .carry/.
 # The machine is released after 30 s idle: issue `s3`, `setup` and `run` back to back (setup+run can
@@ -17,6 +19,11 @@ S=/tmp/site
 export PYTHONPATH=$S SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK=1 WEED_BINARY=/tmp/weed PATH=$S/bin:$PATH
 case "$1" in
 setup)
+  # a native helper built elsewhere (benchmarks/gpu/prepare_carry.sh), for an image without a C
+  # compiler or OpenSSL's headers; used only if its recorded hashes match
+  if [ -d $C/native ] && ! { command -v cc >/dev/null && [ -f /usr/include/openssl/ssl.h ]; }; then
+    N=$HOME/.cache/sglang_objectcache; mkdir -p $N && cp $C/native/* $N/ && chmod 700 $N && chmod 644 $N/*
+  fi
   mkdir -p $S && tar -C $S -xJf $C/site-517.tar.xz
   # transformers 5.12.1 refuses the image's tokenizers at import; the check is all that fails
   sed -i 's/^\(\s*\)require_version_core(deps\[pkg\])/\1pass/' $S/transformers/dependency_versions_check.py
@@ -34,7 +41,12 @@ run)
   python3 benchmarks/e2e_gpu.py --out ${OUT:-results}/e2e.json --log ${OUT:-results}/sglang.log "${@:2}" 2>&1 | tee ${OUT:-results}/e2e.txt
   ;;
 live)
-  python3 benchmarks/gpu/live.py --out ${OUT:-results}/live "${@:2}" 2>&1 | tee -a ${OUT:-results}/live.txt
+  # points accumulate in $LIVE_DIR across calls on one machine ($OUT is emptied before each call);
+  # each call packs all of them (JSON, server logs, /metrics) into one file
+  D=${LIVE_DIR:-/tmp/live}
+  mkdir -p $D ${OUT:-results}
+  python3 benchmarks/gpu/live.py --out $D "${@:2}" 2>&1 | tee -a ${OUT:-results}/live.txt
+  tar -C $D -czf ${OUT:-results}/live.tgz --exclude='*.png' .
   ;;
 *) echo "usage: $0 setup|s3|run|live" >&2; exit 2 ;;
 esac

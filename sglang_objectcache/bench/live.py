@@ -146,6 +146,26 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def source(r: LiveResult) -> str:
+    """Where a request's prefix came from: `storage` (any of it), `cache` (device or host held at
+    least half the prompt), else `recompute` (SGLang computed the prefix)."""
+    if r.cached_storage > 0:
+        return "storage"
+    return "cache" if 2 * r.cached_tokens >= r.prompt_tokens else "recompute"
+
+
+def by_source(ok: list[LiveResult]) -> dict:
+    """TTFT per prefix source: the comparison that matters (a storage hit against a recompute of
+    the same prefix), which the means over all requests blur with device and host hits."""
+    out = {}
+    for name in ("storage", "recompute", "cache"):
+        t = [r.ttft_s for r in ok if source(r) == name]
+        if t:
+            out[name] = {"n": len(t), "mean_ms": statistics.fmean(t) * 1e3, "p50_ms": percentile(t, 50) * 1e3,
+                         "p90_ms": percentile(t, 90) * 1e3, "max_ms": max(t) * 1e3}
+    return out
+
+
 def summarize(results: list[LiveResult], wall_s: float) -> dict:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok]
@@ -165,6 +185,7 @@ def summarize(results: list[LiveResult], wall_s: float) -> dict:
         "cached_host": sum(r.cached_host for r in ok),
         "cached_storage": sum(r.cached_storage for r in ok),
         "storage_backend": next((r.storage_backend for r in ok if r.storage_backend), ""),
+        "ttft_by_source": by_source(ok),
     }
 
 

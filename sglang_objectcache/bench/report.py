@@ -48,6 +48,22 @@ def live_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def source_table(rows: list[dict]) -> str:
+    """TTFT by where the prefix came from (bench/live.py `source`): n, mean / p50 / p90 / max ms."""
+    names = ("storage", "recompute", "cache")
+    lines = ["| label | prefix | conc | " + " | ".join(f"{n}: n, mean / p50 / p90 / max ms" for n in names) + " |",
+             "|" + "|".join("---" for _ in range(3 + len(names))) + "|"]
+    for r in rows:
+        cells = []
+        for n in names:
+            s = (r.get("ttft_by_source") or {}).get(n)
+            cells.append(f"{s['n']}: {s['mean_ms']:.0f} / {s['p50_ms']:.0f} / {s['p90_ms']:.0f} / {s['max_ms']:.0f}"
+                         if s else "-")
+        lines.append(f"| {r.get('label', '')} | {r.get('system_prompt_len', '')} | {r.get('concurrency', '')} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -96,6 +96,7 @@ def run_live(args) -> int:
                     "requests": live.results_json(results)})
     print()
     print(report.live_table(rows))
+    print("\nTTFT by where the prefix came from:\n" + report.source_table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "live.json")
     report.write_json(path, {"meta": {**_meta(), "url": args.url}, "runs": raw})

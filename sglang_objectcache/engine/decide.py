@@ -163,11 +163,12 @@ class Decider:
         return max(load_s, t_rest) if self.overlap else load_s + t_rest
 
     def tokens_to_load(self, hit: int, new_tokens: int, prefix: int,
-                       load_seconds: Callable[[int], float | None]) -> int:
+                       load_seconds: Callable[[int], float | None], why: dict | None = None) -> int:
         """`hit` tokens of the request's `new_tokens` (those past what device and host hold, after
         `prefix` tokens) are in storage; `load_seconds(pages)` is the expected time to read the first
         `pages` pages of the hit now (None: not measured). Returns how many tokens to load: a
-        multiple of the page size, at most `hit`; 0 recomputes them."""
+        multiple of the page size, at most `hit`; 0 recomputes them. `why`, if given, receives the
+        expected seconds it compared (whole load, recompute, the chosen plan) for the log."""
         pages = hit // self.page_size
         if pages <= 0:
             return 0
@@ -186,5 +187,7 @@ class Decider:
                 best, best_t = p * self.page_size, t
         if best and best_t > recompute * (1 - self.margin):
             best = 0  # not enough sooner to be worth the risk of a slow read
+        if why is not None:
+            why.update(load_s=whole, recompute_s=recompute, chosen_s=best_t if best else recompute)
         self._count("recompute" if best == 0 else "load" if best == hit else "partial")
         return best

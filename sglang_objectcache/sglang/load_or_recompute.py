@@ -109,13 +109,15 @@ class LoadOrRecompute:
         with self._lock:
             prefix = self._prefix.pop(req_id, 0)
         new_tokens = len(operation.token_ids)
+        why: dict = {}
         try:
             load = self.decider.tokens_to_load(hit_tokens, new_tokens, prefix,
-                                               self._load_seconds(list(hash_value[:hit_tokens // self.page_size])))
+                                               self._load_seconds(list(hash_value[:hit_tokens // self.page_size])),
+                                               why)
         except Exception:  # noqa: BLE001 - never take SGLang's prefetch thread down: as SGLang would
             log.exception("objectcache: load-or-recompute failed; loading the whole hit")
             load = hit_tokens
-        rest = new_tokens - load
+        rest, budget = new_tokens - load, None
         t = self.model.seconds(rest, prefix + new_tokens)
         full = self.model.seconds(new_tokens, prefix + new_tokens)
         if t is not None and full is not None and load:
@@ -124,9 +126,12 @@ class LoadOrRecompute:
             with self._lock:
                 _put(self._t_layer, req_id, t / max(self.fp.n_layers, 1))
                 _put(self._deadline, req_id, time.monotonic() + budget)
-        if load < hit_tokens:
-            log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached)",
-                      req_id, load, hit_tokens, new_tokens, prefix)
+        if log.isEnabledFor(logging.DEBUG):
+            ms = {k: f"{v * 1e3:.0f}" if v is not None else "?" for k, v in why.items()}
+            log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached); expected ms: "
+                      "load %s, recompute %s, chosen %s; load wait budget %s", req_id, load, hit_tokens, new_tokens,
+                      prefix, ms.get("load_s", "?"), ms.get("recompute_s", "?"), ms.get("chosen_s", "?"),
+                      f"{budget * 1e3:.0f}" if budget is not None else "-")
         return load
 
     def bounded(self, page_get, backend):
