@@ -87,6 +87,35 @@ def test_prefill_model_fits_sglangs_forward_times():
     assert m.seconds(0, 10000) == 0.0
 
 
+def test_prefill_model_ignores_batches_that_measured_something_else():
+    """On one H100 a batch timed at hours (and first batches that waited for kernels to compile)
+    made the fit predict hours for a 4K prefill, and every storage hit was loaded."""
+    truth = (0.004, 2e-5, 3e-10)
+    shapes = [(512, 512), (1024, 4096), (2048, 2048), (4096, 16384), (256, 8192), (8192, 8192),
+              (1024, 1024), (3000, 12000), (64, 64), (64, 4160), (4160, 4160), (64, 8256)]
+    m = PrefillModel()
+    m.observe(64, 64 * 64, 9970.0)  # longer than any prefill: not a forward time
+    m.observe(4160, 4160 * 4160, 40.0)  # the first batch of a shape, behind a kernel compile
+    m.observe(64, 64 * 64, 5.0)
+    for k, ctx in shapes * 2:
+        m.observe(k, k * ctx, truth[0] + truth[1] * k + truth[2] * k * ctx)
+    for k, ctx in [(4096, 4096), (8192, 8192), (16384, 16384), (64, 8256)]:
+        want = truth[0] + truth[1] * k + truth[2] * k * ctx
+        assert m.seconds(k, ctx) == pytest.approx(want, rel=0.05), (k, ctx)
+
+
+def test_prefill_model_has_no_negative_terms():
+    """Per-token cost only (no context term, no constant): the fit must not trade a negative
+    constant for a larger slope, which would make short prefills look free."""
+    m = PrefillModel()
+    for k in (64, 128, 512, 1024, 4096, 8192, 256, 2048, 64, 128):
+        m.observe(k, k * k, 1e-4 * k)
+    c0, a, b = m.coefficients()
+    assert c0 >= 0 and a > 0 and b >= 0
+    assert m.seconds(64, 64) == pytest.approx(64e-4, rel=0.05)
+    assert m.seconds(8192, 8192) == pytest.approx(8192e-4, rel=0.05)
+
+
 def _model(per_token: float) -> PrefillModel:
     m = PrefillModel()
     for k in (256, 512, 1024, 2048, 4096, 8192, 128, 64):

@@ -68,6 +68,32 @@ def flush() -> None:
     raise RuntimeError("flush_cache kept failing")
 
 
+def empty_bucket(srv) -> None:
+    """Delete the previous point's objects, and the bucket with them, then make it again. Each
+    point writes its own prefixes (about 16 GiB at 8K x 16 groups) and never reads an earlier
+    point's, but the machine has 64 GiB of disk: without this SeaweedFS filled it at the fifth
+    point and writes failed. Deleting the bucket drops its volumes at once (deleting objects alone
+    frees nothing until a vacuum)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=srv.endpoint, aws_access_key_id=srv.access_key,
+                      aws_secret_access_key=srv.secret_key, region_name=srv.region)
+    for _ in range(3):  # writes of the last point may still land while we delete
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=srv.bucket)
+                for o in page.get("Contents", [])]
+        for i in range(0, len(keys), 1000):
+            s3.delete_objects(Bucket=srv.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+        try:
+            s3.delete_bucket(Bucket=srv.bucket)
+            break
+        except Exception:  # noqa: BLE001  (not empty yet)
+            time.sleep(1)
+    try:
+        s3.create_bucket(Bucket=srv.bucket)
+    except Exception as e:  # noqa: BLE001  (still there: the delete did not go through)
+        print(f"bucket not recreated: {e}", flush=True)
+
+
 def scrape(path: str) -> None:
     """The server's /metrics lines of objectcache (its counters and load-or-recompute decisions)."""
     try:
@@ -148,6 +174,8 @@ def main(argv=None) -> int:
                 for c in concs:
                     seed += 1
                     flush()
+                    if srv is not None and seed > 2:
+                        empty_bucket(srv)
                     subprocess.run([sys.executable, "-m", "sglang_objectcache.cli.bench", "live", "--url", URL,
                                     "--label", backend, "--num-groups", str(g),
                                     "--prompts-per-group", str(args.prompts_per_group), "--system-prompt-len",

@@ -95,9 +95,16 @@ class ReadMeter:
 
 class PrefillModel:
     """Forward time of a prefill batch: t = c0 + a * sum(k) + b * sum(k * ctx), over the last
-    `keep` batches SGLang ran with nothing loaded from host or storage (those wait on copies)."""
+    `keep` batches SGLang ran with nothing loaded from host or storage (those wait on copies).
+
+    Fitted for relative error (a 64-token batch counts as much as an 8K one), with no negative
+    coefficient, and robust: batches far off the fit (a first batch that waited for kernels to
+    compile, a batch held up by the host) are dropped before the final fit. On one H100 a single
+    such batch made 4K tokens look like hours of prefill, and every hit was loaded."""
 
     MIN_SAMPLES = 8
+    MAX_SECONDS = 120.0  # no prefill forward takes longer; a longer one measured something else
+    TRIM = 3.0  # a batch whose relative error is this many times the median is an outlier
 
     def __init__(self, keep: int = 256):
         self._rows: deque = deque(maxlen=keep)
@@ -108,26 +115,44 @@ class PrefillModel:
     def observe(self, tokens: int, token_ctx: int, seconds: float) -> None:
         """One batch: `tokens` new tokens in all, `token_ctx` = sum over its requests of new
         tokens times their context length (prefix + new), `seconds` its forward time."""
-        if tokens <= 0 or seconds <= 0:
+        if tokens <= 0 or not 0 < seconds <= self.MAX_SECONDS:
             return
         with self._lock:
             self._rows.append((1.0, float(tokens), float(token_ctx), seconds))
             self._dirty = True
+
+    @staticmethod
+    def _fit(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+        """Least squares of relative error with every coefficient >= 0 (a feature whose
+        coefficient comes out negative is dropped and the rest refitted)."""
+        w = 1.0 / y
+        active = [0, 1, 2]
+        while active:
+            try:
+                c, *_ = np.linalg.lstsq(x[:, active] * w[:, None], np.ones_like(y), rcond=None)
+            except np.linalg.LinAlgError:
+                return None
+            if (c >= 0).all():
+                coef = np.zeros(3)
+                coef[active] = c
+                return coef if coef[1] > 0 or coef[2] > 0 else None
+            del active[int(np.argmin(c))]
+        return None
 
     def coefficients(self) -> tuple[float, float, float] | None:
         with self._lock:
             if self._dirty and len(self._rows) >= self.MIN_SAMPLES:
                 m = np.array(self._rows)
                 x, y = m[:, :3], m[:, 3]
-                try:
-                    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-                except np.linalg.LinAlgError:
-                    coef = None
+                coef = self._fit(x, y)
                 if coef is not None:
-                    c0, a, b = (float(v) for v in coef)
-                    if a <= 0:  # too few distinct sizes to fit: a single rate through the origin
-                        c0, a, b = 0.0, float(y.sum() / x[:, 1].sum()), 0.0
-                    self._coef = (max(c0, 0.0), a, max(b, 0.0))
+                    err = np.abs(x @ coef - y) / y
+                    keep = err <= max(self.TRIM * float(np.median(err)), 0.05)
+                    if self.MIN_SAMPLES <= keep.sum() < len(y):
+                        refit = self._fit(x[keep], y[keep])
+                        coef = refit if refit is not None else coef
+                if coef is not None:
+                    self._coef = tuple(float(v) for v in coef)
                 self._dirty = False
             return self._coef
 
