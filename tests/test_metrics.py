@@ -92,3 +92,21 @@ def test_a_backend_attached_again_keeps_exporting(monkeypatch):
     second = metrics.start_exporter(lambda: snap, "tp0pp0")
     assert second is not None, "the second exporter was refused"
     second.stop()
+
+
+def test_the_linker_routes_counts_are_exported(monkeypatch):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import REGISTRY
+
+    from sglang_objectcache.sglang import metrics
+
+    monkeypatch.setattr(metrics, "metrics_enabled", lambda: True)
+    ex = metrics.start_exporter(lambda: {"counters": {}, "linker": {"load_pages": 7, "failed_batches": 1}},
+                                "tp9pp0")
+    assert ex is not None
+    try:
+        ex.update()
+        assert REGISTRY.get_sample_value("objectcache_linker_load_pages", {"rank": "tp9pp0"}) == 7
+        assert REGISTRY.get_sample_value("objectcache_linker_failed_batches", {"rank": "tp9pp0"}) == 1
+    finally:
+        ex.stop()

@@ -74,6 +74,10 @@ class Exporter:
             if isinstance(decisions.get(kind), int):
                 self._gauge("objectcache_decisions", ("kind",), "storage hits loaded, partly loaded, recomputed, "
                             "or loaded unmeasured, since start").labels(self._rank, kind).set(decisions[kind])
+        for key, value in (snap.get("linker") or {}).items():  # the 0.5.23 linker route's own counts
+            if isinstance(value, int):
+                self._gauge(f"objectcache_linker_{_name(key)}", (), f"objectcache linker: {key} since start"
+                            ).labels(self._rank).set(value)
         for tier, fields in (snap.get("tiers") or {}).items():
             for key, value in fields.items():
                 if key == "requests" and isinstance(value, dict):
