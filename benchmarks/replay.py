@@ -162,6 +162,12 @@ def available_backends(names: list[str]) -> tuple[list[str], list[str]]:
     """(usable, skipped-with-reason) for this SGLang."""
     ok, skipped = [], []
     for n in names:
+        if n == "objectcache-linker":
+            try:
+                import sglang.srt.mem_cache.unified_cache.unified_cache_linker  # noqa: F401
+            except ImportError:
+                skipped.append("objectcache-linker: this SGLang has no external cache linker (0.5.23 has it)")
+                continue
         if n == "seaweedfs":
             try:
                 import sglang.srt.mem_cache.storage.seaweedfs.seaweedfs_store  # noqa: F401
@@ -170,6 +176,38 @@ def available_backends(names: list[str]) -> tuple[list[str], list[str]]:
                 continue
         ok.append(n)
     return ok, skipped
+
+
+class KVPattern:
+    """Synthetic KV: a function of (token id, position) per element, varied per (layer, K/V) by an
+    XOR of a small constant; int16 bit patterns below 0x7F80, so every bf16 value is finite and
+    comparisons are exact."""
+
+    def __init__(self, kv, geo: Geometry):
+        import torch
+
+        self.kv, self.geo, self.torch = kv, geo, torch
+        self._el = torch.arange(geo.heads * geo.head_dim, dtype=torch.int64).view(1, geo.heads, geo.head_dim)
+
+    def _rows(self, toks, pos):
+        base = toks * 2654435761 + pos * 40503
+        return ((base.view(-1, 1, 1) + self._el * 31) % 0x7F00).to(self.torch.int16)
+
+    @staticmethod
+    def _salt(layer: int, kv: int) -> int:
+        return (layer * 2 + kv) * 37 % 0x7F
+
+    def fill(self, idx, toks, pos) -> None:
+        rows = self._rows(toks, pos)
+        for layer in range(self.geo.layers):
+            self.kv.k_buffer[layer].view(self.torch.int16)[idx] = rows ^ self._salt(layer, 0)
+            self.kv.v_buffer[layer].view(self.torch.int16)[idx] = rows ^ self._salt(layer, 1)
+
+    def verify(self, idx, toks, pos) -> bool:
+        t, rows = self.torch, self._rows(toks, pos)
+        return all(t.equal(self.kv.k_buffer[layer].view(t.int16)[idx], rows ^ self._salt(layer, 0))
+                   and t.equal(self.kv.v_buffer[layer].view(t.int16)[idx], rows ^ self._salt(layer, 1))
+                   for layer in range(self.geo.layers))
 
 
 class Tree:
@@ -216,30 +254,13 @@ class Tree:
         atexit.unregister(self.cache.shutdown)
         self.cc = self.cache.cache_controller
         self.backend = self.cc.storage_backend
-        self._el = torch.arange(geo.heads * geo.head_dim, dtype=torch.int64).view(1, geo.heads, geo.head_dim)
-
-    # Synthetic KV: a function of (token id, position) per element, varied per (layer, K/V) by an
-    # XOR of a small constant; int16 bit patterns below 0x7F80, so every bf16 value is finite and
-    # comparisons are exact.
-    def _rows(self, toks, pos):
-        base = toks * 2654435761 + pos * 40503
-        return ((base.view(-1, 1, 1) + self._el * 31) % 0x7F00).to(self.torch.int16)
-
-    @staticmethod
-    def _salt(layer: int, kv: int) -> int:
-        return (layer * 2 + kv) * 37 % 0x7F
+        self.pattern = KVPattern(self.kv, geo)
 
     def fill(self, idx, toks, pos) -> None:
-        rows = self._rows(toks, pos)
-        for layer in range(self.geo.layers):
-            self.kv.k_buffer[layer].view(self.torch.int16)[idx] = rows ^ self._salt(layer, 0)
-            self.kv.v_buffer[layer].view(self.torch.int16)[idx] = rows ^ self._salt(layer, 1)
+        self.pattern.fill(idx, toks, pos)
 
     def verify(self, idx, toks, pos) -> bool:
-        t, rows = self.torch, self._rows(toks, pos)
-        return all(t.equal(self.kv.k_buffer[layer].view(t.int16)[idx], rows ^ self._salt(layer, 0))
-                   and t.equal(self.kv.v_buffer[layer].view(t.int16)[idx], rows ^ self._salt(layer, 1))
-                   for layer in range(self.geo.layers))
+        return self.pattern.verify(idx, toks, pos)
 
     def pump(self, cond: Callable[[], bool], timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -326,13 +347,18 @@ class Probe:
             self.s3[verb] = self.s3.get(verb, 0) + 1
 
 
+def s3_requests_of(cache) -> dict[str, int]:
+    """The requests an objectcache engine sent, by verb."""
+    out: dict[str, int] = {}
+    for t in cache.tiers:
+        for verb, n in t.requests.items():
+            out[verb.upper()] = out.get(verb.upper(), 0) + n
+    return out
+
+
 def s3_requests(tree: Tree, backend: str, probe: Probe) -> dict[str, int] | None:
     if backend == "objectcache":
-        out: dict[str, int] = {}
-        for t in tree.backend.cache.tiers:
-            for verb, n in t.requests.items():
-                out[verb.upper()] = out.get(verb.upper(), 0) + n
-        return out
+        return s3_requests_of(tree.backend.cache)
     if backend == "seaweedfs":
         return dict(probe.s3)
     return None

@@ -29,8 +29,9 @@ from sglang_objectcache.cli.bench import _meta, _spec_args, _specs, add_modes  #
 def add_replay(modes) -> None:
     rp = modes.add_parser("replay", help="SGLang's HiCache tree + controller on CPU with synthetic KV")
     _spec_args(rp)
-    rp.add_argument("--backends", default="objectcache,file,seaweedfs",
-                    help="comma list; objectcache-obstore = objectcache with native_reads: off")
+    rp.add_argument("--backends", default="objectcache,objectcache-linker,file,seaweedfs",
+                    help="comma list; objectcache-obstore = objectcache with native_reads: off; "
+                    "objectcache-linker = the 0.5.23 linker route (no host tier; not in the verdict)")
     rp.add_argument("--endpoint", help="an S3 server to use instead of starting SeaweedFS (credentials from "
                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, bucket from --bucket)")
     rp.add_argument("--bucket", default="kv-cache")
@@ -51,6 +52,7 @@ def add_replay(modes) -> None:
 
 def run_replay(args) -> int:
     import replay
+    import replay_linker
     import verdict
     from testbed import servers
 
@@ -62,7 +64,7 @@ def run_replay(args) -> int:
     geo = replay.Geometry(args.layers, args.heads, args.head_dim, args.page_size)
 
     owned = False
-    if any(n in ("objectcache", "seaweedfs") for n in names):
+    if any(n in ("objectcache", "objectcache-linker", "seaweedfs") for n in names):
         if args.endpoint:
             srv = servers.S3Server(kind="external", endpoint=args.endpoint,
                                    access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
@@ -86,18 +88,22 @@ def run_replay(args) -> int:
             runs: dict[str, list] = {n: [] for n in names}
             for rep in range(args.repeat):
                 for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no backend always first
-                    run = replay.run_backend(name, reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
-                                             device_tokens=dev, host_tokens=host,
-                                             prefetch_threshold=args.prefetch_threshold,
-                                             settle_writes=not args.race_writes,
-                                             progress=lambda b, spl=spec.system_prompt_len, c=spec.concurrency,
-                                             k=rep: bar.step(f"{b} prefix={spl} c={c} run {k + 1}/{args.repeat}"))
+                    step = (lambda b, spl=spec.system_prompt_len, c=spec.concurrency,
+                            k=rep: bar.step(f"{b} prefix={spl} c={c} run {k + 1}/{args.repeat}"))
+                    if name == replay_linker.NAME:  # the same device pool, no host tier
+                        run = replay_linker.run_linker(reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
+                                                       device_tokens=dev, progress=step)
+                    else:
+                        run = replay.run_backend(name, reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
+                                                 device_tokens=dev, host_tokens=host,
+                                                 prefetch_threshold=args.prefetch_threshold,
+                                                 settle_writes=not args.race_writes, progress=step)
                     row = replay.summarize(run)
                     runs[name].append((row, tuple(q.storage_hit for q in run.requests)))
                     raw.append({"spec": spec.__dict__, "shape": describe(reqs), "device_tokens": dev,
                                 "host_tokens": host, "run_index": rep, "summary": row, "run": run.to_dict()})
             rows.extend(verdict.median_row([r for r, _ in runs[n]]) for n in names)
-            verdicts.extend(verdict.compare(point, runs))
+            verdicts.extend(verdict.compare(point, {n: r for n, r in runs.items() if n != replay_linker.NAME}))
     finally:
         if owned:
             srv.stop()

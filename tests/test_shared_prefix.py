@@ -133,6 +133,39 @@ def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch
         assert s["ttft_modelled_ms_mean"] > 0
 
 
+@pytest.mark.usefixtures("sglang_cpu")
+def test_replay_linker_row_streams_verified_kv_from_storage(seaweedfs, monkeypatch):
+    """The linker route's row (benchmarks/replay_linker.py) on the same workload: the second pass
+    loads its prefixes from storage into device slots, layer by layer, and the KV is the pattern."""
+    from sglang_objectcache.sglang.compat import sglang_version
+
+    if sglang_version() != "0.5.23":
+        pytest.skip("the external cache linker is SGLang 0.5.23's")
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import replay
+    import replay_linker
+
+    for k, v in seaweedfs.env().items():
+        monkeypatch.setenv(k, v)
+    replay.setup_sglang()
+    geo = replay.Geometry(layers=4, heads=2, head_dim=64, page_size=64)
+    reqs = two_passes(groups=6, prefix=512, question=64)
+    device, _ = replay.sizes_for(reqs, 1, geo.page_size, host_frac=0.3)
+    run = replay_linker.run_linker(reqs, srv=seaweedfs, geo=geo, concurrency=2, device_tokens=device)
+    first, second = run.requests[:6], run.requests[6:]
+    assert all(r.storage_hit == 0 for r in first)
+    assert all(r.corrupt_tokens == 0 for r in run.requests)
+    hits = [r for r in second if r.storage_hit > 0]
+    assert len(hits) >= 3, [(r.device_hit, r.storage_hit) for r in second]
+    for r in hits:
+        assert r.verified_tokens >= r.storage_hit and r.storage_hit % geo.page_size == 0
+        assert 0 < r.first_layer_s <= r.fetch_s < r.ttft_modelled_s
+    s = replay.summarize(run)
+    assert s["backend"] == "objectcache-linker" and s["host_hit_rate"] == 0
+    assert s["verified_storage_bytes"] >= sum(r.storage_hit for r in hits) * geo.bytes_per_token > 0
+    assert s["s3_requests"]["GET"] >= 1 and s["s3_requests"]["PUT"] >= 1
+
+
 # ---- live client against SGLang's streaming format ------------------------------------------------
 
 
