@@ -171,3 +171,52 @@ def test_per_request_tables_stay_bounded():
     for i in range(lor.KEEP * 3):
         lor._put(table, f"r{i}", i)
     assert len(table) == lor.KEEP and next(iter(table)) == f"r{lor.KEEP * 2}"
+
+
+def test_loads_that_take_longer_in_sglang_than_the_meters_say_are_scaled_and_back():
+    """On one H100 the batches that loaded took about twice what the read meters predicted; the
+    decision keeps loading only while the calibrated estimate still pays, and recovers."""
+    d = Decider(_model(1e-4), page_size=64)  # serial: recompute of 1024 tokens = 102 ms
+    page_s = 0.004  # 16 pages: 64 ms expected
+    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * page_s) == 1024
+    for _ in range(12):  # each loading batch took 5x what was expected
+        d.calibrate(0.064, 0, 1024, 0.32)
+    assert 4.5 < d.load_scale <= 5.0
+    why = {}
+    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * page_s, why) == 0
+    assert why["load_s"] == pytest.approx(0.064 * d.load_scale)
+    for _ in range(12):  # the tier (or SGLang) got quick again
+        d.calibrate(0.064, 0, 1024, 0.064)
+    assert d.load_scale < 1.2
+    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * page_s) == 1024
+
+
+def test_compute_bound_batches_say_nothing_about_the_load():
+    d = Decider(_model(1e-4), page_size=64, overlap=True)
+    d.calibrate(0.010, 2048, 4096, 0.150)  # the 2048 computed tokens took ~205 ms: the forward's own time
+    assert d.load_scale == 1.0
+    d.calibrate(0.100, 0, 4096, 0.400)  # a load alone, 4x late: counted (smoothed, bounded)
+    assert d.load_scale == pytest.approx(0.7 + 0.3 * 4.0)
+    d.calibrate(0.001, 0, 4096, 10.0)  # absurd ratios are bounded
+    assert d.load_scale <= Decider.SCALE_BOUNDS[1]
+
+
+def test_sglangs_loading_batches_calibrate_the_decision():
+    """observe_prefill sees a batch that waited on loads (hicache_consumer_index set): the one
+    request's result came this long after its decision; that feeds the decider, not the prefill fit."""
+    import time
+    import types
+
+    from sglang_objectcache.sglang.load_or_recompute import LoadOrRecompute
+
+    backend = types.SimpleNamespace(cache=types.SimpleNamespace(_reads=types.SimpleNamespace(meters={})),
+                                fp=types.SimpleNamespace(n_layers=4, piece_bytes=1))
+    lor = LoadOrRecompute(types.SimpleNamespace(page_size=64), backend, margin=0.1, overlap=False)
+    lor._plans["r1"] = (time.monotonic() - 0.3, 0.1, 0, 1024)
+    mode = types.SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False)
+    batch = types.SimpleNamespace(forward_mode=mode, hicache_consumer_index=0, reqs=[types.SimpleNamespace(rid="r1")],
+                                  extend_lens=[64], prefix_lens=[1024], launch_ts=time.monotonic() - 0.05)
+    lor.observe_prefill(batch)
+    assert lor.decider.load_scale == pytest.approx(0.7 + 0.3 * 3.0, rel=0.05)
+    assert lor.model.coefficients() is None and "r1" not in lor._plans
+    assert lor.stats()["load_scale"] == lor.decider.load_scale

@@ -170,12 +170,38 @@ class PrefillModel:
 class Decider:
     """How many tokens of a storage hit to load. `margin`: a load must finish this fraction sooner
     than recompute to be chosen; `overlap`: the forward overlaps the load layer by layer (the
-    0.5.17 patch), else it starts after the last byte."""
+    0.5.17 patch), else it starts after the last byte.
+
+    `load_scale` calibrates the read meters against what SGLang then took: on one H100 the batches
+    that loaded took about twice the expected time (admission, the first byte, the layer hold and
+    the copies are not in a read rate), so loads that did not pay were chosen. `calibrate` feeds it
+    each loading batch's forward time against the plan's expected time; it scales only the load
+    part, since the prefill model is fitted to SGLang's own timings already."""
+
+    SCALE_BOUNDS = (0.5, 8.0)
+    SCALE_ALPHA = 0.3
 
     def __init__(self, model: PrefillModel, page_size: int, *, margin: float = 0.1, overlap: bool = False):
         self.model, self.page_size, self.margin, self.overlap = model, page_size, margin, overlap
         self.counters = dict(load=0, recompute=0, partial=0, unmeasured=0)
         self._lock = threading.Lock()
+        self.load_scale = 1.0
+
+    def calibrate(self, load_s: float, rest_tokens: int, ctx: int, actual_s: float) -> None:
+        """A batch that loaded `load_s` (expected, unscaled) and computed `rest_tokens` took
+        `actual_s`: solve for the load time that would have explained it, and smooth the ratio."""
+        if load_s <= 0 or actual_s <= 0:
+            return
+        t_rest = self.model.seconds(rest_tokens, ctx) or 0.0
+        # overlapped: actual = max(load, rest) -> the load took `actual` when it was the longer;
+        # serial: actual = load + rest
+        implied = actual_s if self.overlap else actual_s - t_rest
+        if self.overlap and actual_s <= t_rest:
+            return  # compute bound: says nothing about the load
+        lo, hi = self.SCALE_BOUNDS
+        ratio = min(max(implied / load_s, lo), hi)
+        with self._lock:
+            self.load_scale = (1 - self.SCALE_ALPHA) * self.load_scale + self.SCALE_ALPHA * ratio
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -185,6 +211,7 @@ class Decider:
         """Expected time until the forward can end: loading takes `load_s`, and `rest_tokens` are
         computed over a context of `ctx` tokens."""
         t_rest = self.model.seconds(rest_tokens, ctx) or 0.0
+        load_s *= self.load_scale
         return max(load_s, t_rest) if self.overlap else load_s + t_rest
 
     def tokens_to_load(self, hit: int, new_tokens: int, prefix: int,
@@ -213,6 +240,8 @@ class Decider:
         if best and best_t > recompute * (1 - self.margin):
             best = 0  # not enough sooner to be worth the risk of a slow read
         if why is not None:
-            why.update(load_s=whole, recompute_s=recompute, chosen_s=best_t if best else recompute)
+            why.update(load_s=whole * self.load_scale, recompute_s=recompute, chosen_s=best_t if best else recompute,
+                       plan_load_s=(load_seconds(best // self.page_size) if best and best != hit else whole)
+                       if best else None, plan_tokens=best)
         self._count("recompute" if best == 0 else "load" if best == hit else "partial")
         return best

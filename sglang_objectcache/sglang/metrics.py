@@ -74,6 +74,10 @@ class Exporter:
             if isinstance(decisions.get(kind), int):
                 self._gauge("objectcache_decisions", ("kind",), "storage hits loaded, partly loaded, recomputed, "
                             "or loaded unmeasured, since start").labels(self._rank, kind).set(decisions[kind])
+        if isinstance(decisions.get("load_scale"), float):
+            self._gauge("objectcache_load_scale", (), "how much longer loads took inside SGLang than the read "
+                        "meters expected (smoothed); load-or-recompute scales its estimates by it"
+                        ).labels(self._rank).set(decisions["load_scale"])
         for key, value in (snap.get("linker") or {}).items():  # the 0.5.23 linker route's own counts
             if isinstance(value, int):
                 self._gauge(f"objectcache_linker_{_name(key)}", (), f"objectcache linker: {key} since start"
