@@ -155,3 +155,18 @@ def test_pages_already_stored_are_not_written_again(bed):
     insert(bed.tree, req, tokens + [7], torch.cat([rows, bed.alloc.alloc(PAGE)]))
     wait_offloads(bed.tree, timeout=30)
     assert bed.linker.cache.snapshot()["counters"].get("put_written", 0) == puts
+
+
+def test_a_flush_waits_for_the_offload_in_progress(bed):
+    """SGLang's flush_cache resets the tree, which resets the linker: an offload already taken off
+    the queue must finish inside reset, or its result would be credited to the next offload (and
+    its node unlocked before its bytes were written)."""
+    from testbed.unified import flush, insert
+
+    for attempt in range(5):
+        tokens = list(range(20000 + attempt * 4096, 20000 + attempt * 4096 + 32 * PAGE))
+        slots = bed.alloc.alloc(len(tokens))
+        insert(bed.tree, None, tokens, slots)
+        flush(bed)  # at once, while the offload runs
+        time.sleep(0.3)
+        assert bed.linker.num_completed_offloads() == 0, attempt

@@ -381,28 +381,33 @@ class ObjectCacheLinker(UnifiedCacheLinker):
     def _offload_loop(self) -> None:
         while True:
             task = self._offloads.get()
-            if task is None:
-                return
-            keys, slots, events = task
-            ok = False
-            buf = None
             try:
-                for event in events:
-                    event.synchronize()
-                buf = self._staging(len(keys))
-                slots_dev = slots.to(self.device)
-                for layer in range(self.n_layers):
-                    for part in range(len(self.parts.token_bytes)):
-                        self._part(buf, len(keys), layer, part).copy_(
-                            self.parts.rows(layer, part).index_select(0, slots_dev))
-                ok = all(self.cache.put(keys, self._segments(buf, len(keys))))
-                self.counts["offloads"] += 1
-                self.counts["offload_pages"] += len(keys)
-            except Exception:  # noqa: BLE001 - an offload that fails is reported, not raised
-                log.exception("objectcache linker: offload of %d pages failed", len(keys))
+                if task is None:
+                    return
+                self._offload(*task)
             finally:
-                self._release(buf)
-                self._offload_results.put(ok)
+                self._offloads.task_done()  # reset() waits for the offload in progress, not only the queue
+
+    def _offload(self, keys, slots, events) -> None:
+        ok = False
+        buf = None
+        try:
+            for event in events:
+                event.synchronize()
+            buf = self._staging(len(keys))
+            slots_dev = slots.to(self.device)
+            for layer in range(self.n_layers):
+                for part in range(len(self.parts.token_bytes)):
+                    self._part(buf, len(keys), layer, part).copy_(
+                        self.parts.rows(layer, part).index_select(0, slots_dev))
+            ok = all(self.cache.put(keys, self._segments(buf, len(keys))))
+            self.counts["offloads"] += 1
+            self.counts["offload_pages"] += len(keys)
+        except Exception:  # noqa: BLE001 - an offload that fails is reported, not raised
+            log.exception("objectcache linker: offload of %d pages failed", len(keys))
+        finally:
+            self._release(buf)
+            self._offload_results.put(ok)
 
     def num_completed_offloads(self) -> int:
         return self._offload_results.qsize()
@@ -421,8 +426,7 @@ class ObjectCacheLinker(UnifiedCacheLinker):
                     load.session.cancel("reset")
             self.layer_done_counter.fail(index, RuntimeError("reset"))
             self.finish_layer_wise_loading(index)
-        while not self._offloads.empty():
-            time.sleep(0.01)
+        self._offloads.join()  # the running offload too: its result must not outlive the reset
         self.cache.flush()
         while True:
             try:

@@ -1,4 +1,5 @@
-"""SGLang 0.5.23's real UnifiedRadixCache with an external cache linker, on CPU, one rank.
+"""SGLang 0.5.23's real UnifiedRadixCache with an external cache linker, on CPU, one rank (or one
+tensor-parallel rank of several, each its own process: `build_unified_tree(tp_size=, tp_rank=)`).
 
 `build_unified_tree` goes through SGLang's own construction path for `--enable-unified-cache-
 external-linker --unified-cache-external-linker-backend dynamic`: the CLI parser turns the JSON
@@ -14,8 +15,18 @@ Replicated by hand, because SGLang cannot load a model on CPU:
   which would strip pytest's log handlers: the same argparse parser and `ServerArgs.from_cli_args`.
 - `handle_hicache` is called directly: `resolve_once` returns early for `model_path="dummy"`
   (arg_groups/pipeline.py:105-108) before it reaches that hook (pipeline.py:272).
-- The process groups: a single-rank gloo group from `dist.new_group` instead of SGLang's
-  `initialize_model_parallel` (which the model runner calls), and `publish(..., SpawnRanks(0))`.
+- The process groups: gloo groups from `dist.new_group` instead of SGLang's
+  `initialize_model_parallel` (which the model runner calls), and `publish(..., SpawnRanks(rank))`.
+  With tp_size > 1 (no DP attention, no CP, no PP) they are laid out as SGLang's are for plain TP:
+  the dp-tp group (CacheInitParams.tp_cache_group, kv_cache_builder.py:402) and the attention-TP
+  group (attn_tp_cache_group, :404) span every rank; the attention-CP and PP groups are one rank
+  each (:403, :405). The tree's `_all_reduce_attn_groups` (unified_radix_cache.py:355-362) then
+  reduces over the attention-TP group: the linker wrapper's `_sync_restorable_prefix`
+  (unified_cache_linker.py:349-368), `finish_loads` (:568-595) and `check_hicache_events`'
+  offload counts (unified_radix_cache.py:3651-3667) are real cross-process collectives, so every
+  rank must drive the same scheduler steps in the same order. The ranks themselves
+  (`get_parallel().tp_rank`, `tp_size`, `attn_tp_*`) come from `publish` with `--tp-size`
+  (runtime_context.py:230-251); no group handle is read from `get_parallel()` on this path.
 - The device pools (`MHATokenToKVPool` on "cpu", `PagedTokenToKVPoolAllocator`, `ReqToTokenPool`)
   are built directly, as `ModelRunner` would size them from a model config.
 - `CacheInitParams` and `TreeCacheBuildContext` (kv_cache_builder.py:389-455) are filled with the
@@ -75,6 +86,9 @@ class UnifiedBed:
     params: Any  # CacheInitParams
     tp_worker: "_TpWorker"
     page_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    groups: Optional["_Groups"] = None  # the gloo groups handed to the tree (CacheInitParams)
 
 
 class _TpWorker:
@@ -98,16 +112,51 @@ class _TpWorker:
         self._set_consumer(self, consumer_index)
 
 
-def _init_gloo() -> None:
+def _init_gloo(rank: int = 0, world_size: int = 1, timeout_s: float = 60.0) -> None:
+    """The default (world) gloo group. One rank: on a free port. Several: every rank's process
+    calls this with the same MASTER_ADDR/MASTER_PORT in its environment, set by whoever started
+    them; a collective that a peer never joins fails after `timeout_s` instead of hanging."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"torch.distributed is already up as rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, not {rank} of {world_size}")
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    if world_size == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    elif "MASTER_PORT" not in os.environ:
+        raise RuntimeError("tp_size > 1: set MASTER_PORT (and MASTER_ADDR) for every rank's process")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+
+@dataclass
+class _Groups:
+    tp: Any  # dp-tp group: every rank (no DP attention)
+    attn_tp: Any  # every rank (attn_tp_size == tp_size without DP attention or CP)
+    attn_cp: Any  # this rank alone (attn_cp_size == 1)
+    pp: Any  # this rank alone (pp_size == 1)
+
+
+def _build_groups(rank: int, world_size: int) -> _Groups:
+    """Plain-TP groups over the world gloo group. `dist.new_group` is collective over the world:
+    every rank creates every group, in the same order, and keeps the ones it belongs to."""
+    import torch.distributed as dist
+
+    everyone = list(range(world_size))
+    tp = dist.new_group(everyone, backend="gloo")
+    attn_tp = dist.new_group(everyone, backend="gloo")
+    singles = {"cp": {}, "pp": {}}
+    for kind in ("cp", "pp"):
+        for r in everyone:
+            singles[kind][r] = dist.new_group([r], backend="gloo")
+    return _Groups(tp=tp, attn_tp=attn_tp, attn_cp=singles["cp"][rank], pp=singles["pp"][rank])
 
 
 def server_args_for(linker_class: str, linker_module: str, linker_extra_config: dict, *,
@@ -130,9 +179,14 @@ def server_args_for(linker_class: str, linker_module: str, linker_extra_config: 
 def build_unified_tree(linker_class: str, linker_module: str, linker_extra_config: dict, *,
                        layers: int = 4, heads: int = 2, head_dim: int = 32, page_size: int = 16,
                        device_tokens: int = 1024, served_model_name: str = "tiny-llama",
-                       dtype: torch.dtype = torch.bfloat16) -> UnifiedBed:
-    """A UnifiedRadixCache on CPU pools with `linker_module.linker_class` attached by SGLang."""
-    import torch.distributed as dist
+                       dtype: torch.dtype = torch.bfloat16, tp_size: int = 1, tp_rank: int = 0,
+                       dist_timeout_s: float = 60.0) -> UnifiedBed:
+    """A UnifiedRadixCache on CPU pools with `linker_module.linker_class` attached by SGLang.
+
+    `tp_size` > 1: this process is TP rank `tp_rank` of `tp_size` (`--tp-size` on the command
+    line, `SpawnRanks(world_rank=tp_rank)`); every rank's process must call this, with
+    MASTER_ADDR/MASTER_PORT set alike, and then drive the same steps in the same order (see the
+    module docstring). `heads` is this rank's share of KV heads; each rank has its own pools."""
     from sglang.srt.arg_groups.hicache_hook import handle_hicache
     from sglang.srt.arg_groups.resolution_hooks import run_hook
     from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
@@ -140,38 +194,46 @@ def build_unified_tree(linker_class: str, linker_module: str, linker_extra_confi
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_tree_cache
     from sglang.srt.plugins import load_plugins
-    from sglang.srt.runtime_context import SpawnRanks, get_memory, publish
+    from sglang.srt.runtime_context import SpawnRanks, get_memory, get_parallel, publish
 
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} is not a rank of tp_size {tp_size}")
     server_args = server_args_for(linker_class, linker_module, linker_extra_config,
-                                  page_size=page_size, served_model_name=served_model_name)
+                                  page_size=page_size, served_model_name=served_model_name,
+                                  extra_argv=("--tp-size", str(tp_size)) if tp_size > 1 else ())
     run_hook(handle_hicache, server_args)  # pipeline.py:272, skipped for a dummy model
     # run_scheduler_process (scheduler.py:6323-6335): plugins, then publish with this rank.
     load_plugins()
-    publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0))
+    publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=tp_rank))
     assert get_memory().enable_unified_cache_external_linker
-    _init_gloo()
-    group = dist.new_group([0], backend="gloo")
+    parallel = get_parallel()
+    assert (parallel.tp_rank, parallel.tp_size) == (tp_rank, tp_size), (parallel.tp_rank, parallel.tp_size)
+    _init_gloo(tp_rank, tp_size, dist_timeout_s)
+    groups = _build_groups(tp_rank, tp_size)
 
     kv = MHATokenToKVPool(device_tokens, page_size, dtype, heads, head_dim, layers, "cpu", False,
                           start_layer=0, end_layer=layers - 1)
     alloc = PagedTokenToKVPoolAllocator(device_tokens, page_size, dtype, "cpu", kv, False)
     req_to_token = ReqToTokenPool(16, 8192, "cpu", False)
-    params = CacheInitParams(  # kv_cache_builder.py:389-431, one rank, plain MHA
+    params = CacheInitParams(  # kv_cache_builder.py:389-431, plain MHA, plain TP
         disable=False, req_to_token_pool=req_to_token, token_to_kv_pool_allocator=alloc,
-        page_size=page_size, tp_cache_group=group, attn_cp_cache_group=group,
-        attn_tp_cache_group=group, pp_cache_group=group,
+        page_size=page_size, tp_cache_group=groups.tp, attn_cp_cache_group=groups.attn_cp,
+        attn_tp_cache_group=groups.attn_tp, pp_cache_group=groups.pp,
         eviction_policy=get_memory().radix_eviction_policy,
-        eviction_policy_config=get_memory().radix_eviction_policy_config)
+        eviction_policy_config=get_memory().radix_eviction_policy_config,
+        pp_rank=parallel.pp_rank, pp_size=parallel.pp_size,
+        attn_cp_rank=parallel.attn_cp_rank, attn_cp_size=parallel.attn_cp_size)
     tp_worker = _TpWorker()
     ctx = TreeCacheBuildContext(  # kv_cache_builder.py:441-455
         server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
         enable_hierarchical_cache=False, disable_radix_cache=False, tp_worker=tp_worker,
-        model_config=None, tp_size=1, tp_rank=0, tp_group=group)
+        model_config=None, tp_size=tp_size, tp_rank=tp_rank, tp_group=groups.tp)
     tree = create_tree_cache(ctx)  # kv_cache_builder.py:461
     linker = tree.linker.cache_linker
     return UnifiedBed(tree=tree, kv=kv, alloc=alloc, linker=linker, counter=kv.layer_transfer_counter,
                       req_to_token=req_to_token, server_args=server_args, params=params,
-                      tp_worker=tp_worker, page_size=page_size)
+                      tp_worker=tp_worker, page_size=page_size, tp_rank=tp_rank, tp_size=tp_size,
+                      groups=groups)
 
 
 # ---------------------------------------------------------------------------------------------
