@@ -77,7 +77,8 @@ def run_replay(args) -> int:
     else:
         srv = None
     specs = list(_specs(args))
-    total = sum(len(generate(s)) for s in specs) * len(names) * args.repeat
+    runs_per_point = sum(1 if n == "objectcache-linker" else args.repeat for n in names)
+    total = sum(len(generate(s)) for s in specs) * runs_per_point
     bar = report.Progress(total, "replay")
     rows, raw, verdicts = [], [], []
     try:
@@ -91,6 +92,8 @@ def run_replay(args) -> int:
                     step = (lambda b, spl=spec.system_prompt_len, c=spec.concurrency,
                             k=rep: bar.step(f"{b} prefix={spl} c={c} run {k + 1}/{args.repeat}"))
                     if name == replay_linker.NAME:  # the same device pool, no host tier
+                        if rep:  # not in the verdict, so one run per point
+                            continue
                         run = replay_linker.run_linker(reqs, srv=srv, geo=geo, concurrency=spec.concurrency,
                                                        device_tokens=dev, progress=step)
                     else:

@@ -115,8 +115,8 @@ Columns of the first table (each number: the median over the runs of that backen
   GiB read / written            KV bytes moved by the backend
   verified GiB (from storage)   reused KV compared with what was written, all equal (of it, from storage)
   S3 requests                   HTTP requests the backend sent (n/a: not S3)
-  objectcache-linker            SGLang 0.5.23's linker route: no host tier (its host hits are storage hits, so it
-                                is not in the verdict); fetch: storage -> the request's device slots, until the
+  objectcache-linker            SGLang 0.5.23's linker route, one run per point: no host tier (its host hits are
+                                storage hits, so it is not in the verdict); fetch: storage -> the request's device slots, until the
                                 last layer; TTFT: layer l computes (modelled) once layer l is in and layer l-1 done
 The verdict table: ratio = objectcache / peer (below 1: objectcache is faster), one sample per run,
 each run with every backend back to back; "within noise" unless every run agrees."""
