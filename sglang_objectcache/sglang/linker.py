@@ -24,7 +24,6 @@ from sizes alone (the staging budget), so every rank answers the same.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import threading
@@ -49,7 +48,6 @@ from .compat import check_version
 log = logging.getLogger("sglang_objectcache")
 
 DEFAULT_STAGING = 4 << 30  # bytes of pinned staging that loads may hold at once (`staging_bytes`)
-LINKER_KEYS = ("config_file", "staging_bytes")
 
 
 def linker_config(extra: dict | None) -> tuple[ObjectCacheConfig, int]:
@@ -447,9 +445,5 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         return {**self.cache.snapshot(), "linker": dict(self.counts)}
 
 
-__all__ = ["ObjectCacheLinker", "linker_config", "device_fingerprint", "LINKER_KEYS"]
+__all__ = ["ObjectCacheLinker", "linker_config", "device_fingerprint"]
 
-
-def _json_config_example(path: str) -> str:  # for docs and the CLI's `launch-line`
-    return json.dumps({"linker": "ObjectCacheLinker", "linker_module_path": __name__,
-                       "linker_extra_config": {"config_file": path}})
