@@ -388,3 +388,44 @@ def test_many_layers_wait_concurrently(kv, s3_env, prefix):
         assert linker.finish_layer_wise_loading(idx)
     finally:
         linker.close()
+
+
+def test_mla_round_trip_and_the_hicache_routes_objects(s3_env, prefix):
+    """An MLA model: one latent per token and layer, replicated across TP ranks (one copy in
+    storage); the linker's fingerprint is the HiCache route's, and its loads land per layer."""
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+    from testbed.sglang_pools import make_host_pool, storage_config
+
+    from sglang_objectcache.sglang.backend import ObjectCacheStorage
+
+    kv = MLATokenToKVPool(SLOTS, PAGE, torch.bfloat16, 64, 16, LAYERS, "cpu", False, start_layer=0,
+                          end_layer=LAYERS - 1)
+    for buf in kv.kv_buffer:
+        raw = buf.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3)))
+    extra = {"tiers": [s3_tier(s3_env, prefix)]}
+    linker = _linker(kv, extra)
+    host = make_host_pool("mla", "layer_first", page_size=PAGE, layers=LAYERS, tokens=SLOTS)
+    backend = ObjectCacheStorage(storage_config(mla=True, layout="layer_first", extra=extra, model=MODEL), host)
+    try:
+        assert linker.fp == backend.fp and linker.fp.attention == "mla" and linker.writes
+        keys, src = _keys(4, "m"), _slots(0, 4)
+        want = [kv.kv_buffer[i][src].clone() for i in range(LAYERS)]
+        assert _offload(linker, keys, src)
+        dst = _slots(20, 4)
+        assert _load(linker, "a", keys, dst)
+        idx = linker.start_layer_wise_loading()
+        counter = linker.layer_done_counter
+        counter.set_consumer(idx)
+        for layer in range(LAYERS):
+            counter.wait_until(layer)
+            assert _same(kv.kv_buffer[layer][dst], want[layer]), layer
+        assert linker.finish_layer_wise_loading(idx)
+        # the HiCache route reads the same objects into its host pool
+        assert _eventually(lambda: backend.batch_exists(keys) == 4)
+        host_idx = torch.arange(0, 4 * PAGE, dtype=torch.int64)
+        assert backend.batch_get_v1(keys, host_idx) == [True] * 4
+        assert all(_same(host.kv_buffer[i][host_idx], want[i]) for i in range(LAYERS))
+    finally:
+        linker.close()
+        backend.close()
