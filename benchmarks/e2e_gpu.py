@@ -377,8 +377,8 @@ def main(argv=None) -> int:
                     "e.g. lw8='{\"read_range_bytes\": \"8MiB\"}', c64='{\"tier\": {\"max_connections\": 64}}' "
                     "(repeatable)")
     ap.add_argument("--https", action="store_true", help="SeaweedFS also serves https (a CA made for the run; "
-                    "needs the openssl command); after (c), the row `https`: (d) read over the https port, "
-                    "through the native reader over OpenSSL")
+                    "needs the openssl command); after (c), the rows `http` and `https`: (d) re-attached, read over "
+                    "the http port, then over the https port through the native reader over OpenSSL")
     ap.add_argument("--fault", action="store_true", help="also check a storage failure after admission "
                     "(a 16K prefix whose last object is overwritten with garbage): abort, then success")
     ap.add_argument("--py-spy", metavar="FILE", help="record the server's threads (py-spy, raw format) "
@@ -397,7 +397,12 @@ def main(argv=None) -> int:
 
         srv, over_tls, certs = start_seaweedfs_tls(Path(tempfile.mkdtemp(prefix="e2e-tls-")), memory_limit_mb=None,
                                                    reader_cache_mb=None)
-        args.variant.append("https=" + json.dumps({"tier": {"endpoint": over_tls.endpoint, "ca_bundle": certs["ca"]}}))
+        # the same configuration over http first: both rows stream the whole prefix layer by layer,
+        # so their ratio is the price of TLS alone ((d) may recompute part of a hit, (c) is not streamed)
+        # (load_or_recompute off in both: every hit loads whole, whatever the meters say)
+        args.variant.append("http=" + json.dumps({"load_or_recompute": False}))
+        args.variant.append("https=" + json.dumps({"load_or_recompute": False, "tier": {
+            "endpoint": over_tls.endpoint, "ca_bundle": certs["ca"]}}))
     else:
         srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
     for k, v in srv.env().items():
