@@ -161,7 +161,11 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         self.parts = _Parts(kv, self.mla)
         self.page_size = int(kv.page_size)
         self.n_layers = int(kv.layer_num)
-        self.device = kv.device
+        # the pool's own device, with its index: our threads start on CUDA device 0, and a TP rank's
+        # pool is on its own GPU
+        self.device = self.parts.layers[0][0].device
+        self.cuda = self.device.type == "cuda"
+        self._stream = None  # the loader's copy stream, made on the loader thread
         self.pools = {PoolName.KV: kv}
         self.layer_done_counter = LayerWiseLoadCounter(self.n_layers)
         self.forward_stream = forward_stream
@@ -207,7 +211,7 @@ class ObjectCacheLinker(UnifiedCacheLinker):
                 if buf.numel() >= need:
                     del self._free[i]
                     return buf[:need]
-        pin = str(self.device).startswith("cuda") and torch.cuda.is_available()
+        pin = self.cuda
         return torch.empty(need, dtype=torch.uint8, pin_memory=pin)
 
     def _part(self, buf: torch.Tensor, pages: int, layer: int, part: int) -> torch.Tensor:
@@ -275,7 +279,7 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         loads, self._pending = list(self._pending.values()), {}
         index = self.layer_done_counter.update_producer()
         ready = None
-        if torch.cuda.is_available() and str(self.device).startswith("cuda"):
+        if self.cuda:
             ready = torch.cuda.Event()
             ready.record()
         for load in loads:  # the reads start now, off this thread; only the plan is made here
@@ -310,7 +314,12 @@ class ObjectCacheLinker(UnifiedCacheLinker):
 
     # ---- loader thread -------------------------------------------------------------------
 
+    def _on_device(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+
     def _load_loop(self) -> None:
+        self._on_device()
         while True:
             batch = self._loads.get()
             if batch is None:
@@ -329,7 +338,9 @@ class ObjectCacheLinker(UnifiedCacheLinker):
             counter.fail(batch.index, RuntimeError("a fetch could not start"))
             return
         cuda = batch.ready is not None
-        stream = torch.cuda.Stream() if cuda else None
+        if cuda and self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        stream = self._stream
         if cuda:
             stream.wait_event(batch.ready)
         deadline = time.monotonic() + self.config.timeout
@@ -377,6 +388,7 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         return True
 
     def _offload_loop(self) -> None:
+        self._on_device()
         while True:
             task = self._offloads.get()
             try:
