@@ -157,10 +157,12 @@ def test_config_errors_name_the_key(tmp_path):
         linker_config({"config_file": str(tmp_path / "missing.yaml")})
     f = tmp_path / "oc.yaml"
     f.write_text("tiers:\n  - kind: disk\n    path: /tmp/x\n    capacity: 1GiB\n")
-    cfg, staging = linker_config({"config_file": str(f), "staging_bytes": "64MiB"})
-    assert cfg.tiers[0].capacity == 1 << 30 and staging == 64 << 20
+    cfg, opts = linker_config({"config_file": str(f), "staging_bytes": "64MiB", "loads_per_batch": 1})
+    assert cfg.tiers[0].capacity == 1 << 30 and opts.staging_bytes == 64 << 20 and opts.loads_per_batch == 1
     with pytest.raises(ConfigError, match="staging_bytes"):
         linker_config({"config_file": str(f), "staging_bytes": "lots"})
+    with pytest.raises(ConfigError, match="loads_per_batch"):
+        linker_config({"config_file": str(f), "loads_per_batch": -1})
 
 
 # ---- round trips -----------------------------------------------------------------------------
@@ -339,6 +341,21 @@ def test_loads_past_the_staging_budget_are_refused_the_same_way_on_every_rank(kv
         assert linker.cancel_queued_load("a") and not linker.cancel_queued_load("a")
         assert _load(linker, "b", _keys(4, "b"), _slots(4, 4))  # room again
         assert linker.counts["refused"] == 1
+    finally:
+        linker.close()
+
+
+@pytest.mark.parametrize("s3", ["seaweedfs"], indirect=True)
+def test_one_load_per_batch_when_asked(kv, s3_env, prefix):
+    """`loads_per_batch: 1`: a second hit admitted into the same batch is refused (SGLang recomputes
+    it), so a failed load can abort only its own request; the next batch takes a load again."""
+    linker = _linker(kv, {"tiers": [s3_tier(s3_env, prefix)], "loads_per_batch": 1})
+    try:
+        assert _load(linker, "a", _keys(2), _slots(0, 2))
+        assert not _load(linker, "b", _keys(2, "b"), _slots(2, 2))
+        idx = linker.start_layer_wise_loading()
+        linker.finish_layer_wise_loading(idx)  # a miss in storage: this batch fails, b was never in it
+        assert _load(linker, "b", _keys(2, "b"), _slots(2, 2))
     finally:
         linker.close()
 

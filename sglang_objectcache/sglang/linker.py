@@ -50,11 +50,26 @@ log = logging.getLogger("sglang_objectcache")
 DEFAULT_STAGING = 4 << 30  # bytes of pinned staging that loads may hold at once (`staging_bytes`)
 
 
-def linker_config(extra: dict | None) -> tuple[ObjectCacheConfig, int]:
+@dataclasses.dataclass(frozen=True)
+class LinkerOptions:
+    staging_bytes: int = DEFAULT_STAGING
+    # 0: any number of loading requests per batch; SGLang's contract has one verdict per batch, so a
+    # failed load aborts all of them. 1: a failed load aborts only its own request (further hits
+    # admitted into the same batch recompute)
+    loads_per_batch: int = 0
+
+
+def linker_config(extra: dict | None) -> tuple[ObjectCacheConfig, LinkerOptions]:
     """The engine's config from the linker's extra config: `config_file` (YAML or JSON, the same
-    file as `@objectcache.yaml` on the HiCache route), or the keys inline; `staging_bytes`."""
+    file as `@objectcache.yaml` on the HiCache route), or the keys inline; and the linker's own
+    keys, `staging_bytes` and `loads_per_batch`."""
     extra = dict(extra or {})
     staging = parse_size(extra.pop("staging_bytes", DEFAULT_STAGING), "staging_bytes")
+    per_batch = extra.pop("loads_per_batch", 0)
+    if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 0:
+        raise ConfigError(f"linker_extra_config.loads_per_batch: {per_batch!r} is not a count; 0 (no limit) or "
+                          "1 (a failed load aborts only its own request)")
+    opts = LinkerOptions(staging, per_batch)
     path = extra.pop("config_file", None)
     if path is not None:
         if extra:
@@ -62,11 +77,11 @@ def linker_config(extra: dict | None) -> tuple[ObjectCacheConfig, int]:
                               f"(also given: {', '.join(sorted(extra))})")
         if not isinstance(path, str) or not path:
             raise ConfigError("linker_extra_config.config_file: a path to the objectcache YAML or JSON file")
-        return load_config_file(Path(path)), staging
+        return load_config_file(Path(path)), opts
     if not extra:
         raise ConfigError('linker_extra_config: give {"config_file": "/path/objectcache.yaml"} (the flag '
                           "takes inline JSON only; @file is not supported there)")
-    return parse_config(extra), staging
+    return parse_config(extra), opts
 
 
 def _parallel() -> tuple[int, int, int, int]:
@@ -145,7 +160,8 @@ class ObjectCacheLinker(UnifiedCacheLinker):
 
     def __init__(self, server_args, params, *, components=None, extra_config=None, forward_stream=None):
         check_version()
-        self.config, self.staging_budget = linker_config(extra_config)
+        self.config, self.options = linker_config(extra_config)
+        self.staging_budget = self.options.staging_bytes
         comps = set(components or ())
         if comps - {ComponentType.FULL}:
             names = ", ".join(sorted(c.name for c in comps - {ComponentType.FULL}))
@@ -259,7 +275,9 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         if rid in self._pending:
             raise RuntimeError(f"objectcache linker: a load for {rid} is already queued")
         nbytes = len(kv.keys) * self._piece_bytes() * self.n_layers
-        if self._reserved + nbytes > self.staging_budget:  # sizes only: the same answer on every rank
+        per_batch = self.options.loads_per_batch
+        # sizes and counts only: the same answer on every rank
+        if self._reserved + nbytes > self.staging_budget or (per_batch and len(self._pending) >= per_batch):
             self.counts["refused"] += 1
             return False
         self._reserved += nbytes
@@ -457,5 +475,5 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         return {**self.cache.snapshot(), "linker": dict(self.counts)}
 
 
-__all__ = ["ObjectCacheLinker", "linker_config", "device_fingerprint"]
+__all__ = ["ObjectCacheLinker", "LinkerOptions", "linker_config", "device_fingerprint"]
 
