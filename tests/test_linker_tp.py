@@ -175,32 +175,6 @@ def _digest(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def _store(bed, tokens: list[int], seed: int):
-    """Compute (random bytes, this rank's own), insert into the tree and let the write-through
-    offload it; then flush the device cache and zero the pool, so a hit can only come from storage.
-    Every rank calls this at the same point: `wait_offloads` polls `check_hicache_events`, which
-    all-reduces the completed offload counts (one node, one offload, on each rank)."""
-    import torch
-
-    from testbed.unified import flush, insert, wait_offloads
-
-    kv = bed.kv
-    slots = bed.alloc.alloc(len(tokens))
-    g = torch.Generator().manual_seed(seed)
-    for layer in range(LAYERS):
-        for buf in (kv.k_buffer[layer], kv.v_buffer[layer]):
-            raw = buf[slots].view(torch.uint8)
-            buf[slots] = torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g).view(buf.dtype)
-    want = [(kv.k_buffer[i][slots].clone(), kv.v_buffer[i][slots].clone()) for i in range(LAYERS)]
-    insert(bed.tree, None, tokens, slots)
-    wait_offloads(bed.tree, timeout=30)
-    bed.linker.cache.flush()
-    flush(bed)
-    for layer in range(LAYERS):
-        kv.k_buffer[layer].zero_()
-        kv.v_buffer[layer].zero_()
-    return want
-
 
 def _data_objects(s3, bucket: str, root: str) -> dict[str, int]:
     out = {}
@@ -225,7 +199,8 @@ def _rank_main(rank: int, world: int, cfg: dict, res: dict) -> None:
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from sglang.srt.mem_cache.utils import get_storage_hash_str
 
-    from testbed.unified import admit, build_unified_tree, consume, finish, flush, loaded_slots, make_req, match, start
+    from testbed.unified import (admit, build_unified_tree, consume, finish, flush, loaded_slots, make_req, match,
+                                 start, store_and_flush)
 
     extra = {"tiers": [cfg["tier"]], "timeout": 10, "pages_per_object": PAGES_PER_OBJECT}
     bed = build_unified_tree("ObjectCacheLinker", "sglang_objectcache.sglang.linker", extra, layers=LAYERS,
@@ -241,7 +216,7 @@ def _rank_main(rank: int, world: int, cfg: dict, res: dict) -> None:
         # ---- 1. rank intersection ----------------------------------------------------------
         tokens = list(range(1000, 1000 + N * PAGE))
         mine = tokens if rank == 0 else tokens[: M * PAGE]
-        want = _store(bed, mine, seed=10 + rank)
+        want = store_and_flush(bed, mine, seed=10 + rank)
         assert linker.counts["offload_pages"] == len(mine) // PAGE
         before = linker.counts["lookup_pages"]
         req = make_req("shared", tokens + [7])
@@ -271,7 +246,7 @@ def _rank_main(rank: int, world: int, cfg: dict, res: dict) -> None:
         root = linker.cache.ns.root
         old = _data_objects(s3, cfg["bucket"], root)
         tokens2 = list(range(5000, 5000 + K * PAGE))
-        want2 = _store(bed, tokens2, seed=20 + rank)
+        want2 = store_and_flush(bed, tokens2, seed=20 + rank)
         s2 = res["s2"] = {}
         new = {k: v for k, v in _data_objects(s3, cfg["bucket"], root).items() if k not in old}
         assert len(new) == -(-K // PAGES_PER_OBJECT), new

@@ -43,34 +43,12 @@ def bed(s3_env, prefix):
     b.linker.close()
 
 
-def _store(bed, tokens: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Compute (random KV), insert into the tree, and let write-through offload it; then flush the
-    device cache and zero the pool, so a hit can only come from storage."""
-    from testbed.unified import flush, insert, wait_offloads
-
-    kv = bed.kv
-    slots = bed.alloc.alloc(len(tokens))
-    g = torch.Generator().manual_seed(seed)
-    for layer in range(LAYERS):
-        for buf in (kv.k_buffer[layer], kv.v_buffer[layer]):
-            raw = buf[slots].view(torch.uint8)
-            buf[slots] = torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g).view(buf.dtype)
-    want = [(kv.k_buffer[i][slots].clone(), kv.v_buffer[i][slots].clone()) for i in range(LAYERS)]
-    insert(bed.tree, None, tokens, slots)
-    wait_offloads(bed.tree, timeout=30)
-    bed.linker.cache.flush()
-    flush(bed)
-    for layer in range(LAYERS):
-        kv.k_buffer[layer].zero_()
-        kv.v_buffer[layer].zero_()
-    return want
-
 
 def test_a_hit_is_admitted_at_once_and_each_layer_is_there_when_the_forward_reads_it(bed):
-    from testbed.unified import admit, consume, finish, insert, loaded_slots, make_req, match, start
+    from testbed.unified import admit, consume, finish, insert, loaded_slots, make_req, match, start, store_and_flush
 
     tokens = list(range(1000, 1000 + PAGES * PAGE))
-    want = _store(bed, tokens, seed=1)
+    want = store_and_flush(bed, tokens, seed=1)
     assert bed.linker.counts["offload_pages"] == PAGES
 
     req = make_req("r1", tokens + [7])
@@ -104,10 +82,10 @@ def test_a_hit_is_admitted_at_once_and_each_layer_is_there_when_the_forward_read
 def test_a_corrupt_object_aborts_the_batchs_loaders_only_and_inserts_nothing(bed, s3_env, prefix):
     import boto3
 
-    from testbed.unified import admit, consume, finish, make_req, match, start
+    from testbed.unified import admit, consume, finish, make_req, match, start, store_and_flush
 
     tokens = list(range(5000, 5000 + PAGES * PAGE))
-    _store(bed, tokens, seed=2)
+    store_and_flush(bed, tokens, seed=2)
     s3 = boto3.client("s3", **s3_env.client_kwargs())
     names = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_env.bucket, Prefix=prefix)["Contents"]
                    if "/d/" in o["Key"])
@@ -140,10 +118,10 @@ def test_a_corrupt_object_aborts_the_batchs_loaders_only_and_inserts_nothing(bed
 def test_pages_already_stored_are_not_written_again(bed):
     """A loaded tail, inserted by its request, is offloaded again by SGLang's write-through: the
     engine sees the keys stored and writes nothing."""
-    from testbed.unified import admit, finish, insert, loaded_slots, make_req, match, start, wait_offloads
+    from testbed.unified import admit, finish, insert, loaded_slots, make_req, match, start, store_and_flush, wait_offloads
 
     tokens = list(range(3000, 3000 + 4 * PAGE))
-    _store(bed, tokens, seed=3)
+    store_and_flush(bed, tokens, seed=3)
     puts = bed.linker.cache.snapshot()["counters"].get("put_written", 0)
     req = make_req("r", tokens + [7])
     match(bed.tree, req)

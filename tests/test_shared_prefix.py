@@ -91,8 +91,10 @@ def two_passes(groups: int, prefix: int, question: int) -> list[Request]:
     return out
 
 
-@pytest.mark.usefixtures("sglang_cpu")
-def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch):
+@pytest.fixture
+def replay_bed(sglang_cpu, seaweedfs, monkeypatch):
+    """The replay's module on SGLang 0.5.23 with the server's credentials, a small geometry and the
+    two-pass workload (whose second pass finds its prefixes evicted to storage)."""
     from sglang_objectcache.sglang.compat import sglang_version
 
     if sglang_version() != "0.5.23":  # 0.5.17 has the module but not the API the replay drives
@@ -104,7 +106,11 @@ def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch
         monkeypatch.setenv(k, v)
     replay.setup_sglang()
     geo = replay.Geometry(layers=4, heads=2, head_dim=64, page_size=64)
-    reqs = two_passes(groups=6, prefix=512, question=64)
+    return replay, geo, two_passes(groups=6, prefix=512, question=64)
+
+
+def test_replay_second_pass_hits_storage_with_verified_kv(replay_bed, seaweedfs):
+    replay, geo, reqs = replay_bed
     device, host = replay.sizes_for(reqs, 1, geo.page_size, host_frac=0.3)
     assert host < 6 * 512  # the pools cannot hold every prefix
     names, _ = replay.available_backends(["objectcache", "seaweedfs"])
@@ -133,23 +139,12 @@ def test_replay_second_pass_hits_storage_with_verified_kv(seaweedfs, monkeypatch
         assert s["ttft_modelled_ms_mean"] > 0
 
 
-@pytest.mark.usefixtures("sglang_cpu")
-def test_replay_linker_row_streams_verified_kv_from_storage(seaweedfs, monkeypatch):
+def test_replay_linker_row_streams_verified_kv_from_storage(replay_bed, seaweedfs):
     """The linker route's row (benchmarks/replay_linker.py) on the same workload: the second pass
     loads its prefixes from storage into device slots, layer by layer, and the KV is the pattern."""
-    from sglang_objectcache.sglang.compat import sglang_version
-
-    if sglang_version() != "0.5.23":
-        pytest.skip("the external cache linker is SGLang 0.5.23's")
-    monkeypatch.syspath_prepend(BENCHMARKS)
-    import replay
     import replay_linker
 
-    for k, v in seaweedfs.env().items():
-        monkeypatch.setenv(k, v)
-    replay.setup_sglang()
-    geo = replay.Geometry(layers=4, heads=2, head_dim=64, page_size=64)
-    reqs = two_passes(groups=6, prefix=512, question=64)
+    replay, geo, reqs = replay_bed
     device, _ = replay.sizes_for(reqs, 1, geo.page_size, host_frac=0.3)
     run = replay_linker.run_linker(reqs, srv=seaweedfs, geo=geo, concurrency=2, device_tokens=device)
     first, second = run.requests[:6], run.requests[6:]

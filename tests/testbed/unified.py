@@ -65,7 +65,7 @@ from sglang.srt.mem_cache.unified_cache.unified_cache_linker import (  # noqa: E
 
 __all__ = [
     "MemoryLinker", "UnifiedBed", "build_unified_tree", "make_req", "match", "admit", "loaded_slots",
-    "start", "consume", "finish", "insert", "check_events", "wait_offloads", "flush",
+    "start", "consume", "finish", "insert", "check_events", "wait_offloads", "store_and_flush", "flush",
 ]
 
 
@@ -344,6 +344,30 @@ def wait_offloads(tree, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(tree.linker.pending_offloads)} offloads still pending")
         time.sleep(0.005)
+
+
+def store_and_flush(bed: UnifiedBed, tokens, seed: int) -> list:
+    """Compute (random KV bytes), insert into the tree and let write-through offload it; then flush
+    the device cache and zero the pool, so a hit can only come from storage. Returns each layer's
+    (K, V) rows as stored. With several ranks, each calls this at the same point: `wait_offloads`
+    polls `check_hicache_events`, which all-reduces the completed offload counts."""
+    kv = bed.kv
+    layers = len(kv.k_buffer)
+    slots = bed.alloc.alloc(len(tokens))
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(layers):
+        for buf in (kv.k_buffer[layer], kv.v_buffer[layer]):
+            raw = buf[slots].view(torch.uint8)
+            buf[slots] = torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g).view(buf.dtype)
+    want = [(kv.k_buffer[i][slots].clone(), kv.v_buffer[i][slots].clone()) for i in range(layers)]
+    insert(bed.tree, None, tokens, slots)
+    wait_offloads(bed.tree, timeout=30)
+    bed.linker.cache.flush()
+    flush(bed)
+    for layer in range(layers):
+        kv.k_buffer[layer].zero_()
+        kv.v_buffer[layer].zero_()
+    return want
 
 
 def flush(bed: UnifiedBed) -> None:
