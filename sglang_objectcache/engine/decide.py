@@ -230,18 +230,17 @@ class Decider:
             self._count("unmeasured")
             return hit  # as SGLang would: the meters have nothing to go on yet
         recompute = self.finish(0.0, new_tokens, ctx)
-        best, best_t = 0, recompute
+        best, best_t, best_load = 0, recompute, None
         step = max(1, pages // 16)  # 16 candidates at most: the prefix of the hit that pays best
         for p in sorted({*range(step, pages + 1, step), pages}):
             t_load = whole if p == pages else load_seconds(p)
             t = self.finish(t_load or 0.0, new_tokens - p * self.page_size, ctx)
             if t < best_t:
-                best, best_t = p * self.page_size, t
+                best, best_t, best_load = p * self.page_size, t, t_load
         if best and best_t > recompute * (1 - self.margin):
             best = 0  # not enough sooner to be worth the risk of a slow read
         if why is not None:
             why.update(load_s=whole * self.load_scale, recompute_s=recompute, chosen_s=best_t if best else recompute,
-                       plan_load_s=(load_seconds(best // self.page_size) if best and best != hit else whole)
-                       if best else None, plan_tokens=best)
+                       plan_load_s=best_load if best else None, plan_tokens=best)
         self._count("recompute" if best == 0 else "load" if best == hit else "partial")
         return best

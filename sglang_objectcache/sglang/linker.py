@@ -361,6 +361,8 @@ class ObjectCacheLinker(UnifiedCacheLinker):
         stream = self._stream
         if cuda:
             stream.wait_event(batch.ready)
+        for load in batch.loads:  # once, not per layer
+            load.slots = load.slots.to(self.device, non_blocking=True)
         deadline = time.monotonic() + self.config.timeout
         for layer in range(self.n_layers):
             for load in batch.loads:
@@ -386,10 +388,9 @@ class ObjectCacheLinker(UnifiedCacheLinker):
 
     def _copy_layer(self, batch: _Batch, layer: int) -> None:
         for load in batch.loads:
-            slots = load.slots.to(self.device, non_blocking=True)
             for part in range(len(self.parts.token_bytes)):
                 src = self._part(load.staging, len(load.keys), layer, part)
-                self.parts.rows(layer, part).index_copy_(0, slots, src.to(self.device, non_blocking=True))
+                self.parts.rows(layer, part).index_copy_(0, load.slots, src.to(self.device, non_blocking=True))
 
     # ---- offload -------------------------------------------------------------------------
 
