@@ -57,7 +57,7 @@ def test_bad_footers(damage):
     elif damage == "truncated":
         data = data[:-1]
     else:
-        data = data + b"\0"
+        data = bytes(data) + b"\0"
     with pytest.raises(CorruptObject):
         decode_header(data)
 

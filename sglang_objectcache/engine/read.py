@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from .. import native
 from ..errors import CorruptObject, StoreError
-from ..format import SegmentFn, encode_meta
+from ..format import SegmentFn, empty_buffer, encode_meta
 from ..stores.base import CLOSED, SHORT
 from . import switch
 from .plan import PlannedObject, Read, plan_fetch
@@ -119,7 +119,7 @@ class ReadSession:
             per_object[r.obj] += 1
         self._jobs = [ObjectRead(o.info, o.slots, o.first, per_object[i], ctx.digest, ctx.verify,
                                  keys[o.first:o.first + len(o.slots)], o.tier.headers.get(o.info.name, o.info.digest),
-                                 bytearray(o.info.size) if self._promotes(o) else None, mac_key=ctx.mac_key)
+                                 empty_buffer(o.info.size) if self._promotes(o) else None, mac_key=ctx.mac_key)
                       for i, o in enumerate(self.plan.objects)]
         whole = {r.obj for r in self.plan.reads if r.start == 0 and r.end == self.plan.objects[r.obj].info.size}
         # objects whose footer must be asked for: not held, and not read whole (a whole read carries it)

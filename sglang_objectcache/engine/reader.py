@@ -38,7 +38,7 @@ class ObjectRead:
     verify: bool
     keys: Sequence[str]  # the request's keys of `slots`, in call order
     header: Header | None = None  # what every range is checked against, once known
-    promote: bytearray | None = None
+    promote: memoryview | None = None
     done_ranges: int = 0
     failed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
