@@ -1,6 +1,6 @@
 """Credentials that change under a running backend: a key rotated in the shared credentials file
 on a live Ceph RGW (the new key created, the old one deleted) is picked up by every data path
-(obstore, aioboto3, the native reader's signer) without a restart."""
+(obstore, aioboto3, the native reader's signer, NIXL's OBJ plugin) without a restart."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from engine_util import Pages, fingerprint, keys
 
 from sglang_objectcache.config import parse_config
 from sglang_objectcache.engine.cache import ObjectCache
+from sglang_objectcache.stores import nixl_reader
 from sglang_objectcache.stores.credentials import CredentialSource
 from testbed import servers
 
@@ -70,8 +71,10 @@ def rotating_user(s3_env, tmp_path, monkeypatch):
     return uid, path, (k1, s1)
 
 
-@pytest.mark.parametrize("transport,native", [("obstore", "on"), ("aioboto3", "off")])
+@pytest.mark.parametrize("transport,native", [("obstore", "on"), ("aioboto3", "off"), ("nixl", "auto")])
 def test_a_rotated_key_is_picked_up_without_a_restart(s3_env, rotating_user, transport, native):
+    if transport == "nixl" and nixl_reader.available() is not None:
+        pytest.skip(nixl_reader.available())
     uid, path, (k1, s1) = rotating_user
     tier = {"kind": "s3", "endpoint": s3_env.endpoint, "bucket": f"rot-{uuid.uuid4().hex[:8]}", "create_bucket": True,
             "transport": transport, "native_reads": native, "max_retries": 0,

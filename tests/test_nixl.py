@@ -74,12 +74,14 @@ def test_a_missing_object_is_a_miss_that_heals_and_a_truncated_one_is_caught(s3_
 
 
 def test_a_dead_server_is_a_miss_within_the_deadline(prefix, monkeypatch):
-    from sglang_objectcache.stores.credentials import Credentials
+    from sglang_objectcache.stores.credentials import CredentialSource
     from sglang_objectcache.stores.nixl_reader import NixlRangeReader
     from testbed.servers import _pick_ports
 
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     r = NixlRangeReader(endpoint=f"http://127.0.0.1:{_pick_ports(1)[0]}", bucket="kv-cache", region="us-east-1",
-                        creds=Credentials("AKIDEXAMPLE", "secret", None), request_timeout=2, max_retries=0, threads=2)
+                        credentials=CredentialSource(), request_timeout=2, max_retries=0, threads=2)
     t0 = time.monotonic()
     from sglang_objectcache.errors import StoreError
 

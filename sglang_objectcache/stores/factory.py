@@ -72,8 +72,8 @@ def build_range_reader(t: S3TierConfig, where: str, staging_bytes: int,
 
         if not t.endpoint:
             raise ConfigError(f"{where}.transport: nixl needs an endpoint (http:// or https://)")
-        creds = (credentials or CredentialSource(t.profile)).current()  # fixed for the backend's life
-        nixl = NixlRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region, creds=creds,
+        nixl = NixlRangeReader(endpoint=t.endpoint, bucket=t.bucket, region=t.region,
+                               credentials=credentials or CredentialSource(t.profile),
                                request_timeout=t.request_timeout, max_retries=t.max_retries,
                                threads=t.max_connections, ca_bundle=t.ca_bundle)
         return NativeRangeReader(nixl, threads=t.max_connections, staging_bytes=staging_bytes)
