@@ -51,20 +51,20 @@ def t_layer(prefix: int, suffix: int) -> float:
     return FLOOR + ALPHA * suffix + 2 * BETA * suffix * (prefix + suffix / 2)
 
 
-def request(name: str, prefix: int, suffix: int, arrival: float) -> RequestState:
+def request(name: str, prefix: int, suffix: int, arrival: float, compute_prefix: int | None = None) -> RequestState:
     """The first `prefix` tokens of a longer stored prefix (full 8-page objects, as in the real run):
     a request that ends inside an object reads whole layer blocks of it (engine/plan.py), so a
-    256-token prefix (4 pages) reads the 64 MiB of its 8-page object."""
+    256-token prefix (4 pages) reads the 64 MiB of its 8-page object. `compute_prefix`: the prefix
+    its compute is modelled for, where that differs (an unscaled request of a scaled run)."""
     pages = prefix // PAGE_TOKENS
     objects = []
     for i in range(0, pages, PAGES_PER_OBJECT):
         n = min(PAGES_PER_OBJECT, pages - i)
-        info = ObjectInfo(f"{name}/{i}", tuple(range(PAGES_PER_OBJECT)), LAYERS, PIECE, 4096,
-                          bytes(8 * LAYERS * PAGES_PER_OBJECT))
+        info = ObjectInfo(f"{name}/{i}", PAGES_PER_OBJECT, LAYERS, PIECE, 4096)
         objects.append(PlannedObject(None, info, i, list(range(n))))
     plan = plan_fetch(objects, LAYERS, RANGE)
     r = RequestState(name, arrival, [(r.nbytes, r.l0, r.l1) for r in plan.reads], LAYERS,
-                     t_layer(prefix, suffix))
+                     t_layer(prefix if compute_prefix is None else compute_prefix, suffix))
     r.prefix = prefix  # tokens, for the real run
     return r
 
@@ -84,6 +84,15 @@ def cases(cap: float, scale: int = 1) -> dict[str, list[RequestState]]:
                     gap = 0.0 if arrive == "together" else sum(prefixes) * 128 * 1024 / cap / (2 * n)
                     out[f"{mix} {arrive} n={n} suffix={suffix}"] = [
                         request(f"r{i}", p, suffix, i * gap) for i, p in enumerate(prefixes)]
+    # where compute leaves room: a long new prompt over a shorter stored prefix (4K + 64K new tokens:
+    # about 117 ms a layer, its prefix loads in a fraction of that) beside transfer-bound requests
+    # with 8K prefixes and 64-token questions. The compute is modelled for the unscaled sizes.
+    for arrive in ("together", "staggered"):
+        for n_short in (1, 3):
+            reqs = [request("long", 4096 // scale, 65536, 0.0, compute_prefix=4096)]
+            gap = 0.0 if arrive == "together" else 8192 // scale * 128 * 1024 / cap / 4
+            reqs += [request(f"r{i}", 8192 // scale, 64, (i + 1) * gap) for i in range(n_short)]
+            out[f"room {arrive} n={n_short + 1}"] = reqs
     return out
 
 

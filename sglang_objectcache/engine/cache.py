@@ -161,7 +161,7 @@ class ObjectCache:
         until that layer of every found page is in place and verified, `.wait(timeout)` gives one
         bool per key. Stops at the first page not stored. `t_layer`, the forward pass's compute
         time per layer for this request when known, lets the scheduler share bandwidth by need
-        (SGLang passes none today). `streamed`: the caller uses each layer as it lands (SGLang's
+        (the 0.5.17 patch set passes the decider's; 0 elsewhere). `streamed`: the caller uses each layer as it lands (SGLang's
         layer-wise path), so the first-layer hold applies; a caller that waits for the whole
         fetch gains nothing from it."""
         return ReadSession(self._reads, keys, segments, t_layer, streamed=streamed).start()

@@ -8,8 +8,9 @@ which share of the bandwidth each gets right now. The same policies drive the fl
 - `fair`: equal shares among active requests (the paper's baseline).
 - `srpt`: all bandwidth to the request with the fewest bytes left (optimal for mean completion when
   every request is transfer-bound; for n equal requests it serves them one at a time).
-- `slack` (default): compute-aware, where the caller passes a compute time per layer; SGLang passes
-  none today (every `t_layer` is 0), and then `slack` ranks requests exactly as `srpt` does. A request whose next layer will not be needed before it could
+- `slack` (default): compute-aware, where the caller passes a compute time per layer (inside SGLang
+  the load-or-recompute decider's prefill model gives it for each streamed fetch; without one, every
+  `t_layer` is 0 and `slack` ranks requests exactly as `srpt` does). A request whose next layer will not be needed before it could
   arrive at full rate ("ahead": its transfer is hidden behind its compute) gains nothing from more
   bandwidth now. Requests that are behind go first: compute-bound ones about to stall before
   transfer-bound ones (a stall delays all their later layers), transfer-bound ones fewest bytes
