@@ -66,6 +66,11 @@ BACKENDS = {
     # range reads through NIXL's OBJ plugin (nixl-cu12, when installed), over http and https
     "objectcache-nixl": {"pages_per_object": 8, "transport": "nixl"},
     "objectcache-nixl-https": {"pages_per_object": 8, "transport": "nixl", "https": True},
+    # NIXL with the smallest GETs the planner makes (one layer block of an object, 2 MiB): a floor
+    # on what landing straight in SGLang's host pool would cost, which needs a GET per 128 KiB (a
+    # layer_first pool keeps each page's K and V apart; NIXL's OBJ plugin makes one GET per
+    # descriptor); next to objectcache-nixl's 16 MiB ranges into staging
+    "objectcache-nixl-segments": {"pages_per_object": 8, "transport": "nixl", "read_range_bytes": "128KiB"},
     "seaweedfs": None,
 }
 
@@ -288,7 +293,8 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
             line += (f"; keyed integrity on / off: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
         label = {"objectcache-https": "native https", "objectcache-https-obstore": "obstore https",
-                 "objectcache-nixl": "nixl http", "objectcache-nixl-https": "nixl https"}.get(name)
+                 "objectcache-nixl": "nixl http", "objectcache-nixl-https": "nixl https",
+                 "objectcache-nixl-segments": "nixl 128 KiB GETs"}.get(name)
         if label and plain:
             line += (f"; {label} / http native: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
