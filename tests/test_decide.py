@@ -20,9 +20,15 @@ class Clock:
         return self.t
 
 
+def fetch(m, clock, fid, nbytes, seconds, landed=None):
+    m.started(fid, nbytes)
+    clock.t += seconds
+    m.ended(fid, nbytes if landed is None else landed)
+
+
 def test_read_meter_measures_busy_time_and_adds_concurrent_fetches():
     clock = Clock()
-    m = ReadMeter(alpha=1.0, window=0.01, clock=clock)
+    m = ReadMeter(window=0.01, clock=clock)
     assert m.rate is None and m.seconds(MiB) is None
     m.started(1, 8 * MiB)
     m.started(2, 8 * MiB)
@@ -32,46 +38,63 @@ def test_read_meter_measures_busy_time_and_adds_concurrent_fetches():
     assert m.rate is None, "a fetch still in flight: no sample yet"
     m.ended(2, 8 * MiB)
     assert m.rate == pytest.approx(32 * MiB)  # two fetches in half a second of busy time
-    clock.t += 60.0  # idle time does not dilute the rate
-    m.started(3, 4 * MiB)
-    clock.t += 0.5
-    m.ended(3, 4 * MiB)
-    assert m.rate == pytest.approx(8 * MiB)
-    assert m.seconds(8 * MiB) == pytest.approx(1.0)
+    clock.t += 20.0  # idle time does not dilute the rate
+    fetch(m, clock, 3, 16 * MiB, 0.5)
+    assert m.rate == pytest.approx(32 * MiB)
+    assert m.seconds(8 * MiB) == pytest.approx(0.25)
     m.started(4, 64 * MiB)  # sustained reads: a sample at least every `long` seconds of busy time
+    assert m.seconds(8 * MiB) == pytest.approx(72 / 32), "behind the bytes in flight"
     m.started(5, 64 * MiB)
     clock.t += 2.0
     m.ended(4, 64 * MiB)
     assert m.rate == pytest.approx(32 * MiB)
 
 
-def test_bad_news_counts_at_once_good_news_is_smoothed_and_an_idle_tier_goes_stale():
+def test_latency_and_bandwidth_are_told_apart():
+    """Small fetches pay a fixed cost before their bytes flow: a rate would price a large load at
+    the small fetches' poor average; the fit prices each size as it runs."""
     clock = Clock()
-    m = ReadMeter(alpha=0.5, window=0.01, clock=clock)
-    m.started(1, 8 * MiB)
-    clock.t += 0.1
-    m.ended(1, 8 * MiB)
-    assert m.rate == pytest.approx(80 * MiB)
-    m.started(2, 8 * MiB)
-    clock.t += 1.0
-    m.ended(2, 2 * MiB)  # a slow fetch: its rate replaces the estimate at once
-    assert m.rate == pytest.approx(2 * MiB)
-    m.started(3, 8 * MiB)
-    clock.t += 0.1
-    m.ended(3, 8 * MiB)  # one fast fetch after it moves the estimate only part of the way
-    assert m.rate == pytest.approx((2 + 80) / 2 * MiB)
-    m.started(4, 8 * MiB)
-    clock.t += 2.0
-    m.ended(4, 0)  # nothing arrived: nothing will
+    m = ReadMeter(window=0.001, clock=clock)
+    bw, lat = 4 * 1024 * MiB, 0.020  # 4 GiB/s after 20 ms
+    for i, size in enumerate([64, 192, 512, 64, 1024, 192]):
+        fetch(m, clock, i, size * MiB, lat + size * MiB / bw)
+        clock.t += 0.5
+    assert m.latency == pytest.approx(lat, rel=1e-6) and m.rate == pytest.approx(bw, rel=1e-6)
+    assert m.seconds(1024 * MiB) == pytest.approx(0.270, rel=1e-6)  # the 64 MiB fetches ran at 1.9 GiB/s
+    assert m.seconds(64 * MiB) == pytest.approx(lat + 64 * MiB / bw, rel=1e-6)
+
+
+def test_one_slow_fetch_weighs_what_it_weighs_a_tier_that_changes_is_believed_at_once():
+    clock = Clock()
+    m = ReadMeter(window=0.001, clock=clock)
+    for i in range(6):
+        fetch(m, clock, i, 512 * MiB, 0.1)  # 5 GiB/s
+    fetch(m, clock, 6, 512 * MiB, 0.5)  # one slow fetch among fast ones (the server busy writing)
+    assert m.seconds(512 * MiB) == pytest.approx((6 * 0.1 + 0.5) / 7)  # the mean, not the worst
+    fetch(m, clock, 7, 512 * MiB, 0.5)  # slow again: two in a row, each over 2x the expectation
+    assert m.seconds(512 * MiB) == pytest.approx(0.5), "the faster past is forgotten"
+    fetch(m, clock, 8, 512 * MiB, 0.1)  # it recovers: one fast fetch weighs what it weighs
+    assert m.seconds(512 * MiB) == pytest.approx((2 * 0.5 + 0.1) / 3)
+    fetch(m, clock, 9, 512 * MiB, 0.1)  # two in a row, each under half the expectation
+    assert m.seconds(512 * MiB) == pytest.approx(0.1), "the slow past is forgotten"
+
+
+def test_a_fetch_that_lands_nothing_stops_loads_until_one_lands_and_an_idle_tier_goes_stale():
+    clock = Clock()
+    m = ReadMeter(window=0.001, clock=clock)
+    fetch(m, clock, 1, 8 * MiB, 0.1)
+    fetch(m, clock, 2, 8 * MiB, 2.0, landed=0)  # nothing arrived: nothing will
     assert m.rate == 0 and m.seconds(MiB) == math.inf
     assert not m.stale(5.0)
     clock.t += 6.0
     assert m.stale(5.0)
-    m.started(5, MiB)
+    m.started(3, MiB)
     assert not m.stale(5.0), "a read in flight will measure it"
     clock.t += 0.5
-    m.ended(5, MiB)
-    assert m.rate == pytest.approx(2 * MiB), "after `forget` seconds a sample replaces the old rate"
+    m.ended(3, MiB)
+    assert m.rate == pytest.approx(2 * MiB) and m.seconds(MiB) == pytest.approx(0.5)
+    clock.t += 31.0  # samples older than `forget` say nothing about now
+    assert m.seconds(MiB) is None
 
 
 def test_prefill_model_fits_sglangs_forward_times():
@@ -173,50 +196,25 @@ def test_per_request_tables_stay_bounded():
     assert len(table) == lor.KEEP and next(iter(table)) == f"r{lor.KEEP * 2}"
 
 
-def test_loads_that_take_longer_in_sglang_than_the_meters_say_are_scaled_and_back():
-    """On one H100 the batches that loaded took about twice what the read meters predicted; the
-    decision keeps loading only while the calibrated estimate still pays, and recovers."""
-    d = Decider(_model(1e-4), page_size=64)  # serial: recompute of 1024 tokens = 102 ms
-    page_s = 0.004  # 16 pages: 64 ms expected
-    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * page_s) == 1024
-    for _ in range(12):  # each loading batch took 5x what was expected
-        d.calibrate(0.064, 0, 1024, 0.32)
-    assert 4.5 < d.load_scale <= 5.0
-    why = {}
-    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * page_s, why) == 0
-    assert why["load_s"] == pytest.approx(0.064 * d.load_scale)
-    for _ in range(12):  # the tier (or SGLang) got quick again
-        d.calibrate(0.064, 0, 1024, 0.064)
-    assert d.load_scale < 1.2
-    assert d.tokens_to_load(1024, 1024, 0, lambda p: p * page_s) == 1024
-
-
-def test_compute_bound_batches_say_nothing_about_the_load():
-    d = Decider(_model(1e-4), page_size=64, overlap=True)
-    d.calibrate(0.010, 2048, 4096, 0.150)  # the 2048 computed tokens took ~205 ms: the forward's own time
-    assert d.load_scale == 1.0
-    d.calibrate(0.100, 0, 4096, 0.400)  # a load alone, 4x late: counted (smoothed, bounded)
-    assert d.load_scale == pytest.approx(0.7 + 0.3 * 4.0)
-    d.calibrate(0.001, 0, 4096, 10.0)  # absurd ratios are bounded
-    assert d.load_scale <= Decider.SCALE_BOUNDS[1]
-
-
-def test_sglangs_loading_batches_calibrate_the_decision():
-    """observe_prefill sees a batch that waited on loads (hicache_consumer_index set): the one
-    request's result came this long after its decision; that feeds the decider, not the prefill fit."""
+def test_batches_that_loaded_are_not_prefill_samples():
+    """observe_prefill sees a batch that waited on loads (hicache_consumer_index set): its time is
+    not the GPU's, so it does not enter the prefill fit; a batch that computed everything does."""
     import time
     import types
 
     from sglang_objectcache.sglang.load_or_recompute import LoadOrRecompute
 
     backend = types.SimpleNamespace(cache=types.SimpleNamespace(_reads=types.SimpleNamespace(meters={})),
-                                fp=types.SimpleNamespace(n_layers=4, piece_bytes=1))
+                                    fp=types.SimpleNamespace(n_layers=4, piece_bytes=1))
     lor = LoadOrRecompute(types.SimpleNamespace(page_size=64), backend, margin=0.1, overlap=False)
-    lor._plans["r1"] = (time.monotonic() - 0.3, 0.1, 0, 1024)
     mode = types.SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False)
-    batch = types.SimpleNamespace(forward_mode=mode, hicache_consumer_index=0, reqs=[types.SimpleNamespace(rid="r1")],
-                                  extend_lens=[64], prefix_lens=[1024], launch_ts=time.monotonic() - 0.05)
-    lor.observe_prefill(batch)
-    assert lor.decider.load_scale == pytest.approx(0.7 + 0.3 * 3.0, rel=0.05)
-    assert lor.model.coefficients() is None and "r1" not in lor._plans
-    assert lor.stats()["load_scale"] == lor.decider.load_scale
+
+    def batch(consumer, n):
+        return types.SimpleNamespace(forward_mode=mode, hicache_consumer_index=consumer, reqs=[],
+                                     extend_lens=[n], prefix_lens=[0], launch_ts=time.monotonic() - n * 1e-5)
+    for n in (256, 512, 1024, 2048, 4096, 8192, 128, 64):
+        lor.observe_prefill(batch(0, n))
+    assert lor.model.coefficients() is None
+    for n in (256, 512, 1024, 2048, 4096, 8192, 128, 64):
+        lor.observe_prefill(batch(-1, n))
+    assert lor.model.seconds(1000, 1000) == pytest.approx(0.01, rel=0.2)

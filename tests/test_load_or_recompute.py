@@ -64,7 +64,7 @@ def test_a_slow_tier_is_cut_at_recompute_time_then_recomputed_then_loaded_again(
     try:
         decide = tree.cache_controller.oc_decide
         assert decide is not None, "the patch set's hooks are attached with objectcache"
-        decide.probe_after = 2.5  # past the meter's memory (2 s): the probe's rate replaces the old one
+        decide.probe_after = 2.5  # idle this long, the tier is read once more before it is judged
         prompts = [[10_000 * (i + 1) + j for j in range(TOKENS)] for i in range(5)]
         for i, p in enumerate(prompts):
             store_prefix(tree, p, seed=i)

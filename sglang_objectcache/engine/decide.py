@@ -1,8 +1,8 @@
 """Load or recompute, per request: is a storage hit worth reading, given what is measured now?
 
 Three measured inputs, no constants:
-- `ReadMeter`: the storage read rate this process is getting (bytes landed over the time reads were
-  in flight, smoothed), and the bytes already promised to fetches in flight;
+- `ReadMeter`: the time a read of n bytes takes from a tier now (latency + n x time per byte, fitted
+  to the tier's recent busy periods), behind the bytes already promised to fetches in flight;
 - `PrefillModel`: the GPU's prefill time for k new tokens over a context of c tokens, fitted live
   to SGLang's own forward timings (t = c0 + a*k + b*k*c, least squares over recent batches);
 - the request: hit tokens, new tokens, context before the hit.
@@ -25,18 +25,32 @@ import numpy as np
 
 
 class ReadMeter:
-    """Aggregate storage read rate, measured over busy time (when at least one fetch was in flight),
-    so idle gaps do not dilute it and concurrent fetches add up."""
+    """Expected time to read n more bytes from a tier now: latency + n x time per byte, both
+    fitted (least squares: the mean) to the tier's recent busy periods. A busy period runs while at
+    least one fetch is in flight; idle gaps do not dilute it and concurrent fetches add up.
 
-    def __init__(self, alpha: float = 0.3, window: float = 0.001, long: float = 1.0, forget: float = 2.0,
-                 clock=time.monotonic):
-        self._alpha, self._window, self._long, self._forget, self._clock = alpha, window, long, forget, clock
+    Why a fit and not a rate: on one H100 inside SGLang, fetches of one prefix length took from 0.9
+    to 7.5 GiB/s (the server writing backups meanwhile), and small ones paid 15-25 ms before their
+    bytes flowed. A rate that took the worst sample at once ("bad news counts at once") sat near the
+    bottom of that spread and priced a 1 GiB load at 1 s where the loads took 0.2 s, so hits that
+    paid were recomputed. One slow fetch now moves the mean as much as it weighs; a tier that stays
+    slow (`slow_after` periods in a row, each over `slow` x what the fit expected), or that
+    recovers (as many, each under 1/`slow` of it), loses its history at once; a fetch that landed
+    nothing makes every load `inf` until one lands again."""
+
+    def __init__(self, keep: int = 16, forget: float = 30.0, window: float = 0.001, long: float = 1.0,
+                 slow: float = 2.0, slow_after: int = 2, clock=time.monotonic):
+        self._window, self._long, self._forget, self._clock = window, long, forget, clock
+        self._slow, self._slow_after = slow, slow_after
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # fetch id -> bytes promised
         self._busy_since: float | None = None
         self._busy = 0.0
         self._landed = 0
-        self.rate: float | None = None  # bytes/s
+        self._samples: deque = deque(maxlen=keep)  # (when, bytes, seconds) of busy periods
+        self._slow_run = self._fast_run = 0
+        self._dead = False  # the last period landed nothing
+        self._fit: tuple[float, float] | None = None  # (latency s, seconds per byte)
         self.updated: float | None = None
 
     def started(self, fid: int, nbytes: int) -> None:
@@ -47,7 +61,7 @@ class ReadMeter:
 
     def ended(self, fid: int, landed: int) -> None:
         """A fetch ended; `landed`: its bytes that arrived (a failed or late fetch counts its time
-        and only what arrived, so a slow or failing tier drags the rate down)."""
+        and only what arrived, so a slow or failing tier drags the estimate up)."""
         with self._lock:
             if self._inflight.pop(fid, None) is None:
                 return
@@ -60,18 +74,59 @@ class ReadMeter:
             # a sample when reads go idle (all their bytes counted), or under sustained reads
             # every `long` seconds (then fetches still in flight are counted when they end)
             if busy >= self._window and (not self._inflight or busy >= self._long):
-                sample = self._landed / busy
-                old = self.rate is None or self.updated is None or now - self.updated > self._forget
-                # a rate measured long ago says little about now (a tier that recovered, or broke):
-                # the new sample replaces it; recent ones are smoothed
-                # bad news counts at once (a tier that slows loses its loads after one fetch; the
-                # probe after `stale` gives it back); good news is smoothed (one lucky fetch does
-                # not make a slow tier fast)
-                self.rate = sample if old or sample < self.rate else (1 - self._alpha) * self.rate + self._alpha * sample
-                self.updated = now
+                self._sample(now, self._landed, busy)
                 self._landed, self._busy = 0, 0.0
                 if self._busy_since is not None:
                     self._busy_since = now
+
+    def _sample(self, now: float, nbytes: int, seconds: float) -> None:
+        self.updated = now
+        if nbytes <= 0:  # nothing arrived: nothing will, until a fetch shows otherwise
+            self._dead, self._slow_run, self._fast_run, self._fit = True, 0, 0, None
+            self._samples.clear()
+            return
+        self._dead = False
+        expected = self._expect(nbytes, now)
+        # a run of periods all far off the expectation, the same way: the tier changed
+        slow = expected is not None and seconds > self._slow * expected
+        fast = expected is not None and seconds * self._slow < expected
+        self._slow_run = self._slow_run + 1 if slow else 0
+        self._fast_run = self._fast_run + 1 if fast else 0
+        self._samples.append((now, nbytes, seconds))
+        run = max(self._slow_run, self._fast_run)
+        if run >= self._slow_after:  # slow and staying slow, or recovered: forget the past
+            while len(self._samples) > run:
+                self._samples.popleft()
+        self._fit = self._refit(now)
+
+    def _refit(self, now: float) -> tuple[float, float] | None:
+        rows = [(b, t) for at, b, t in self._samples if now - at <= self._forget]
+        if not rows:
+            return None
+        b = np.array([r[0] for r in rows], dtype=float)
+        t = np.array([r[1] for r in rows], dtype=float)
+        if len(rows) >= 4 and b.max() >= 1.5 * b.min():  # sizes that tell latency from bandwidth
+            slope, latency = np.polyfit(b, t, 1)
+            if slope > 0 and latency >= 0:
+                return float(latency), float(slope)
+        return 0.0, float(t.sum() / b.sum())  # no latency term: all the time over all the bytes
+
+    def _expect(self, nbytes: int, now: float) -> float | None:
+        fit = self._fit if self._samples and now - self._samples[-1][0] <= self._forget else None
+        return None if fit is None else fit[0] + nbytes * fit[1]
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes/s past the latency (0 after a fetch that landed nothing; None: not measured)."""
+        with self._lock:
+            if self._dead:
+                return 0.0
+            return None if self._fit is None else 1.0 / self._fit[1]
+
+    @property
+    def latency(self) -> float | None:
+        with self._lock:
+            return None if self._fit is None else self._fit[0]
 
     def outstanding(self) -> int:
         with self._lock:
@@ -85,12 +140,11 @@ class ReadMeter:
 
     def seconds(self, nbytes: int) -> float | None:
         """Expected time to read `nbytes` more now, behind the bytes already in flight."""
-        rate = self.rate
-        if rate is None:
-            return None
-        if rate <= 0:  # every read failed: nothing will arrive
-            return math.inf
-        return (self.outstanding() + nbytes) / rate
+        with self._lock:
+            if self._dead:
+                return math.inf
+            expect = self._expect(sum(self._inflight.values()) + nbytes, self._clock())
+        return expect
 
 
 class PrefillModel:
@@ -170,38 +224,12 @@ class PrefillModel:
 class Decider:
     """How many tokens of a storage hit to load. `margin`: a load must finish this fraction sooner
     than recompute to be chosen; `overlap`: the forward overlaps the load layer by layer (the
-    0.5.17 patch), else it starts after the last byte.
-
-    `load_scale` calibrates the read meters against what SGLang then took: on one H100 the batches
-    that loaded took about twice the expected time (admission, the first byte, the layer hold and
-    the copies are not in a read rate), so loads that did not pay were chosen. `calibrate` feeds it
-    each loading batch's forward time against the plan's expected time; it scales only the load
-    part, since the prefill model is fitted to SGLang's own timings already."""
-
-    SCALE_BOUNDS = (0.5, 8.0)
-    SCALE_ALPHA = 0.3
+    0.5.17 patch), else it starts after the last byte."""
 
     def __init__(self, model: PrefillModel, page_size: int, *, margin: float = 0.1, overlap: bool = False):
         self.model, self.page_size, self.margin, self.overlap = model, page_size, margin, overlap
         self.counters = dict(load=0, recompute=0, partial=0, unmeasured=0)
         self._lock = threading.Lock()
-        self.load_scale = 1.0
-
-    def calibrate(self, load_s: float, rest_tokens: int, ctx: int, actual_s: float) -> None:
-        """A batch that loaded `load_s` (expected, unscaled) and computed `rest_tokens` took
-        `actual_s`: solve for the load time that would have explained it, and smooth the ratio."""
-        if load_s <= 0 or actual_s <= 0:
-            return
-        t_rest = self.model.seconds(rest_tokens, ctx) or 0.0
-        # overlapped: actual = max(load, rest) -> the load took `actual` when it was the longer;
-        # serial: actual = load + rest
-        implied = actual_s if self.overlap else actual_s - t_rest
-        if self.overlap and actual_s <= t_rest:
-            return  # compute bound: says nothing about the load
-        lo, hi = self.SCALE_BOUNDS
-        ratio = min(max(implied / load_s, lo), hi)
-        with self._lock:
-            self.load_scale = (1 - self.SCALE_ALPHA) * self.load_scale + self.SCALE_ALPHA * ratio
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -211,7 +239,6 @@ class Decider:
         """Expected time until the forward can end: loading takes `load_s`, and `rest_tokens` are
         computed over a context of `ctx` tokens."""
         t_rest = self.model.seconds(rest_tokens, ctx) or 0.0
-        load_s *= self.load_scale
         return max(load_s, t_rest) if self.overlap else load_s + t_rest
 
     def tokens_to_load(self, hit: int, new_tokens: int, prefix: int,
@@ -230,17 +257,16 @@ class Decider:
             self._count("unmeasured")
             return hit  # as SGLang would: the meters have nothing to go on yet
         recompute = self.finish(0.0, new_tokens, ctx)
-        best, best_t, best_load = 0, recompute, None
+        best, best_t = 0, recompute
         step = max(1, pages // 16)  # 16 candidates at most: the prefix of the hit that pays best
         for p in sorted({*range(step, pages + 1, step), pages}):
             t_load = whole if p == pages else load_seconds(p)
             t = self.finish(t_load or 0.0, new_tokens - p * self.page_size, ctx)
             if t < best_t:
-                best, best_t, best_load = p * self.page_size, t, t_load
+                best, best_t = p * self.page_size, t
         if best and best_t > recompute * (1 - self.margin):
             best = 0  # not enough sooner to be worth the risk of a slow read
         if why is not None:
-            why.update(load_s=whole * self.load_scale, recompute_s=recompute, chosen_s=best_t if best else recompute,
-                       plan_load_s=best_load if best else None, plan_tokens=best)
+            why.update(load_s=whole, recompute_s=recompute, chosen_s=best_t if best else recompute, plan_tokens=best)
         self._count("recompute" if best == 0 else "load" if best == hit else "partial")
         return best

@@ -53,8 +53,6 @@ class LoadOrRecompute:
         self._prefix: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._t_layer: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._deadline: collections.OrderedDict[str, float] = collections.OrderedDict()
-        # request -> (decided at, expected load seconds of its plan, tokens left to compute, context)
-        self._plans: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self.probe_after = PROBE_AFTER
 
     @property
@@ -78,24 +76,11 @@ class LoadOrRecompute:
         if not getattr(batch, "launch_ts", None):
             return
         if getattr(batch, "hicache_consumer_index", -1) != -1:
-            self._calibrate(batch)  # it waited on loads: how long they took against the plan
-            return
+            return  # it waited on loads: not a measure of compute
         ext, pre = batch.extend_lens or [], batch.prefix_lens or []
         tokens = sum(ext)
         token_ctx = sum(e * (p + e) for e, p in zip(ext, pre))
         self.model.observe(tokens, token_ctx, time.monotonic() - batch.launch_ts)
-
-    def _calibrate(self, batch) -> None:
-        """A batch of one request that loaded: its result came this long after the decision, which
-        started the reads; the decider scales its load estimates by what that implies."""
-        reqs = getattr(batch, "reqs", None) or []
-        if len(reqs) != 1:
-            return  # several requests share the forward: whose load made it late is not known
-        with self._lock:
-            plan = self._plans.pop(getattr(reqs[0], "rid", None), None)
-        if plan is not None:
-            at, load_s, rest, ctx = plan
-            self.decider.calibrate(load_s, rest, ctx, time.monotonic() - at)
 
     # ---- prefetch thread -------------------------------------------------------------------
 
@@ -143,14 +128,11 @@ class LoadOrRecompute:
             with self._lock:
                 _put(self._t_layer, req_id, t / max(self.fp.n_layers, 1))
                 _put(self._deadline, req_id, time.monotonic() + budget)
-                if why.get("plan_load_s"):
-                    _put(self._plans, req_id, (time.monotonic(), why["plan_load_s"], rest, prefix + new_tokens))
         if log.isEnabledFor(logging.DEBUG):
             ms = {k: f"{v * 1e3:.0f}" if v is not None else "?" for k, v in why.items() if k.endswith("_s")}
             log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached); expected ms: "
-                      "load %s, recompute %s, chosen %s (load scale %.2f); load wait budget %s", req_id, load, hit_tokens,
+                      "load %s, recompute %s, chosen %s; load wait budget %s", req_id, load, hit_tokens,
                       new_tokens, prefix, ms.get("load_s", "?"), ms.get("recompute_s", "?"), ms.get("chosen_s", "?"),
-                      self.decider.load_scale,
                       f"{budget * 1e3:.0f}" if budget is not None else "-")
         return load
 
@@ -173,9 +155,10 @@ class LoadOrRecompute:
 
     def stats(self) -> dict:
         coef = self.model.coefficients()
+        meters = (self.cache._reads.meters or {}).items()
         return {**self.decider.counters, "prefill_fit": list(coef) if coef else None,
-                "load_scale": self.decider.load_scale,
-                "read_rates": {t.name: m.rate for t, m in (self.cache._reads.meters or {}).items()}}
+                "read_rates": {t.name: m.rate for t, m in meters},
+                "read_latencies": {t.name: m.latency for t, m in meters}}
 
 
 def attach(controller, backend):

@@ -74,10 +74,14 @@ class Exporter:
             if isinstance(decisions.get(kind), int):
                 self._gauge("objectcache_decisions", ("kind",), "storage hits loaded, partly loaded, recomputed, "
                             "or loaded unmeasured, since start").labels(self._rank, kind).set(decisions[kind])
-        if isinstance(decisions.get("load_scale"), float):
-            self._gauge("objectcache_load_scale", (), "how much longer loads took inside SGLang than the read "
-                        "meters expected (smoothed); load-or-recompute scales its estimates by it"
-                        ).labels(self._rank).set(decisions["load_scale"])
+        for key, name, doc in (
+                ("read_rates", "objectcache_read_rate_bytes_per_second", "bytes/s a tier's reads move past their "
+                 "latency, as load-or-recompute expects them now (fitted to recent reads)"),
+                ("read_latencies", "objectcache_read_latency_seconds", "seconds before a tier's read moves bytes, "
+                 "as load-or-recompute expects it now (fitted to recent reads)")):
+            for tier, value in (decisions.get(key) or {}).items():
+                if isinstance(value, float):
+                    self._gauge(name, ("tier",), doc).labels(self._rank, tier).set(value)
         for key, value in (snap.get("linker") or {}).items():  # the 0.5.23 linker route's own counts
             if isinstance(value, int):
                 self._gauge(f"objectcache_linker_{_name(key)}", (), f"objectcache linker: {key} since start"
