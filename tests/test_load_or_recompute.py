@@ -97,6 +97,47 @@ def test_a_slow_tier_is_cut_at_recompute_time_then_recomputed_then_loaded_again(
         proxy.close()
 
 
+def test_a_tier_that_answers_late_recomputes_short_hits_and_loads_long_ones(s3_env, prefix):
+    """A distant tier: each read waits 0.25 s before its bytes flow, then 12.8 MiB/s. After reads of
+    1 to 16 pages, a 4-page hit would take about 0.29 s against 0.26 s to recompute, and is
+    recomputed; a 16-page hit takes about 0.41 s against 1.02 s, and is loaded. A read rate (bytes
+    over time, no latency) would put the short hit at about 0.2 s and load it."""
+    from testbed.hiradix import build_tree, store_prefix
+    from testbed.proxy import Proxy
+
+    proxy = Proxy(s3_env.port)
+    extra = {"tiers": [{"kind": "s3", "endpoint": proxy.endpoint, "bucket": s3_env.bucket, "prefix": prefix,
+                        "max_connections": 2, "max_write_connections": 2, "native_reads": "off"}],
+             "pages_per_object": 16, "timeout": 30, "prefetch_threshold": PAGE, "layerwise": False}
+    tree = build_tree(extra, layers=LAYERS, page_size=PAGE, device_tokens=4096, host_ratio=2.0)
+    try:
+        cc = tree.cache_controller
+        decide = cc.oc_decide
+        warm = [[7_000_000 + 1_000 * n + j for j in range(n * PAGE)] for n in (1, 2, 4, 8, 16)]
+        short = [8_000_000 + j for j in range(4 * PAGE)]
+        long = [9_000_000 + j for j in range(16 * PAGE)]
+        for i, p in enumerate([*warm, short, long]):
+            store_prefix(tree, p, seed=i)
+        for n in (64, 128, 256, 512, 1024, 2048, 96, 192):
+            decide.observe_prefill(_batch(n, PER_TOKEN * n))
+        proxy.delay, proxy.rate = 0.25, 12.8 * 2**20
+        host = cc.mem_pool_host
+        for p in warm:  # reads of 1 to 16 pages, through the engine: the meter learns the tier
+            idx = host.alloc(len(p))
+            assert all(cc.storage_backend.batch_get_v1(cc.get_hash_str(p, None, page_size=PAGE), idx))
+            host.free(idx)
+        tier = cc.storage_backend.cache.tiers[0]
+        meter = cc.storage_backend.cache._reads.meters[tier]
+        assert 0.2 < meter.latency < 0.35, decide.stats()
+
+        assert _loaded(tree, short, "short") == 0, f"a short hit that waits longer than it computes: {decide.stats()}"
+        assert _loaded(tree, long, "long") == len(long), f"a long hit loads: {decide.stats()}"
+        assert decide.decider.counters["recompute"] == 1 and decide.decider.counters["load"] == 1
+    finally:
+        tree.cache_controller.storage_backend.close()
+        proxy.close()
+
+
 def test_off_in_the_config_leaves_sglang_alone(s3_env, prefix):
     from testbed.hiradix import build_tree
 

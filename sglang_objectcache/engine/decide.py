@@ -38,6 +38,8 @@ class ReadMeter:
     recovers (as many, each under 1/`slow` of it), loses its history at once; a fetch that landed
     nothing makes every load `inf` until one lands again."""
 
+    MIN_FIT = 4  # periods before a latency is fitted, and before a period is judged slow or fast
+
     def __init__(self, keep: int = 16, forget: float = 30.0, window: float = 0.001, long: float = 1.0,
                  slow: float = 2.0, slow_after: int = 2, clock=time.monotonic):
         self._window, self._long, self._forget, self._clock = window, long, forget, clock
@@ -86,8 +88,12 @@ class ReadMeter:
             self._samples.clear()
             return
         self._dead = False
-        expected = self._expect(nbytes, now)
-        # a run of periods all far off the expectation, the same way: the tier changed
+        # a run of periods all far off the expectation, the same way: the tier changed. Judged where
+        # the expectation is sound: a fit on a few periods, or periods of about this size (before
+        # a latency is fitted, other sizes are off by design)
+        sizes = [b for _, b, _ in self._samples]
+        sound = len(sizes) >= self.MIN_FIT or (sizes and max(sizes + [nbytes]) < 1.5 * min(sizes + [nbytes]))
+        expected = self._expect(nbytes, now) if sound else None
         slow = expected is not None and seconds > self._slow * expected
         fast = expected is not None and seconds * self._slow < expected
         self._slow_run = self._slow_run + 1 if slow else 0
@@ -105,7 +111,7 @@ class ReadMeter:
             return None
         b = np.array([r[0] for r in rows], dtype=float)
         t = np.array([r[1] for r in rows], dtype=float)
-        if len(rows) >= 4 and b.max() >= 1.5 * b.min():  # sizes that tell latency from bandwidth
+        if len(rows) >= self.MIN_FIT and b.max() >= 1.5 * b.min():  # sizes that tell latency from bandwidth
             slope, latency = np.polyfit(b, t, 1)
             if slope > 0 and latency >= 0:
                 return float(latency), float(slope)

@@ -1,5 +1,6 @@
-"""A TCP forwarder on 127.0.0.1 that can be taken down and brought back (a server outage), or
-slowed to a byte rate (a slow server), without touching the shared server behind it."""
+"""A TCP forwarder on 127.0.0.1 that can be taken down and brought back (a server outage),
+slowed to a byte rate (a slow server), or made to answer each request late (a distant server),
+without touching the shared server behind it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ class Proxy:
     def __init__(self, target_port: int, host: str = "127.0.0.1", rate: float | None = None):
         self.target = (host, target_port)
         self.rate = rate  # bytes/s from the server, per connection; None: as fast as it comes
+        self.delay = 0.0  # seconds each chunk from the client (a request) waits before it goes on
         self.host = host
         probe = socket.socket()
         probe.bind((host, 0))
@@ -77,6 +79,8 @@ class Proxy:
 
         try:
             while data := src.recv(1 << 16):
+                if not slow and self.delay:
+                    time.sleep(self.delay)
                 if slow and self.rate:
                     time.sleep(len(data) / self.rate)
                 dst.sendall(data)
