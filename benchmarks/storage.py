@@ -294,7 +294,7 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
         label = {"objectcache-https": "native https", "objectcache-https-obstore": "obstore https",
                  "objectcache-nixl": "nixl http", "objectcache-nixl-https": "nixl https",
-                 "objectcache-nixl-segments": "nixl 128 KiB GETs"}.get(name)
+                 "objectcache-nixl-segments": "nixl 2 MiB GETs"}.get(name)
         if label and plain:
             line += (f"; {label} / http native: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")

@@ -73,10 +73,9 @@ class LoadOrRecompute:
         mode = getattr(batch, "forward_mode", None)
         if mode is None or not mode.is_extend() or getattr(mode, "is_mixed", lambda: False)():
             return
-        if not getattr(batch, "launch_ts", None):
+        # a batch that waited on loads (hicache_consumer_index set) does not measure compute
+        if getattr(batch, "hicache_consumer_index", -1) != -1 or not getattr(batch, "launch_ts", None):
             return
-        if getattr(batch, "hicache_consumer_index", -1) != -1:
-            return  # it waited on loads: not a measure of compute
         ext, pre = batch.extend_lens or [], batch.prefix_lens or []
         tokens = sum(ext)
         token_ctx = sum(e * (p + e) for e, p in zip(ext, pre))
@@ -123,11 +122,13 @@ class LoadOrRecompute:
         t = self.model.seconds(rest, prefix + new_tokens)
         full = self.model.seconds(new_tokens, prefix + new_tokens)
         if t is not None and full is not None and load:
-            # the load may take what recomputing the loaded part would, plus the margin: no longer
-            budget = max(full - t + self.margin * full, MIN_WAIT)
             with self._lock:
-                _put(self._t_layer, req_id, t / max(self.fp.n_layers, 1))
-                _put(self._deadline, req_id, time.monotonic() + budget)
+                if self.decider.overlap:  # streamed (layerwise.py): its compute per layer, for `slack`
+                    _put(self._t_layer, req_id, t / max(self.fp.n_layers, 1))
+                else:  # whole prefetch (`bounded`): the load may take what recomputing the loaded
+                    # part would, plus the margin; no longer
+                    budget = max(full - t + self.margin * full, MIN_WAIT)
+                    _put(self._deadline, req_id, time.monotonic() + budget)
         if log.isEnabledFor(logging.DEBUG):
             ms = {k: f"{v * 1e3:.0f}" if v is not None else "?" for k, v in why.items() if k.endswith("_s")}
             log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached); expected ms: "
