@@ -218,3 +218,89 @@ def test_batches_that_loaded_are_not_prefill_samples():
     for n in (256, 512, 1024, 2048, 4096, 8192, 128, 64):
         lor.observe_prefill(batch(-1, n))
     assert lor.model.seconds(1000, 1000) == pytest.approx(0.01, rel=0.2)
+
+
+def test_load_cost_is_fitted_to_what_loads_added():
+    """Constant plus per-token, both >= 0, from batches of several sizes; one batch far off (a
+    first load that waited for something else) does not move it; none measured: no cost."""
+    from sglang_objectcache.engine.decide import LoadCost
+
+    c = LoadCost()
+    assert c.seconds(4096) == 0.0 and c.coefficients() is None
+    for n in (1024, 4096, 2048, 8192, 1024, 4096, 512, 2048):
+        c.observe(n, 0.02 + 25e-6 * n)
+    c.observe(4096, 3.0)  # an outlier
+    fixed, per_token = c.coefficients()
+    assert fixed == pytest.approx(0.02, rel=0.05) and per_token == pytest.approx(25e-6, rel=0.05)
+    assert c.seconds(4096) == pytest.approx(0.02 + 25e-6 * 4096, rel=0.05)
+    assert c.seconds(0) == 0.0
+
+    one = LoadCost()  # one size: a constant; costs that fall with size: no negative per-token term
+    for _ in range(4):
+        one.observe(4096, 0.1)
+    assert one.coefficients() == pytest.approx((0.1, 0.0))
+    falling = LoadCost()
+    for n, y in ((1024, 0.2), (2048, 0.15), (4096, 0.1), (8192, 0.05)):
+        falling.observe(n, y)
+    fixed, per_token = falling.coefficients()
+    assert per_token >= 0 and fixed >= 0
+
+
+def test_load_cost_turns_a_partial_load_that_does_not_pay_into_recompute():
+    """Sitting D's 4K point on one H100: 4096 new tokens prefill in about 114 ms; reading 1K of the
+    hit takes 75 ms, so a partial load looks like max(75, 86 ms for the other 3K) = 86 ms. Such
+    loads took 140 ms: each added 35-50 ms of forward. Measured, that cost makes it a recompute; a
+    hit that pays by far is still loaded (most of it: the rest computes while it streams)."""
+    from sglang_objectcache.engine.decide import LoadCost
+
+    model = _model(114e-3 / 4096)
+    read = lambda p: 0.075 * p / 16  # noqa: E731 - 16 pages of 64 tokens in 75 ms
+    cost = LoadCost()
+    d = Decider(model, page_size=64, overlap=True, margin=0.1, cost=cost)
+    assert 0 < d.tokens_to_load(4096, 4096, 0, read) < 4096, "without a measured cost: a partial load"
+    for n in (1024, 4096, 1024, 4096):
+        cost.observe(n, 0.03 + 10e-6 * n)  # 40 ms for 1K tokens
+    assert d.tokens_to_load(4096, 4096, 0, read) == 0
+    # 64 new tokens over a 16K hit that reads in 0.3 s: recomputing takes 0.46 s; loading most pays
+    assert d.tokens_to_load(16384, 16384 + 64, 0, lambda p: 0.3 * p / 256) >= 8192
+
+
+def test_streamed_batches_measure_the_load_cost():
+    """observe_prefill on a batch whose load was gated: its forward time less its waits for bytes
+    less the modelled compute is what the load cost. A failed load, or a batch before the model is
+    fitted, is not a sample, and none of them enters the prefill fit."""
+    import time
+    import types
+
+    from sglang_objectcache.sglang.load_or_recompute import LoadOrRecompute
+
+    gates = {}
+    cc = types.SimpleNamespace(page_size=64, layer_done_counter=types.SimpleNamespace(
+        events=[types.SimpleNamespace(oc_gate=gates.get(i)) for i in range(3)]))
+    backend = types.SimpleNamespace(cache=types.SimpleNamespace(_reads=types.SimpleNamespace(meters={})),
+                                    fp=types.SimpleNamespace(n_layers=4, piece_bytes=1))
+    lor = LoadOrRecompute(cc, backend, margin=0.1, overlap=True)
+    mode = types.SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False)
+
+    def batch(consumer, n, seconds):
+        return types.SimpleNamespace(forward_mode=mode, hicache_consumer_index=consumer, reqs=[],
+                                     extend_lens=[n], prefix_lens=[0], launch_ts=time.monotonic() - seconds)
+
+    def gate(tokens, stalled, failed=None):
+        return types.SimpleNamespace(tokens=tokens, stalled=[stalled / 2, stalled / 2], failed=failed)
+
+    cc.layer_done_counter.events[1].oc_gate = gate(4096, 0.05)
+    lor.observe_prefill(batch(1, 64, 0.2))  # before the model: not a sample
+    for n in (256, 512, 1024, 2048, 4096, 8192, 128, 64):
+        lor.observe_prefill(batch(-1, n, 1e-5 * n))
+    coef = lor.model.coefficients()
+    for tokens in (1024, 4096, 2048, 8192):
+        cc.layer_done_counter.events[1].oc_gate = gate(tokens, 0.03)
+        lor.observe_prefill(batch(1, 64, 64e-5 + 0.03 + 0.01 + 20e-6 * tokens))
+    cc.layer_done_counter.events[2].oc_gate = gate(4096, 0.0, failed="timeout")
+    lor.observe_prefill(batch(2, 64, 5.0))
+    lor.observe_prefill(batch(0, 64, 5.0))  # loaded, but not streamed: no gate, no sample
+    assert lor.model.coefficients() == coef
+    fixed, per_token = lor.cost.coefficients()
+    assert fixed == pytest.approx(0.01, abs=2e-3) and per_token == pytest.approx(20e-6, rel=0.1)
+    assert lor.stats()["load_cost"] == [fixed, per_token]

@@ -251,6 +251,20 @@ def test_gate_opens_per_layer_while_later_layers_stream(tree, s3_env):
         time.sleep(0.01)
     assert not lw._active and stream.ok
     gate.join()
+
+    # the prefill batch that ran this forward is one sample of what a streamed load costs
+    assert gate.tokens == len(tokens)
+    decide = cc.oc_decide
+    mode = types.SimpleNamespace(is_extend=lambda: True, is_mixed=lambda: False)
+
+    def batch(consumer, n, seconds):
+        return types.SimpleNamespace(forward_mode=mode, hicache_consumer_index=consumer, extend_lens=[n],
+                                     prefix_lens=[0], launch_ts=time.monotonic() - seconds)
+    for n in (64, 128, 256, 512, 1024, 2048, 96, 192):
+        decide.observe_prefill(batch(-1, n, 1e-5 * n))
+    decide.observe_prefill(batch(pid, 64, 0.5 + sum(gate.stalled)))
+    ((_, loaded, extra),) = decide.cost._rows
+    assert loaded == len(tokens) and extra == pytest.approx(0.5, abs=0.05)
     deadline = time.monotonic() + 5  # the loader leaves just after its last layer
     while sys.getswitchinterval() != python_own and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -1,10 +1,12 @@
 """Load or recompute, per request: is a storage hit worth reading, given what is measured now?
 
-Three measured inputs, no constants:
+Measured inputs, no constants:
 - `ReadMeter`: the time a read of n bytes takes from a tier now (latency + n x time per byte, fitted
   to the tier's recent busy periods), behind the bytes already promised to fetches in flight;
 - `PrefillModel`: the GPU's prefill time for k new tokens over a context of c tokens, fitted live
   to SGLang's own forward timings (t = c0 + a*k + b*k*c, least squares over recent batches);
+- `LoadCost`: what loading n tokens adds to a forward beyond waiting for their bytes (the host to
+  GPU copies and their hand-overs), fitted to the forwards of batches that loaded;
 - the request: hit tokens, new tokens, context before the hit.
 
 `Decider.tokens_to_load` picks how much of the hit to load (0: recompute it all; a prefix of it:
@@ -227,13 +229,82 @@ class PrefillModel:
         return c0 + a * tokens + b * tokens * ctx
 
 
+class LoadCost:
+    """What loading n tokens adds to a forward besides waiting for their bytes: c + d x n, fitted
+    to the batches that loaded (their forward time, less the time they waited for bytes, less what
+    the prefill model says their compute takes).
+
+    Why: on one H100 (sitting D, docs/benchmarks.md) a streamed 4K-token load with 64 new tokens
+    ran 75-150 ms of forward after its bytes were in (the model: about 10 ms), and a 1K-token
+    partial load with 3K new tokens 35-50 ms more than computing them. The decision saw only the
+    read and the compute, so partial loads it expected at 100 ms took 140 and lost to recompute."""
+
+    MIN_SAMPLES = 4
+    TRIM = 3.0  # a batch this many median absolute deviations off the fit is an outlier
+
+    def __init__(self, keep: int = 32, forget: float = 300.0, clock=time.monotonic):
+        self._rows: deque = deque(maxlen=keep)  # (when, tokens loaded, extra seconds)
+        self._lock = threading.Lock()
+        self._forget, self._clock = forget, clock
+        self._fit: tuple[float, float] | None = None
+        self._dirty = False
+
+    def observe(self, tokens: int, extra: float) -> None:
+        """A batch that loaded `tokens` tokens ran `extra` seconds past its modelled compute and
+        its waits for bytes (negative: faster than modelled; kept, so the fit is not biased up)."""
+        if tokens <= 0 or not math.isfinite(extra):
+            return
+        with self._lock:
+            self._rows.append((self._clock(), float(tokens), float(extra)))
+            self._dirty = True
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """(c seconds, d seconds per token), both >= 0; None until `MIN_SAMPLES` recent batches."""
+        with self._lock:
+            now = self._clock()
+            rows = [(n, y) for at, n, y in self._rows if now - at <= self._forget]
+            if len(rows) < self.MIN_SAMPLES:
+                return None
+            if self._dirty or self._fit is None:
+                n = np.array([r[0] for r in rows])
+                y = np.array([r[1] for r in rows])
+                fit = self._solve(n, y)
+                resid = np.abs(fit[0] + fit[1] * n - y)
+                mad = float(np.median(resid))
+                keep = resid <= self.TRIM * mad if mad > 0 else np.ones_like(y, dtype=bool)
+                if self.MIN_SAMPLES <= keep.sum() < len(y):
+                    fit = self._solve(n[keep], y[keep])
+                self._fit, self._dirty = fit, False
+            return self._fit
+
+    @staticmethod
+    def _solve(n: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        if n.max() >= 1.5 * n.min():  # sizes that tell a constant from a per-token cost
+            d, c = np.polyfit(n, y, 1)
+            if d >= 0 and c >= 0:
+                return float(c), float(d)
+            if d >= 0:  # a negative constant: all of it per token
+                return 0.0, max(float((n * y).sum() / (n * n).sum()), 0.0)
+        return max(float(y.mean()), 0.0), 0.0  # one size, or cost falling with size: a constant
+
+    def seconds(self, tokens: int) -> float:
+        """What loading `tokens` tokens adds to the forward (0 until measured: as before)."""
+        if tokens <= 0:
+            return 0.0
+        fit = self.coefficients()
+        return 0.0 if fit is None else fit[0] + fit[1] * tokens
+
+
 class Decider:
     """How many tokens of a storage hit to load. `margin`: a load must finish this fraction sooner
     than recompute to be chosen; `overlap`: the forward overlaps the load layer by layer (the
-    0.5.17 patch), else it starts after the last byte."""
+    0.5.17 patch), else it starts after the last byte; `cost`: what a load adds to the forward
+    besides its bytes (measured; none if not given)."""
 
-    def __init__(self, model: PrefillModel, page_size: int, *, margin: float = 0.1, overlap: bool = False):
+    def __init__(self, model: PrefillModel, page_size: int, *, margin: float = 0.1, overlap: bool = False,
+                 cost: LoadCost | None = None):
         self.model, self.page_size, self.margin, self.overlap = model, page_size, margin, overlap
+        self.cost = cost
         self.counters = dict(load=0, recompute=0, partial=0, unmeasured=0)
         self._lock = threading.Lock()
 
@@ -241,10 +312,11 @@ class Decider:
         with self._lock:
             self.counters[what] += 1
 
-    def finish(self, load_s: float, rest_tokens: int, ctx: int) -> float:
-        """Expected time until the forward can end: loading takes `load_s`, and `rest_tokens` are
-        computed over a context of `ctx` tokens."""
-        t_rest = self.model.seconds(rest_tokens, ctx) or 0.0
+    def finish(self, load_s: float, rest_tokens: int, ctx: int, loaded: int = 0) -> float:
+        """Expected time until the forward can end: reading `loaded` tokens takes `load_s`, and
+        `rest_tokens` are computed over a context of `ctx` tokens. What the load adds to the
+        forward (`cost`) runs beside the read when streamed, after it when not."""
+        t_rest = (self.model.seconds(rest_tokens, ctx) or 0.0) + (self.cost.seconds(loaded) if self.cost else 0.0)
         return max(load_s, t_rest) if self.overlap else load_s + t_rest
 
     def tokens_to_load(self, hit: int, new_tokens: int, prefix: int,
@@ -267,12 +339,13 @@ class Decider:
         step = max(1, pages // 16)  # 16 candidates at most: the prefix of the hit that pays best
         for p in sorted({*range(step, pages + 1, step), pages}):
             t_load = whole if p == pages else load_seconds(p)
-            t = self.finish(t_load or 0.0, new_tokens - p * self.page_size, ctx)
+            t = self.finish(t_load or 0.0, new_tokens - p * self.page_size, ctx, p * self.page_size)
             if t < best_t:
                 best, best_t = p * self.page_size, t
         if best and best_t > recompute * (1 - self.margin):
             best = 0  # not enough sooner to be worth the risk of a slow read
         if why is not None:
-            why.update(load_s=whole, recompute_s=recompute, chosen_s=best_t if best else recompute, plan_tokens=best)
+            why.update(load_s=whole, recompute_s=recompute, chosen_s=best_t if best else recompute, plan_tokens=best,
+                       cost_s=self.cost.seconds(hit) if self.cost else 0.0)
         self._count("recompute" if best == 0 else "load" if best == hit else "partial")
         return best

@@ -40,8 +40,9 @@ class Stream:
 class LayerGate:
     """One host-to-GPU load's gate: layer l is copied once every stream it reads has layer l."""
 
-    def __init__(self, streams: list[Stream], n_layers: int, timeout: float):
+    def __init__(self, streams: list[Stream], n_layers: int, timeout: float, tokens: int = 0):
         self.streams = streams
+        self.tokens = tokens  # tokens this load copies to the GPU (host hits and streamed ones)
         self.n_layers = n_layers
         self.timeout = timeout
         self.created = time.monotonic()

@@ -159,7 +159,7 @@ class Layerwise:
         hit = [s for s in self._active if torch.isin(host_indices, s.slots).any()]
         if not hit:
             return None
-        return LayerGate(hit, self.cc.layer_num, self.timeout)
+        return LayerGate(hit, self.cc.layer_num, self.timeout, tokens=int(host_indices.numel()))
 
     def run_gated(self, fn: Callable[[], None], gate: LayerGate,
                   on_error: Optional[Callable[[], None]] = None) -> None:

@@ -7,8 +7,9 @@ Attached to the cache controller as `oc_decide`; the patch calls it from three p
   and before the ranks agree on it (their MIN all-reduce follows, so every rank loads the least
   any rank chose): how many of the hit's tokens to load;
 - `observe_prefill(batch)`, scheduler thread, when a prefill batch's results are ready: its
-  forward time, which fits the prefill model. Batches that loaded from host or storage are left
-  out (they wait on copies).
+  forward time, which fits the prefill model. A batch that loaded from host or storage is left out
+  of that fit (it waits on copies); where its load was streamed (gated), its time past the model's
+  compute and past its waits for bytes is what the load cost (`LoadCost`).
 `t_layer(req_id)` gives the streamed fetch the request's compute time per layer, so `fetch_policy:
 slack` ranks requests by need (`layerwise.py`).
 """
@@ -20,7 +21,7 @@ import logging
 import threading
 import time
 
-from ..engine.decide import Decider, PrefillModel
+from ..engine.decide import Decider, LoadCost, PrefillModel
 from ..engine.read import locate
 
 log = logging.getLogger("sglang_objectcache")
@@ -41,12 +42,14 @@ def _put(table: collections.OrderedDict, key, value) -> None:
 
 class LoadOrRecompute:
     def __init__(self, controller, backend, *, margin: float, overlap: bool):
+        self.cc = controller
         self.cache = backend.cache
         self.fp = backend.fp
         self.page_size = controller.page_size
         self.page_bytes = self.fp.n_layers * self.fp.piece_bytes
         self.model = PrefillModel()
-        self.decider = Decider(self.model, self.page_size, margin=margin, overlap=overlap)
+        self.cost = LoadCost()
+        self.decider = Decider(self.model, self.page_size, margin=margin, overlap=overlap, cost=self.cost)
         self._lock = threading.Lock()
         # per request, between the calls that set and read them; bounded, since some requests never
         # reach the reading call (no storage hit, a revoked prefetch, a whole prefetch without t_layer)
@@ -73,13 +76,28 @@ class LoadOrRecompute:
         mode = getattr(batch, "forward_mode", None)
         if mode is None or not mode.is_extend() or getattr(mode, "is_mixed", lambda: False)():
             return
-        # a batch that waited on loads (hicache_consumer_index set) does not measure compute
-        if getattr(batch, "hicache_consumer_index", -1) != -1 or not getattr(batch, "launch_ts", None):
+        if not getattr(batch, "launch_ts", None):
             return
+        took = time.monotonic() - batch.launch_ts
         ext, pre = batch.extend_lens or [], batch.prefix_lens or []
         tokens = sum(ext)
         token_ctx = sum(e * (p + e) for e, p in zip(ext, pre))
-        self.model.observe(tokens, token_ctx, time.monotonic() - batch.launch_ts)
+        idx = getattr(batch, "hicache_consumer_index", -1)
+        if idx is None or idx == -1:
+            self.model.observe(tokens, token_ctx, took)
+            return
+        # a batch that waited on loads does not measure compute; a streamed one measures the load
+        gate, coef = self._gate(idx), self.model.coefficients()
+        if gate is None or coef is None or gate.failed is not None:
+            return
+        c0, a, b = coef
+        self.cost.observe(gate.tokens, took - sum(gate.stalled) - (c0 + a * tokens + b * token_ctx))
+
+    def _gate(self, idx: int):
+        try:
+            return getattr(self.cc.layer_done_counter.events[idx], "oc_gate", None)
+        except (AttributeError, IndexError, TypeError):
+            return None
 
     # ---- prefetch thread -------------------------------------------------------------------
 
@@ -132,8 +150,9 @@ class LoadOrRecompute:
         if log.isEnabledFor(logging.DEBUG):
             ms = {k: f"{v * 1e3:.0f}" if v is not None else "?" for k, v in why.items() if k.endswith("_s")}
             log.debug("objectcache: request %s loads %d of %d stored tokens (%d new over %d cached); expected ms: "
-                      "load %s, recompute %s, chosen %s; load wait budget %s", req_id, load, hit_tokens,
-                      new_tokens, prefix, ms.get("load_s", "?"), ms.get("recompute_s", "?"), ms.get("chosen_s", "?"),
+                      "load %s (and %s in the forward), recompute %s, chosen %s; load wait budget %s", req_id, load,
+                      hit_tokens, new_tokens, prefix, ms.get("load_s", "?"), ms.get("cost_s", "?"),
+                      ms.get("recompute_s", "?"), ms.get("chosen_s", "?"),
                       f"{budget * 1e3:.0f}" if budget is not None else "-")
         return load
 
@@ -157,7 +176,9 @@ class LoadOrRecompute:
     def stats(self) -> dict:
         coef = self.model.coefficients()
         meters = (self.cache._reads.meters or {}).items()
+        cost = self.cost.coefficients()
         return {**self.decider.counters, "prefill_fit": list(coef) if coef else None,
+                "load_cost": list(cost) if cost else None,
                 "read_rates": {t.name: m.rate for t, m in meters},
                 "read_latencies": {t.name: m.latency for t, m in meters}}
 

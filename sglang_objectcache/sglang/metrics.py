@@ -82,6 +82,12 @@ class Exporter:
             for tier, value in (decisions.get(key) or {}).items():
                 if isinstance(value, float):
                     self._gauge(name, ("tier",), doc).labels(self._rank, tier).set(value)
+        cost = decisions.get("load_cost")
+        if isinstance(cost, list) and len(cost) == 2:
+            for term, value in zip(("fixed", "per_token"), cost):
+                self._gauge("objectcache_load_cost_seconds", ("term",), "what a streamed load adds to its "
+                            "forward beyond its bytes: fixed seconds, and seconds per token loaded (fitted)"
+                            ).labels(self._rank, term).set(value)
         for key, value in (snap.get("linker") or {}).items():  # the 0.5.23 linker route's own counts
             if isinstance(value, int):
                 self._gauge(f"objectcache_linker_{_name(key)}", (), f"objectcache linker: {key} since start"
