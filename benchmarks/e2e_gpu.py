@@ -329,13 +329,13 @@ def start_py_spy(pid: int, out: str) -> subprocess.Popen:
     return p
 
 
-def launch(model: str, cfg_path: str, log_path: str) -> subprocess.Popen:
+def launch(model: str, cfg_path: str, log_path: str, io_backend: str = "direct") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--load-format", "dummy",
            "--host", "127.0.0.1", "--port", str(PORT), "--attention-backend", "triton",
            "--sampling-backend", "pytorch", "--disable-cuda-graph", "--context-length", "70000",
            "--max-total-tokens", "100000", "--chunked-prefill-size", "16384", "--page-size", "64",
            "--enable-hierarchical-cache", "--hicache-size", "40", "--hicache-mem-layout", "layer_first",
-           "--hicache-io-backend", "direct", "--hicache-write-policy", "write_through_selective",
+           "--hicache-io-backend", io_backend, "--hicache-write-policy", "write_through_selective",
            "--hicache-storage-prefetch-policy", "wait_complete",
            "--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}",
            "--admin-api-key", ADMIN_KEY]
@@ -376,6 +376,8 @@ def main(argv=None) -> int:
                     help="after (c), also measure objectcache re-attached with these config keys changed, "
                     "e.g. lw8='{\"read_range_bytes\": \"8MiB\"}', c64='{\"tier\": {\"max_connections\": 64}}' "
                     "(repeatable)")
+    ap.add_argument("--io-backend", default="direct", choices=("direct", "kernel"),
+                    help="--hicache-io-backend: how host KV is copied to the GPU (SGLang's per-layer copy)")
     ap.add_argument("--https", action="store_true", help="SeaweedFS also serves https (a CA made for the run; "
                     "needs the openssl command); after (c), the rows `http` and `https`: (d) re-attached, read over "
                     "the http port, then over the https port through the native reader over OpenSSL")
@@ -421,7 +423,7 @@ def main(argv=None) -> int:
     print(f"engine alone: {res['engine_probe']}", flush=True)
     os.makedirs(args.file_dir, exist_ok=True)
     os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = args.file_dir
-    proc = launch(args.model, cfg_path, args.log)
+    proc = launch(args.model, cfg_path, args.log, args.io_backend)
     # hit: the whole context but a short question is cached; compute: half cached, half new
     cached = {sh: {L: new(L if sh == "hit" else L // 2) for L in lengths} for sh in shapes}
 

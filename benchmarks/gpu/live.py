@@ -47,7 +47,7 @@ def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subp
            "--sampling-backend", "pytorch", "--disable-cuda-graph", "--context-length", "20000",
            "--max-total-tokens", str(args.device_tokens), "--chunked-prefill-size", "8192", "--page-size", "64",
            "--enable-hierarchical-cache", "--hicache-size", str(args.host_gb), "--hicache-mem-layout", "layer_first",
-           "--hicache-io-backend", "direct", "--hicache-write-policy", "write_through",
+           "--hicache-io-backend", args.io_backend, "--hicache-write-policy", "write_through",
            "--hicache-storage-prefetch-policy", "wait_complete", "--enable-metrics"]
     if backend.startswith("objectcache"):
         cmd += ["--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}"]
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts-per-group", type=int, default=4)
     ap.add_argument("--output-len", type=int, default=8)
     ap.add_argument("--device-tokens", type=int, default=49152, help="--max-total-tokens (6 GiB of KV)")
+    ap.add_argument("--io-backend", default="direct", choices=("direct", "kernel"),
+                    help="--hicache-io-backend: how host KV is copied to the GPU (SGLang's per-layer copy)")
     ap.add_argument("--host-gb", type=int, default=8, help="--hicache-size (about 65K tokens)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "live-gpu"))
     args = ap.parse_args(argv)
