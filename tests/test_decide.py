@@ -249,7 +249,7 @@ def test_load_cost_is_fitted_to_what_loads_added():
 def test_load_cost_turns_a_partial_load_that_does_not_pay_into_recompute():
     """Sitting D's 4K point on one H100: 4096 new tokens prefill in about 114 ms; reading 1K of the
     hit takes 75 ms, so a partial load looks like max(75, 86 ms for the other 3K) = 86 ms. Such
-    loads took 140 ms: each added 35-50 ms of forward. Measured, that cost makes it a recompute; a
+    loads took 102-143 ms of forward: each added 15-56 ms. Measured, that cost makes it a recompute; a
     hit that pays by far is still loaded (most of it: the rest computes while it streams)."""
     from sglang_objectcache.engine.decide import LoadCost
 

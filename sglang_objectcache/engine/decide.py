@@ -235,9 +235,9 @@ class LoadCost:
     the prefill model says their compute takes).
 
     Why: on one H100 (sitting D, docs/benchmarks.md) a streamed 4K-token load with 64 new tokens
-    ran 75-150 ms of forward after its bytes were in (the model: about 10 ms), and a 1K-token
-    partial load with 3K new tokens 35-50 ms more than computing them. The decision saw only the
-    read and the compute, so partial loads it expected at 100 ms took 140 and lost to recompute."""
+    ran 113-154 ms of forward after its bytes were in (a device hit's whole TTFT: 67-77 ms), and a
+    1K-token partial load with 3K new tokens 15-56 ms more than computing them. The decision saw
+    only the read and the compute, so it chose partial loads that lost to recompute."""
 
     MIN_SAMPLES = 4
     TRIM = 3.0  # a batch this many median absolute deviations off the fit is an outlier
