@@ -3,6 +3,7 @@ measurements (no SGLang, no server; the real-tree test is tests/test_load_or_rec
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -265,7 +266,7 @@ def test_load_cost_turns_a_partial_load_that_does_not_pay_into_recompute():
     assert d.tokens_to_load(16384, 16384 + 64, 0, lambda p: 0.3 * p / 256) >= 8192
 
 
-def test_streamed_batches_measure_the_load_cost():
+def test_streamed_batches_measure_the_load_cost(caplog):
     """observe_prefill on a batch whose load was gated: its forward time less its waits for bytes
     less the modelled compute is what the load cost. A failed load, or a batch before the model is
     fitted, is not a sample, and none of them enters the prefill fit."""
@@ -296,7 +297,20 @@ def test_streamed_batches_measure_the_load_cost():
     coef = lor.model.coefficients()
     for tokens in (1024, 4096, 2048, 8192):
         cc.layer_done_counter.events[1].oc_gate = gate(tokens, 0.03)
-        lor.observe_prefill(batch(1, 64, 64e-5 + 0.03 + 0.01 + 20e-6 * tokens))
+        with caplog.at_level(logging.DEBUG, logger="sglang_objectcache"):
+            lor.observe_prefill(batch(1, 64, 64e-5 + 0.03 + 0.01 + 20e-6 * tokens))
+    assert "streamed batch of 64 new tokens over 8192 loaded" in caplog.text
+    # the GPU sittings read these lines back (benchmarks/gpu/load_cost.py): the format is what it parses
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "load_cost.py"
+    spec = importlib.util.spec_from_file_location("load_cost", path)
+    load_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_cost)
+    parsed = [m.groups() for m in map(load_cost.LINE.search, caplog.text.splitlines()) if m]
+    assert [int(g[1]) for g in parsed] == [1024, 4096, 2048, 8192]
+    assert all(float(g[5]) == pytest.approx(10 + 20e-3 * int(g[1]), abs=2) for g in parsed)
     cc.layer_done_counter.events[2].oc_gate = gate(4096, 0.0, failed="timeout")
     lor.observe_prefill(batch(2, 64, 5.0))
     lor.observe_prefill(batch(0, 64, 5.0))  # loaded, but not streamed: no gate, no sample

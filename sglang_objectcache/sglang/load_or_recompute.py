@@ -91,7 +91,12 @@ class LoadOrRecompute:
         if gate is None or coef is None or gate.failed is not None:
             return
         c0, a, b = coef
-        self.cost.observe(gate.tokens, took - sum(gate.stalled) - (c0 + a * tokens + b * token_ctx))
+        compute, waited = c0 + a * tokens + b * token_ctx, sum(gate.stalled)
+        self.cost.observe(gate.tokens, took - waited - compute)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("objectcache: streamed batch of %d new tokens over %d loaded: forward %.1f ms, waited for "
+                      "bytes %.1f ms, modelled compute %.1f ms; the load cost %.1f ms", tokens, gate.tokens,
+                      took * 1e3, waited * 1e3, compute * 1e3, (took - waited - compute) * 1e3)
 
     def _gate(self, idx: int):
         try:
