@@ -135,3 +135,9 @@ class GatedLoader:
                           "began, the last layer %.1f ms after%s", gate.n_layers,
                           (gate.opened_at[0] - gate.created) * 1e3, (gate.opened_at[-1] - gate.created) * 1e3,
                           f" (failed: {gate.failed})" if gate.failed else "")
+
+
+def gate_at(controller, idx: int) -> Optional[LayerGate]:
+    """The gate of the load whose consumer index is `idx` (a batch's `hicache_consumer_index`), or
+    None where that load was not streamed (the patch hangs it on the load's event as `oc_gate`)."""
+    return getattr(controller.layer_done_counter.events[idx], "oc_gate", None)

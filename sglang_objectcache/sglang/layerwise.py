@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..engine import switch
-from .layer_gate import GatedLoader, LayerGate, Stream
+from .layer_gate import GatedLoader, LayerGate, Stream, gate_at
 
 log = logging.getLogger("sglang_objectcache")
 
@@ -289,7 +289,7 @@ class Layerwise:
         idx = getattr(batch, "hicache_consumer_index", -1)
         if idx is None or idx < 0:
             return
-        gate = getattr(self.cc.layer_done_counter.events[idx], "oc_gate", None)
+        gate = gate_at(self.cc, idx)
         if gate is None:
             return
         gate.join()

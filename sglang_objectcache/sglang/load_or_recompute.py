@@ -23,6 +23,7 @@ import time
 
 from ..engine.decide import Decider, LoadCost, PrefillModel
 from ..engine.read import locate
+from .layer_gate import gate_at
 
 log = logging.getLogger("sglang_objectcache")
 
@@ -92,16 +93,17 @@ class LoadOrRecompute:
             return
         c0, a, b = coef
         compute, waited = c0 + a * tokens + b * token_ctx, sum(gate.stalled)
-        self.cost.observe(gate.tokens, took - waited - compute)
+        extra = took - waited - compute
+        self.cost.observe(gate.tokens, extra)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("objectcache: streamed batch of %d new tokens over %d loaded: forward %.1f ms, waited for "
                       "bytes %.1f ms, modelled compute %.1f ms; the load cost %.1f ms", tokens, gate.tokens,
-                      took * 1e3, waited * 1e3, compute * 1e3, (took - waited - compute) * 1e3)
+                      took * 1e3, waited * 1e3, compute * 1e3, extra * 1e3)
 
     def _gate(self, idx: int):
         try:
-            return getattr(self.cc.layer_done_counter.events[idx], "oc_gate", None)
-        except (AttributeError, IndexError, TypeError):
+            return gate_at(self.cc, idx)
+        except (AttributeError, IndexError, TypeError):  # a controller without the patch's counter
             return None
 
     # ---- prefetch thread -------------------------------------------------------------------
