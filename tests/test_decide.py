@@ -247,6 +247,24 @@ def test_load_cost_is_fitted_to_what_loads_added():
     assert per_token >= 0 and fixed >= 0
 
 
+def test_load_cost_forgets_batches_older_than_its_window():
+    """Batches past `forget` leave the fit even when nothing new arrives: a cost measured before a
+    change (a slow spell) does not linger after it."""
+    from sglang_objectcache.engine.decide import LoadCost
+
+    clock = Clock()
+    c = LoadCost(forget=300.0, clock=clock)
+    for _ in range(2):
+        c.observe(4096, 1.0)
+    clock.t += 200
+    for _ in range(4):
+        c.observe(4096, 0.1)
+    clock.t += 50
+    assert c.seconds(4096) > 0.1  # all six are recent: the slow two weigh in
+    clock.t += 100  # the first two are 350 s old now
+    assert c.seconds(4096) == pytest.approx(0.1)
+
+
 def test_load_cost_turns_a_partial_load_that_does_not_pay_into_recompute():
     """Sitting D's 4K point on one H100: 4096 new tokens prefill in about 114 ms; reading 1K of the
     hit takes 75 ms, so a partial load looks like max(75, 86 ms for the other 3K) = 86 ms. Such

@@ -247,6 +247,7 @@ class LoadCost:
         self._lock = threading.Lock()
         self._forget, self._clock = forget, clock
         self._fit: tuple[float, float] | None = None
+        self._fit_rows = 0  # how many rows the fit was made of: fewer now means some aged out
         self._dirty = False
 
     def observe(self, tokens: int, extra: float) -> None:
@@ -265,7 +266,7 @@ class LoadCost:
             rows = [(n, y) for at, n, y in self._rows if now - at <= self._forget]
             if len(rows) < self.MIN_SAMPLES:
                 return None
-            if self._dirty or self._fit is None:
+            if self._dirty or self._fit is None or len(rows) != self._fit_rows:
                 n = np.array([r[0] for r in rows])
                 y = np.array([r[1] for r in rows])
                 fit = self._solve(n, y)
@@ -274,7 +275,7 @@ class LoadCost:
                 keep = resid <= self.TRIM * mad if mad > 0 else np.ones_like(y, dtype=bool)
                 if self.MIN_SAMPLES <= keep.sum() < len(y):
                     fit = self._solve(n[keep], y[keep])
-                self._fit, self._dirty = fit, False
+                self._fit, self._fit_rows, self._dirty = fit, len(rows), False
             return self._fit
 
     @staticmethod
