@@ -509,3 +509,24 @@ def test_nodes_of_a_reset_tree_are_never_dropped(tree):
     lw.poll(tree)
     assert not lw._in_tree(tree, node) and lw.counters["dropped_nodes"] == 0 and not lw._poisoned
     assert cc.mem_pool_host.available_size() == free
+
+
+def test_gpu_summary_counts_only_the_forwards_waits_for_copies():
+    """The GPU timeline line: copies' own time, their span, and the forward stream's wait, which
+    is per layer the time from reaching it to its copy's end, and nothing where the copy was first."""
+    from sglang_objectcache.sglang.layer_gate import gpu_summary
+
+    class Ev:
+        def __init__(self, t):
+            self.t = t
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    begin = [Ev(0), Ev(10), Ev(20)]
+    end = [Ev(10), Ev(20), Ev(30)]
+    reached = [Ev(2), Ev(5), Ev(25)]  # waits 8 at layer 0, 15 at layer 1, 5 at layer 2
+    g = gpu_summary(begin, end, reached)
+    assert g == {"copy_ms": 30, "span_ms": 30, "forward_waited_ms": 28, "first_reach_ms": 2}
+    g = gpu_summary(begin, end, [Ev(40), Ev(41), Ev(42)])  # copies all done before the forward came
+    assert g["forward_waited_ms"] == 0 and g["first_reach_ms"] == 40

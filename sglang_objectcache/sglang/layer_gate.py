@@ -51,6 +51,7 @@ class LayerGate:
         self.opened_at: list[Optional[float]] = [None] * n_layers  # when layer l's copy was released
         self.stalled = [0.0] * n_layers  # seconds the forward waited for layer l's copy (timeline)
         self.asked_at: Optional[float] = None  # when the forward first asked for a layer
+        self.gpu = GpuMarks(n_layers) if GpuMarks.wanted() else None  # GPU-side timeline (DEBUG only)
         self._enqueued = [threading.Event() for _ in range(n_layers)]
         self._all = threading.Event()
 
@@ -62,10 +63,14 @@ class LayerGate:
             if not s.readiness.wait(layer, max(0.0, self.deadline - time.monotonic())):
                 self.failed = s.reason() if s.readiness.failed else f"layer {layer} not ready after {self.timeout:.0f}s"
         self.opened_at[layer] = time.monotonic()
+        if self.gpu is not None:
+            self.gpu.mark(self.gpu.copy_begin, layer)  # on the load stream (the loader's context)
         return self.failed is None
 
     def enqueued(self, layer: int) -> None:
         """Loader thread, after layer `layer`'s copy and event are on the load stream."""
+        if self.gpu is not None:
+            self.gpu.mark(self.gpu.copy_end, layer)
         self._enqueued[layer].set()
         if layer == self.n_layers - 1:
             self._all.set()
@@ -87,9 +92,54 @@ class LayerGate:
             t = time.monotonic()
             e.wait()
             self.stalled[layer] += time.monotonic() - t
+        if self.gpu is not None:
+            self.gpu.mark(self.gpu.reached, layer)  # on the forward's stream, before it waits
 
     def join(self) -> None:
         self._all.wait()
+
+
+class GpuMarks:
+    """CUDA events around each layer's copy (load stream) and where the forward reached each layer
+    (its stream): what the GPU did, which host clocks cannot see. A forward can launch every layer
+    without a host-side stall and still wait on the GPU for copies; this says how long."""
+
+    def __init__(self, n_layers: int):
+        self.copy_begin: list = [None] * n_layers
+        self.copy_end: list = [None] * n_layers
+        self.reached: list = [None] * n_layers
+
+    @staticmethod
+    def wanted() -> bool:
+        return log.isEnabledFor(logging.DEBUG) and torch.cuda.is_available()
+
+    @staticmethod
+    def mark(marks: list, layer: int) -> None:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        marks[layer] = e
+
+    def summary(self) -> Optional[dict]:
+        """Milliseconds (None where a layer went unmarked): the copies' GPU time, the span from the
+        first copy's start to the last one's end, and how long the forward's stream waited on copies
+        in all (per layer, from reaching the layer to that layer's copy ending). Waits for the
+        events, as the batch's result is about to anyway (DEBUG only)."""
+        events = self.copy_begin + self.copy_end + self.reached
+        if any(e is None for e in events):
+            return None
+        for e in events:
+            e.synchronize()
+        return gpu_summary(self.copy_begin, self.copy_end, self.reached)
+
+
+def gpu_summary(begin: list, end: list, reached: list) -> dict:
+    """`GpuMarks.summary` on any events with `elapsed_time(other)` (ms from self to other)."""
+    return {
+        "copy_ms": sum(b.elapsed_time(e) for b, e in zip(begin, end)),
+        "span_ms": begin[0].elapsed_time(end[-1]),
+        "forward_waited_ms": sum(max(0.0, r.elapsed_time(e)) for r, e in zip(reached, end)),
+        "first_reach_ms": begin[0].elapsed_time(reached[0]),  # < 0: the forward got there first
+    }
 
 
 class GatedLoader:

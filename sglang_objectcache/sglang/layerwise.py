@@ -237,6 +237,12 @@ class Layerwise:
                   (t0 - st.op_started) * 1e3 if st.op_started else float("nan"), (t0 - st.started) * 1e3,
                   ((gate.asked_at or now) - t0) * 1e3, sum(gate.stalled) * 1e3, gate.stalled[0] * 1e3,
                   worst, gate.stalled[worst] * 1e3, (now - t0) * 1e3)
+        g = gate.gpu.summary() if gate.gpu is not None else None
+        if g is not None:
+            log.debug("objectcache: streamed prefill on the GPU: %d layer copies took %.1f ms over a span of "
+                      "%.1f ms; the forward reached layer 0 %.1f ms after the first copy began and waited "
+                      "%.1f ms in all for copies", gate.n_layers, g["copy_ms"], g["span_ms"],
+                      g["first_reach_ms"], g["forward_waited_ms"])
 
     @staticmethod
     def _read_failed_stream(req, failed: set[int]) -> bool:
