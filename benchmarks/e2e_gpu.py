@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,9 +70,60 @@ def http(method: str, path: str, body: dict | None = None, timeout: float = 600)
         return raw.decode(errors="replace")
 
 
+class Watchdog:
+    """Dumps the server's threads (`py-spy dump`, where it is on PATH) into the log's folder when
+    its log stays silent for `after` seconds while a request is out: a request that never gets a
+    `Prefill batch` line then says where it stuck. (Session 8's lease: two servers took a 512-token
+    request after /health and logged nothing for 165 s, until the driver's timeout.)"""
+
+    def __init__(self, pid: int, log_path: str, after: float = 90.0, most: int = 3):
+        self.pid, self.log_path, self.after, self.most = pid, log_path, after, most
+        self.dumps: list[str] = []
+        self._busy = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if shutil.which("py-spy"):
+            threading.Thread(target=self._run, daemon=True, name="hang-watchdog").start()
+
+    @contextlib.contextmanager
+    def busy(self):
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(5) and len(self.dumps) < self.most:
+            with self._lock:
+                busy = self._busy > 0
+            try:
+                silent = time.time() - os.path.getmtime(self.log_path)
+            except OSError:
+                continue
+            if busy and silent > self.after and time.time() - self._last > self.after:
+                self._last = time.time()
+                path = os.path.join(os.path.dirname(os.path.abspath(self.log_path)), f"hang-{len(self.dumps)}.txt")
+                with open(path, "w") as f:
+                    subprocess.run(["py-spy", "dump", "--pid", str(self.pid), "--subprocesses"], stdout=f,
+                                   stderr=subprocess.STDOUT, timeout=120, check=False)
+                self.dumps.append(path)
+                print(f"server log silent for {silent:.0f}s with a request out; its threads: {path}", flush=True)
+
+
+WATCH: Watchdog | None = None  # the running server's, set by main()
+
+
 def gen(ids: list[int]) -> tuple[float, dict]:
     t = time.perf_counter()
-    r = http("POST", "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    with WATCH.busy() if WATCH is not None else contextlib.nullcontext():
+        r = http("POST", "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
     dt = time.perf_counter() - t
     meta = r.get("meta_info", {})
     if meta.get("finish_reason", {}).get("type") == "abort":
@@ -376,6 +428,8 @@ def main(argv=None) -> int:
                     help="after (c), also measure objectcache re-attached with these config keys changed, "
                     "e.g. lw8='{\"read_range_bytes\": \"8MiB\"}', c64='{\"tier\": {\"max_connections\": 64}}' "
                     "(repeatable)")
+    ap.add_argument("--hang-after", type=float, default=90.0, help="seconds of a silent server log, with a "
+                    "request out, before its threads are dumped (py-spy)")
     ap.add_argument("--io-backend", default="direct", choices=("direct", "kernel"),
                     help="--hicache-io-backend: how host KV is copied to the GPU (SGLang's per-layer copy)")
     ap.add_argument("--https", action="store_true", help="SeaweedFS also serves https (a CA made for the run; "
@@ -424,6 +478,8 @@ def main(argv=None) -> int:
     os.makedirs(args.file_dir, exist_ok=True)
     os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = args.file_dir
     proc = launch(args.model, cfg_path, args.log, args.io_backend)
+    global WATCH
+    WATCH = Watchdog(proc.pid, args.log, args.hang_after)
     # hit: the whole context but a short question is cached; compute: half cached, half new
     cached = {sh: {L: new(L if sh == "hit" else L // 2) for L in lengths} for sh in shapes}
 
@@ -511,6 +567,7 @@ def main(argv=None) -> int:
             time.sleep(15)
             each("file")  # (e)
     finally:
+        WATCH.stop()
         proc.terminate()
         try:
             proc.wait(30)

@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: the local SeaweedFS
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from e2e_gpu import PORT, URL, wait_healthy  # noqa: E402  the same server, launched the same way
+from e2e_gpu import PORT, URL, Watchdog, wait_healthy  # noqa: E402  the same server, launched the same way
 
 
 def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subprocess.Popen:
@@ -169,7 +169,9 @@ def main(argv=None) -> int:
             shutil.rmtree(file_dir, ignore_errors=True)
             os.makedirs(file_dir)
             os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = file_dir
-        proc = launch(args.model, backend, cfg_path, os.path.join(args.out, f"sglang-{backend}.log"), args)
+        log_path = os.path.join(args.out, f"sglang-{backend}.log")
+        proc = launch(args.model, backend, cfg_path, log_path, args)
+        watch = Watchdog(proc.pid, log_path)  # a bench that hangs gets the server's threads dumped
         try:
             seed = 1
             for L, g in zip(lengths, groups):
@@ -178,14 +180,16 @@ def main(argv=None) -> int:
                     flush()
                     if srv is not None and seed > 2:
                         empty_bucket(srv)
-                    subprocess.run([sys.executable, "-m", "sglang_objectcache.cli.bench", "live", "--url", URL,
-                                    "--label", backend, "--num-groups", str(g),
-                                    "--prompts-per-group", str(args.prompts_per_group), "--system-prompt-len",
-                                    str(L), "--question-len", "64", "--output-len", str(args.output_len),
-                                    "--concurrency", str(c), "--seed", str(seed),
-                                    "--out", os.path.join(args.out, f"{backend}-{L}-c{c}")], check=False)
+                    with watch.busy():
+                        subprocess.run([sys.executable, "-m", "sglang_objectcache.cli.bench", "live", "--url", URL,
+                                        "--label", backend, "--num-groups", str(g),
+                                        "--prompts-per-group", str(args.prompts_per_group), "--system-prompt-len",
+                                        str(L), "--question-len", "64", "--output-len", str(args.output_len),
+                                        "--concurrency", str(c), "--seed", str(seed),
+                                        "--out", os.path.join(args.out, f"{backend}-{L}-c{c}")], check=False)
             scrape(os.path.join(args.out, f"metrics-{backend}.txt"))
         finally:
+            watch.stop()
             stop(proc)
             if srv is not None:
                 srv.stop()
