@@ -381,6 +381,24 @@ def start_py_spy(pid: int, out: str) -> subprocess.Popen:
     return p
 
 
+def split_cpus(srv, n: int) -> dict:
+    """The last `n` CPUs of this process's set to the server's processes (every thread), the rest
+    to this process, and so to the SGLang it launches next."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 < n < len(cpus):
+        raise SystemExit(f"--server-cpus {n}: this machine gives {len(cpus)} CPUs")
+    theirs, ours = set(cpus[-n:]), set(cpus[:-n])
+    pids = srv.pids()
+    if not pids:
+        raise SystemExit("--server-cpus: the server's processes were not found")
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(int(tid), theirs)
+    os.sched_setaffinity(0, ours)
+    return {"server": f"{min(theirs)}-{max(theirs)}", "sglang_and_client": f"{min(ours)}-{max(ours)}"}
+
+
 def launch(model: str, cfg_path: str, log_path: str, io_backend: str = "direct") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--load-format", "dummy",
            "--host", "127.0.0.1", "--port", str(PORT), "--attention-backend", "triton",
@@ -430,6 +448,9 @@ def main(argv=None) -> int:
                     "(repeatable)")
     ap.add_argument("--hang-after", type=float, default=90.0, help="seconds of a silent server log, with a "
                     "request out, before its threads are dumped (py-spy)")
+    ap.add_argument("--server-cpus", type=int, default=0, help="give SeaweedFS this many CPUs of its own and "
+                    "keep this driver and SGLang off them, as with a server on another host (its TLS then costs "
+                    "its own cores, as it would there)")
     ap.add_argument("--io-backend", default="direct", choices=("direct", "kernel"),
                     help="--hicache-io-backend: how host KV is copied to the GPU (SGLang's per-layer copy)")
     ap.add_argument("--https", action="store_true", help="SeaweedFS also serves https (a CA made for the run; "
@@ -461,6 +482,8 @@ def main(argv=None) -> int:
             "endpoint": over_tls.endpoint, "ca_bundle": certs["ca"]}}))
     else:
         srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
+    if args.server_cpus:
+        print(f"cpus: {split_cpus(srv, args.server_cpus)}", flush=True)
     for k, v in srv.env().items():
         os.environ[k] = v
     prefix = "e2e"

@@ -7,6 +7,7 @@ For each prefix length and backend, in one run against one S3 server:
   first page      latency of the first batch_get_v1 call: SGLang can use no page before it returns
   exists          batch_exists of 128 pages, median (SGLang's prefetch thread, every request)
   requests        S3 requests the backend issued, by verb
+  CPU per GiB     CPU seconds of this process and of the server started here, per GiB read
 next to the server's raw ceilings from a plain obstore client (whole-object PUT/GET, range GETs).
 Bytes read back are checked against what was written.
 
@@ -87,6 +88,21 @@ def chain_keys(n: int, salt: str) -> list[str]:
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def server_cpu_seconds(srv) -> float | None:
+    """CPU seconds used so far by the processes serving `srv` (a server started here), or None.
+    Beside the client's own, it says what a transport costs each side per GiB (TLS: the client
+    decrypts, the server encrypts; on one machine both share its cores)."""
+    pids, total, tick = srv.pids() if hasattr(srv, "pids") else [], 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total if pids else None
 
 
 # ---- raw ceilings ---------------------------------------------------------------------------
@@ -237,7 +253,7 @@ def bench_one(name: str, srv, pool, n_pages: int, reps_exists: int = 20) -> dict
     res["exists_ms"] = statistics.median(lat) * 1e3
     pool.kv_buffer[:, :, : n_pages * PAGE].zero_()
     before = r.requests()
-    c0, t0 = cpu_seconds(), time.perf_counter()
+    c0, s0, t0 = cpu_seconds(), server_cpu_seconds(srv), time.perf_counter()
     first = None
     got = 0
     for i in range(0, n_pages, BATCH):
@@ -247,6 +263,8 @@ def bench_one(name: str, srv, pool, n_pages: int, reps_exists: int = 20) -> dict
             first = time.perf_counter() - t0
     res["read_s"] = time.perf_counter() - t0
     res["read_cpu_s"] = cpu_seconds() - c0
+    s1 = server_cpu_seconds(srv)
+    res["read_server_cpu_s"] = s1 - s0 if s0 is not None and s1 is not None else None
     res["first_page_ms"] = first * 1e3
     res["read_gibps"] = total / GiB / res["read_s"]
     res["read_pages_ok"] = got
@@ -298,6 +316,10 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
         if label and plain:
             line += (f"; {label} / http native: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
+        gib = r["bytes"] / GiB
+        if r.get("read_server_cpu_s") is not None:
+            line += (f"; CPU seconds per GiB read: client {r['read_cpu_s'] / gib:.2f}, server "
+                     f"{r['read_server_cpu_s'] / gib:.2f}")
         peer = by.get((tokens, "seaweedfs"))
         if peer:
             line += (f"; vs seaweedfs: read x{r['read_gibps'] / peer['read_gibps']:.2f}, write "

@@ -119,6 +119,21 @@ class S3Server:
             "region_name": self.region,
         }
 
+    def pids(self) -> list[int]:
+        """The processes serving it: those whose command line names its data directory (a
+        server started here; none for one found at an endpoint). Linux /proc only."""
+        if not self.data_dir or not os.path.isdir("/proc"):
+            return []
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if self.data_dir.encode() in f.read():
+                        out.append(int(pid))
+            except OSError:
+                continue
+        return out
+
     def is_running(self) -> bool:
         if self._stopped:
             return False
