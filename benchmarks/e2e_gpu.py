@@ -110,9 +110,11 @@ class Watchdog:
             if busy and silent > self.after and time.time() - self._last > self.after:
                 self._last = time.time()
                 path = os.path.join(os.path.dirname(os.path.abspath(self.log_path)), f"hang-{len(self.dumps)}.txt")
-                with open(path, "w") as f:
-                    subprocess.run(["py-spy", "dump", "--pid", str(self.pid), "--subprocesses"], stdout=f,
-                                   stderr=subprocess.STDOUT, timeout=120, check=False)
+                with open(path, "w") as f:  # Python frames, then native ones (a wait inside C)
+                    for extra in ([], ["--native"]):
+                        f.flush()
+                        subprocess.run(["py-spy", "dump", "--pid", str(self.pid), "--subprocesses", *extra],
+                                       stdout=f, stderr=subprocess.STDOUT, timeout=120, check=False)
                 self.dumps.append(path)
                 print(f"server log silent for {silent:.0f}s with a request out; its threads: {path}", flush=True)
 
