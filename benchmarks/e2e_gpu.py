@@ -113,8 +113,11 @@ class Watchdog:
                 with open(path, "w") as f:  # Python frames, then native ones (a wait inside C)
                     for extra in ([], ["--native"]):
                         f.flush()
-                        subprocess.run(["py-spy", "dump", "--pid", str(self.pid), "--subprocesses", *extra],
-                                       stdout=f, stderr=subprocess.STDOUT, timeout=120, check=False)
+                        try:
+                            subprocess.run(["py-spy", "dump", "--pid", str(self.pid), "--subprocesses", *extra],
+                                           stdout=f, stderr=subprocess.STDOUT, timeout=120, check=False)
+                        except subprocess.TimeoutExpired:
+                            f.write(f"py-spy dump {' '.join(extra)}: no answer in 120 s\n")
                 self.dumps.append(path)
                 print(f"server log silent for {silent:.0f}s with a request out; its threads: {path}", flush=True)
 
