@@ -151,6 +151,7 @@ def test_two_seaweedfs_servers_do_not_collide(tmp_path):
         b = start_seaweedfs(data_dir=str(tmp_path / "b"), bucket="bucket-b")
         try:
             assert a.port != b.port
+            assert a.pids() and b.pids() and not set(a.pids()) & set(b.pids())  # each finds its own
             _client(a).put_object(Bucket="bucket-a", Key="k", Body=b"A")
             _client(b).put_object(Bucket="bucket-b", Key="k", Body=b"B")
             assert _client(a).get_object(Bucket="bucket-a", Key="k")["Body"].read() == b"A"
@@ -163,6 +164,7 @@ def test_two_seaweedfs_servers_do_not_collide(tmp_path):
     finally:
         a.stop()
     assert not _port_open(a.port) and not _port_open(b.port)
+    assert not a.pids() and not b.pids()
     assert (tmp_path / "a" / "weed.log").exists()  # a caller's data_dir is kept
 
 

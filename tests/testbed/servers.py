@@ -21,6 +21,7 @@ import atexit
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -124,11 +125,12 @@ class S3Server:
         server started here; none for one found at an endpoint). Linux /proc only."""
         if not self.data_dir or not os.path.isdir("/proc"):
             return []
+        named = re.compile(re.escape(self.data_dir.encode()) + rb"(/|\x00|$)")  # the path, not a prefix of another
         out = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if self.data_dir.encode() in f.read():
+                    if named.search(f.read()):
                         out.append(int(pid))
             except OSError:
                 continue
