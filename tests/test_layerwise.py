@@ -9,6 +9,7 @@ end in an abort with the tree cleaned, never in garbage KV being kept.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import threading
@@ -530,3 +531,43 @@ def test_gpu_summary_counts_only_the_forwards_waits_for_copies():
     assert g == {"copy_ms": 30, "span_ms": 30, "forward_waited_ms": 28, "first_reach_ms": 2}
     g = gpu_summary(begin, end, [Ev(40), Ev(41), Ev(42)])  # copies all done before the forward came
     assert g["forward_waited_ms"] == 0 and g["first_reach_ms"] == 40
+
+
+@seaweedfs_only
+def test_a_dead_storage_thread_of_sglang_is_named_once(tree, caplog):
+    """SGLang's prefetch thread ends on an exception it does not catch; from then on no prefetch
+    is answered (under wait_complete, requests wait for good). The scheduler's poll says so once,
+    and says nothing while the threads are stopped on purpose (a detach)."""
+    cc = tree.cache_controller
+    watch = cc.oc_layerwise.threads
+    assert cc.prefetch_thread.is_alive() and cc.backup_thread.is_alive()
+    watch._next = 0.0
+    with caplog.at_level(logging.ERROR, logger="sglang_objectcache"):
+        watch.check()
+    assert not caplog.records  # all alive
+
+    alive = cc.prefetch_thread
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    cc.prefetch_thread = dead
+    try:
+        for _ in range(2):
+            watch._next = 0.0
+            with caplog.at_level(logging.ERROR, logger="sglang_objectcache"):
+                cc.oc_layerwise.poll(tree)
+        named = [r for r in caplog.records if "prefetch_thread has died" in r.getMessage()]
+        assert len(named) == 1 and watch.dead == {"prefetch_thread"}
+
+        caplog.clear()
+        watch.dead.clear()
+        cc.storage_stop_event.set()  # stopping on purpose: not a death
+        try:
+            watch._next = 0.0
+            with caplog.at_level(logging.ERROR, logger="sglang_objectcache"):
+                watch.check()
+            assert not caplog.records
+        finally:
+            cc.storage_stop_event.clear()
+    finally:
+        cc.prefetch_thread = alive

@@ -16,7 +16,8 @@ here so that it is tested with the package. The life of one streamed prefetch:
    waiting on an unrecorded event is a silent no-op), then waits on the event as before.
 5. scheduler, `poll` (from `check_hicache_events`): a finished stream unprotects its nodes; a
    failed one poisons them: no new match sees them, they are never written back to storage, and
-   they are dropped (with anything inserted below them) once nobody holds them.
+   they are dropped (with anything inserted below them) once nobody holds them. It also logs,
+   once, a storage thread of SGLang's that has died (`thread_watch.py`).
 6. result processing, `abort_failed` (from `process_batch_result_prefill`): a batch whose load
    waited on a failed stream had garbage KV in its forward: the requests whose prefix holds a node
    of that stream end with an abort, and their KV is freed, not inserted.
@@ -35,6 +36,7 @@ import torch
 
 from ..engine import switch
 from .layer_gate import GatedLoader, LayerGate, Stream, gate_at
+from .thread_watch import ThreadWatch
 
 log = logging.getLogger("sglang_objectcache")
 
@@ -55,6 +57,7 @@ class Layerwise:
         # the gated copies hand the GIL to and fro with the forward: as short as the reads' hand-overs
         self.switch_interval = getattr(getattr(backend, "config", None), "switch_interval", 0.0)
         self.counters = dict(admitted=0, streamed_pages=0, failed=0, aborted=0, dropped_nodes=0)
+        self.threads = ThreadWatch(controller)
 
     def close(self) -> None:
         """The backend is being replaced (a runtime re-attach): stop the loader thread."""
@@ -187,7 +190,9 @@ class Layerwise:
             self._poisoned.append(new_node)
 
     def poll(self, tree) -> None:
-        """Retire finished streams, poison failed ones, drop poisoned subtrees nobody holds."""
+        """Retire finished streams, poison failed ones, drop poisoned subtrees nobody holds; say
+        so when one of SGLang's storage threads has died."""
+        self.threads.check()
         still = []
         for s in self._active:
             if not s.closed:
