@@ -571,3 +571,24 @@ def test_a_dead_storage_thread_of_sglang_is_named_once(tree, caplog):
             cc.storage_stop_event.clear()
     finally:
         cc.prefetch_thread = alive
+
+
+def test_a_failing_gpu_timeline_is_only_a_missing_debug_line(caplog):
+    """The GPU side of the timeline runs inside SGLang's result processing: whatever goes wrong
+    reading CUDA events, the prefill's result must go on."""
+    from sglang_objectcache.engine.readiness import LayerReadiness
+    from sglang_objectcache.sglang.layer_gate import LayerGate
+    from sglang_objectcache.sglang.layerwise import Layerwise
+
+    readiness = LayerReadiness(LAYERS, [1] * LAYERS)
+    stream = types.SimpleNamespace(readiness=readiness, started=time.monotonic(), op_started=None,
+                                   reason=lambda: "")
+    gate = LayerGate([stream], LAYERS, timeout=1.0)
+
+    def broken():
+        raise RuntimeError("events on another device")
+    gate.gpu = types.SimpleNamespace(summary=broken)
+    with caplog.at_level(logging.DEBUG, logger="sglang_objectcache"):
+        Layerwise._log_timeline(gate)
+    text = caplog.text
+    assert "streamed prefill:" in text and "no GPU timeline for this prefill: events on another device" in text

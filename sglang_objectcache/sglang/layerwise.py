@@ -242,7 +242,11 @@ class Layerwise:
                   (t0 - st.op_started) * 1e3 if st.op_started else float("nan"), (t0 - st.started) * 1e3,
                   ((gate.asked_at or now) - t0) * 1e3, sum(gate.stalled) * 1e3, gate.stalled[0] * 1e3,
                   worst, gate.stalled[worst] * 1e3, (now - t0) * 1e3)
-        g = gate.gpu.summary() if gate.gpu is not None else None
+        try:
+            g = gate.gpu.summary() if gate.gpu is not None else None
+        except Exception as e:  # noqa: BLE001 - a debug line must never take the scheduler down
+            log.debug("objectcache: no GPU timeline for this prefill: %s", e)
+            g = None
         if g is not None:
             log.debug("objectcache: streamed prefill on the GPU: %d layer copies took %.1f ms over a span of "
                       "%.1f ms; the forward reached layer 0 %.1f ms after the first copy began and waited "
