@@ -592,3 +592,29 @@ def test_a_failing_gpu_timeline_is_only_a_missing_debug_line(caplog):
         Layerwise._log_timeline(gate)
     text = caplog.text
     assert "streamed prefill:" in text and "no GPU timeline for this prefill: events on another device" in text
+
+
+def test_the_gpu_timeline_line_is_what_load_cost_reads(caplog, tmp_path):
+    """benchmarks/gpu/load_cost.py reads the GPU timeline line back from a sitting's log: the two
+    stay in step."""
+    import importlib.util
+    from pathlib import Path
+
+    from sglang_objectcache.engine.readiness import LayerReadiness
+    from sglang_objectcache.sglang.layer_gate import LayerGate
+    from sglang_objectcache.sglang.layerwise import Layerwise
+
+    stream = types.SimpleNamespace(readiness=LayerReadiness(LAYERS, [1] * LAYERS), started=time.monotonic(),
+                                   op_started=None, reason=lambda: "")
+    gate = LayerGate([stream], LAYERS, timeout=1.0)
+    gate.gpu = types.SimpleNamespace(summary=lambda: {"copy_ms": 41.5, "span_ms": 60.5, "forward_waited_ms": 12.0,
+                                                      "first_reach_ms": -3.0})
+    with caplog.at_level(logging.DEBUG, logger="sglang_objectcache"):
+        Layerwise._log_timeline(gate)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "load_cost.py"
+    spec = importlib.util.spec_from_file_location("load_cost", path)
+    load_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_cost)
+    log = tmp_path / "server.log"
+    log.write_text(caplog.text)
+    assert load_cost.parse_gpu(str(log)) == [(41.5, 60.5, 12.0)]
