@@ -618,3 +618,19 @@ def test_the_gpu_timeline_line_is_what_load_cost_reads(caplog, tmp_path):
     log = tmp_path / "server.log"
     log.write_text(caplog.text)
     assert load_cost.parse_gpu(str(log)) == [(41.5, 60.5, 12.0)]
+
+
+def test_a_gpu_mark_that_fails_leaves_the_layer_unmarked(monkeypatch):
+    """The marks are made on the loader's and the forward's threads: a CUDA call that fails there
+    must not reach either (the line is then left out: summary None)."""
+    from sglang_objectcache.sglang import layer_gate
+
+    def broken(**_):
+        raise RuntimeError("no CUDA here")
+    monkeypatch.setattr(layer_gate.torch.cuda, "Event", broken)
+    marks = layer_gate.GpuMarks(2)
+    for layer in range(2):
+        marks.mark(marks.copy_begin, layer)
+        marks.mark(marks.copy_end, layer)
+        marks.mark(marks.reached, layer)
+    assert marks.copy_begin == [None, None] and marks.summary() is None
