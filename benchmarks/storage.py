@@ -94,7 +94,7 @@ def server_cpu_seconds(srv) -> float | None:
     """CPU seconds used so far by the processes serving `srv` (a server started here), or None.
     Beside the client's own, it says what a transport costs each side per GiB (TLS: the client
     decrypts, the server encrypts; on one machine both share its cores)."""
-    pids, total, tick = srv.pids() if hasattr(srv, "pids") else [], 0.0, os.sysconf("SC_CLK_TCK")
+    pids, total, tick = srv.pids(), 0.0, os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:

@@ -23,22 +23,23 @@ from sglang_objectcache.engine.decide import LoadCost  # noqa: E402
 
 LINE = re.compile(r"streamed batch of (\d+) new tokens over (\d+) loaded: forward ([\d.]+) ms, waited for "
                   r"bytes ([\d.]+) ms, modelled compute ([\d.]+) ms; the load cost (-?[\d.]+) ms")
-
-
 GPU = re.compile(r"streamed prefill on the GPU: (\d+) layer copies took ([\d.]+) ms over a span of ([\d.]+) ms; "
                  r"the forward reached layer 0 (-?[\d.]+) ms after the first copy began and waited ([\d.]+) ms")
 
 
+def _matches(path: str, pattern: re.Pattern) -> list[re.Match]:
+    with open(path, errors="replace") as f:
+        return [m for m in map(pattern.search, f) if m]
+
+
 def parse_gpu(path: str) -> list[tuple[float, float, float]]:
     """(copies ms, span ms, forward's wait for copies ms) per streamed prefill."""
-    with open(path, errors="replace") as f:
-        return [(float(m[2]), float(m[3]), float(m[5])) for m in map(GPU.search, f) if m]
+    return [(float(m[2]), float(m[3]), float(m[5])) for m in _matches(path, GPU)]
 
 
 def parse(path: str) -> list[tuple[int, int, float, float, float, float]]:
     """(new tokens, loaded tokens, forward ms, waited ms, compute ms, cost ms) per streamed batch."""
-    with open(path, errors="replace") as f:
-        return [(int(m[1]), int(m[2]), *map(float, m.groups()[2:])) for m in map(LINE.search, f) if m]
+    return [(int(m[1]), int(m[2]), *map(float, m.groups()[2:])) for m in _matches(path, LINE)]
 
 
 def report(path: str) -> dict:

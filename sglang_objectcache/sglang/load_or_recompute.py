@@ -88,8 +88,11 @@ class LoadOrRecompute:
             self.model.observe(tokens, token_ctx, took)
             return
         # a batch that waited on loads does not measure compute; a streamed one measures the load
-        gate, coef = self._gate(idx), self.model.coefficients()
-        if gate is None or coef is None or gate.failed is not None:
+        gate = self._gate(idx)
+        if gate is None or gate.failed is not None:
+            return  # loaded whole (host hits, a whole prefetch), or from a failed stream
+        coef = self.model.coefficients()
+        if coef is None:
             return
         c0, a, b = coef
         compute, waited = c0 + a * tokens + b * token_ctx, sum(gate.stalled)
