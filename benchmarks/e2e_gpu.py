@@ -48,6 +48,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # transports.py: the shared geometry
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: the local SeaweedFS
 
+from testbed.servers import process_cpu_seconds  # noqa: E402
+
 PORT = 30000
 URL = f"http://127.0.0.1:{PORT}"
 KV_PER_TOKEN = 128 << 10  # Llama-3.1-8B, bf16: 32 layers x 4 KiB
@@ -120,6 +122,56 @@ class Watchdog:
                             f.write(f"py-spy dump {' '.join(extra)}: no answer in 120 s\n")
                 self.dumps.append(path)
                 print(f"server log silent for {silent:.0f}s with a request out; its threads: {path}", flush=True)
+
+
+class CpuMeter:
+    """CPU seconds the S3 server and SGLang's processes spend inside the `with` blocks, per block:
+    which side a slower transport (TLS: the client decrypts, the server encrypts) costs, and
+    whether the cores ran out. Linux /proc only; empty where a process could not be read."""
+
+    def __init__(self, srv, root: int):
+        self.srv, self.root = srv, root
+        self.server = self.sglang = 0.0
+        self.blocks = 0
+        self.ok = True
+
+    def _now(self) -> tuple[float | None, float | None]:
+        return self.srv.cpu_seconds(), process_cpu_seconds(process_tree(self.root))
+
+    def __enter__(self):
+        self._t0 = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        s1, g1 = self._now()
+        (s0, g0), self.blocks = self._t0, self.blocks + 1
+        if None in (s0, g0, s1, g1):
+            self.ok = False
+        else:
+            self.server += s1 - s0
+            self.sglang += g1 - g0
+
+    def per_sample(self) -> dict:
+        if not self.ok or not self.blocks:
+            return {}
+        return {"server_cpu_s": round(self.server / self.blocks, 2), "sglang_cpu_s": round(self.sglang / self.blocks, 2)}
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (SGLang's scheduler and detokenizer are its children)."""
+    parent: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return out
 
 
 WATCH: Watchdog | None = None  # the running server's, set by main()
@@ -526,15 +578,16 @@ def main(argv=None) -> int:
         for sh in shapes:
             for L in lengths:
                 try:
-                    samples = []
+                    samples, cpu = [], CpuMeter(srv, proc.pid)
                     for _ in range(1 if name == "host" else args.repeat):
                         if name != "host":
                             flush()
-                        ms, det = gen(cached[sh][L] + fresh(sh, L))
+                        with cpu:
+                            ms, det = gen(cached[sh][L] + fresh(sh, L))
                         samples.append(round(ms, 1))
                         if ms > 3000:
                             break
-                    row(sh, L, name, statistics.median(samples), dict(det, samples=samples))
+                    row(sh, L, name, statistics.median(samples), dict(det, samples=samples, **cpu.per_sample()))
                 except Exception as e:  # noqa: BLE001 - one failed row must not lose the sitting
                     print(f"{sh:7s} L={L:6d} {name:12s} failed: {e}", flush=True)
     try:

@@ -90,21 +90,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def server_cpu_seconds(srv) -> float | None:
-    """CPU seconds used so far by the processes serving `srv` (a server started here), or None.
-    Beside the client's own, it says what a transport costs each side per GiB (TLS: the client
-    decrypts, the server encrypts; on one machine both share its cores)."""
-    pids, total, tick = srv.pids(), 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total if pids else None
-
-
 # ---- raw ceilings ---------------------------------------------------------------------------
 
 
@@ -253,7 +238,7 @@ def bench_one(name: str, srv, pool, n_pages: int, reps_exists: int = 20) -> dict
     res["exists_ms"] = statistics.median(lat) * 1e3
     pool.kv_buffer[:, :, : n_pages * PAGE].zero_()
     before = r.requests()
-    c0, s0, t0 = cpu_seconds(), server_cpu_seconds(srv), time.perf_counter()
+    c0, s0, t0 = cpu_seconds(), srv.cpu_seconds(), time.perf_counter()
     first = None
     got = 0
     for i in range(0, n_pages, BATCH):
@@ -263,7 +248,7 @@ def bench_one(name: str, srv, pool, n_pages: int, reps_exists: int = 20) -> dict
             first = time.perf_counter() - t0
     res["read_s"] = time.perf_counter() - t0
     res["read_cpu_s"] = cpu_seconds() - c0
-    s1 = server_cpu_seconds(srv)
+    s1 = srv.cpu_seconds()
     res["read_server_cpu_s"] = s1 - s0 if s0 is not None and s1 is not None else None
     res["first_page_ms"] = first * 1e3
     res["read_gibps"] = total / GiB / res["read_s"]

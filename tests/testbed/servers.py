@@ -136,6 +136,13 @@ class S3Server:
                 continue
         return out
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds its processes have used so far (a server started here), or None: beside
+        the client's, what a transport costs each side (TLS: the client decrypts, the server
+        encrypts; on one machine both share its cores)."""
+        pids = self.pids()
+        return process_cpu_seconds(pids) if pids else None
+
     def is_running(self) -> bool:
         if self._stopped:
             return False
@@ -613,6 +620,20 @@ def start_ceph_rgw(
     server.stop()
     raise RuntimeError(f"Ceph RGW failed to start ({why}):\n--- ceph-rgw-start.sh ---\n"
                        f"{out[-4000:]}\n{logs}")
+
+
+def process_cpu_seconds(pids) -> float | None:
+    """User and system CPU seconds of these processes (all their threads) so far; None if one
+    is gone. Linux /proc only."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def _pid_alive(pid: int) -> bool:
