@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,9 +77,11 @@ class Watchdog:
     """Dumps the server's threads (`py-spy dump`, where it is on PATH) into the log's folder when
     its log stays silent for `after` seconds while a request is out: a request that never gets a
     `Prefill batch` line then says where it stuck. (Session 8's lease: two servers took a 512-token
-    request after /health and logged nothing for 165 s, until the driver's timeout.)"""
+    request after /health and logged nothing for 165 s, until the driver's timeout.) A server
+    still silent through `most` dumps is killed: the sitting ends rather than wait out the HTTP
+    timeout."""
 
-    def __init__(self, pid: int, log_path: str, after: float = 90.0, most: int = 3):
+    def __init__(self, pid: int, log_path: str, after: float = 90.0, most: int = 2):
         self.pid, self.log_path, self.after, self.most = pid, log_path, after, most
         self.dumps: list[str] = []
         self._busy = 0
@@ -122,6 +125,11 @@ class Watchdog:
                             f.write(f"py-spy dump {' '.join(extra)}: no answer in 120 s\n")
                 self.dumps.append(path)
                 print(f"server log silent for {silent:.0f}s with a request out; its threads: {path}", flush=True)
+                if len(self.dumps) >= self.most:  # stuck through every dump: end the sitting, not the HTTP timeout
+                    print(f"server still silent after {self.most} dumps; killing it", flush=True)
+                    for pid in process_tree(self.pid):
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
 
 
 class CpuMeter:
