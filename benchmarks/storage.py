@@ -7,11 +7,12 @@ For each prefix length and backend, in one run against one S3 server:
   first page      latency of the first batch_get_v1 call: SGLang can use no page before it returns
   exists          batch_exists of 128 pages, median (SGLang's prefetch thread, every request)
   requests        S3 requests the backend issued, by verb
-  CPU per GiB     CPU seconds of this process and of the server started here, per GiB read
+  CPU per GiB     CPU seconds of this process and of the server started here, per GiB read and written
 next to the server's raw ceilings from a plain obstore client (whole-object PUT/GET, range GETs).
 Bytes read back are checked against what was written.
 
 Backends: objectcache (obstore, 8 pages per object), objectcache-ppo1 (one object per page),
+objectcache-signed (PUT bodies signed: `sign_payload: true`, printed as a ratio to objectcache),
 objectcache-aioboto3, objectcache-r8 (8 MiB read ranges, the default before 16 MiB),
 objectcache-keyed (keyed integrity on: its read rate is printed as a ratio to objectcache's),
 objectcache-https (the same server's https port, reads by the native reader over the system's
@@ -56,6 +57,8 @@ GiB = 2**30
 BACKENDS = {
     "objectcache": {"pages_per_object": 8, "transport": "obstore"},
     "objectcache-ppo1": {"pages_per_object": 1, "transport": "obstore"},
+    # PUT bodies signed (SigV4's SHA-256 over every byte written), as before sign_payload existed
+    "objectcache-signed": {"pages_per_object": 8, "transport": "obstore", "tier": {"sign_payload": True}},
     "objectcache-aioboto3": {"pages_per_object": 8, "transport": "aioboto3"},
     "objectcache-r8": {"pages_per_object": 8, "transport": "obstore", "read_range_bytes": "8MiB"},
     # keyed integrity: every footer's MAC checked under a secret (from this environment variable)
@@ -187,12 +190,12 @@ def make_backend(name: str, srv, prefix: str, pool):
 
     opts = BACKENDS[name]
     tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": prefix,
-            "transport": opts["transport"]}
+            "transport": opts["transport"], **opts.get("tier", {})}
     if opts.get("https"):
         tier.update(endpoint=srv.https_endpoint, ca_bundle=srv.ca_bundle,
                     **({"native_reads": opts["native_reads"]} if "native_reads" in opts else {}))
     extra = {"tiers": [tier], "pages_per_object": opts["pages_per_object"],
-             **{k: v for k, v in opts.items() if k not in ("transport", "pages_per_object", "https", "native_reads")}}
+             **{k: v for k, v in opts.items() if k not in ("transport", "pages_per_object", "https", "native_reads", "tier")}}
     return Counted(name, ObjectCacheStorage(storage_config(extra=extra, **cfg_kw), pool))
 
 
@@ -214,12 +217,14 @@ def bench_one(name: str, srv, pool, n_pages: int, reps_exists: int = 20) -> dict
     res: dict = {"backend": name, "pages": n_pages, "tokens": n_pages * PAGE, "bytes": total}
 
     w = make_backend(name, srv, prefix, pool)
-    c0, t0 = cpu_seconds(), time.perf_counter()
+    c0, s0, t0 = cpu_seconds(), srv.cpu_seconds(), time.perf_counter()
     ok = True
     for i in range(0, n_pages, BATCH):
         ok &= all(w.backend.batch_set_v1(keys[i : i + BATCH], idx[i * PAGE : (i + BATCH) * PAGE]))
     res["write_s"] = time.perf_counter() - t0
     res["write_cpu_s"] = cpu_seconds() - c0
+    s1 = srv.cpu_seconds()
+    res["write_server_cpu_s"] = s1 - s0 if s0 is not None and s1 is not None else None
     res["write_ok"] = bool(ok)
     res["write_gibps"] = total / GiB / res["write_s"]
     res["write_requests"] = w.requests()
@@ -295,7 +300,7 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
         if name == "objectcache-keyed" and plain:
             line += (f"; keyed integrity on / off: read x{r['read_gibps'] / plain['read_gibps']:.3f}, write "
                      f"x{r['write_gibps'] / plain['write_gibps']:.3f}")
-        label = {"objectcache-https": "native https", "objectcache-https-obstore": "obstore https",
+        label = {"objectcache-signed": "signed PUT bodies", "objectcache-https": "native https", "objectcache-https-obstore": "obstore https",
                  "objectcache-nixl": "nixl http", "objectcache-nixl-https": "nixl https",
                  "objectcache-nixl-segments": "nixl 2 MiB GETs"}.get(name)
         if label and plain:
@@ -305,6 +310,9 @@ def ratios(results: list[dict], raw: dict) -> list[str]:
         if r.get("read_server_cpu_s") is not None:
             line += (f"; CPU seconds per GiB read: client {r['read_cpu_s'] / gib:.2f}, server "
                      f"{r['read_server_cpu_s'] / gib:.2f}")
+        if r.get("write_server_cpu_s") is not None:
+            line += (f"; per GiB written: client {r['write_cpu_s'] / gib:.2f}, server "
+                     f"{r['write_server_cpu_s'] / gib:.2f}")
         peer = by.get((tokens, "seaweedfs"))
         if peer:
             line += (f"; vs seaweedfs: read x{r['read_gibps'] / peer['read_gibps']:.2f}, write "

@@ -43,6 +43,7 @@ def test_the_issue_example_parses():
     ({"tiers": [S3], "load_margin": 1.5}, r"^load_margin: a fraction in \[0, 1\)"),
     ({"tiers": [S3], "load_margin": "10%"}, r"^load_margin: a fraction"),
     ({"tiers": [S3], "load_or_recompute": "yes"}, r"^load_or_recompute: expected true or false"),
+    ({"tiers": [{**S3, "sign_payload": "no"}]}, r"^tiers\[0\]\.sign_payload: expected true or false"),
     (None, r"^tiers: no configuration given"),
 ])
 def test_errors_name_the_key(raw, match):

@@ -57,6 +57,38 @@ def test_round_trip_objects_and_index(s3_env, prefix, transport):
         c.close()
 
 
+@pytest.mark.parametrize("sign", [False, True])
+def test_puts_sign_their_body_only_when_asked(s3_env, prefix, sign):
+    """UNSIGNED-PAYLOAD by default (no SHA-256 pass over every byte written; the objects' own
+    checksums guard the body), a signed body with sign_payload: true; both servers accept both."""
+    import re
+
+    from testbed.proxy import Proxy
+
+    proxy = Proxy(s3_env.port, record=True)
+    c = make([s3_tier(s3_env, prefix, endpoint=proxy.endpoint, transport="obstore", sign_payload=sign,
+                      native_reads="off")], pages_per_object=4)
+    try:
+        src, ks = Pages(8, seed=3), keys(8)
+        assert c.put(ks, src.segments()) == [True] * 8
+        c.flush()  # the manifest: a PUT too
+        dst = Pages.empty_like(src)
+        assert c.get(ks, dst.segments()) == [True] * 8
+        assert np.array_equal(src.data, dst.data)
+        with proxy._lock:
+            sent = bytes(proxy.sent)
+        heads = re.findall(rb"PUT /[^ ]+ HTTP/1\.1\r\n(.*?)\r\n\r\n", sent, re.S)
+        assert len(heads) >= 3, "two data objects and a manifest"
+        values = [re.search(rb"(?im)^x-amz-content-sha256: *(\S+)", h).group(1) for h in heads]
+        if sign:
+            assert all(re.fullmatch(rb"[0-9a-f]{64}", v) for v in values), values
+        else:
+            assert set(values) == {b"UNSIGNED-PAYLOAD"}
+    finally:
+        c.close()
+        proxy.close()
+
+
 def test_get_stops_at_first_missing_page(s3_env, prefix):
     c = make([s3_tier(s3_env, prefix)])
     try:

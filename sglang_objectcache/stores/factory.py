@@ -47,6 +47,7 @@ def build_store(t: TierConfig, where: str) -> ObjectStore:
               connect_timeout=t.connect_timeout, max_retries=t.max_retries, ca_bundle=t.ca_bundle)
     transport = pick_transport(t)
     if transport == "obstore":
+        kw["sign_payload"] = t.sign_payload  # botocore picks for itself: signed over http, not over https
         if not importlib.util.find_spec("obstore"):
             raise ConfigError(f"{where}.transport: obstore is not installed; pip install obstore, or "
                               "set transport: aioboto3")

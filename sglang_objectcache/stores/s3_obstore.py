@@ -42,11 +42,13 @@ def _map(e: BaseException, what: str) -> StoreError:
 class ObstoreS3Store:
     def __init__(self, *, bucket: str, endpoint: str | None, region: str, creds: Credentials,
                  max_connections: int, request_timeout: float, connect_timeout: float,
-                 max_retries: int, ca_bundle: str | None = None):
+                 max_retries: int, ca_bundle: str | None = None, sign_payload: bool = False):
         self.name = f"s3(obstore):{bucket}"
         kw = {}
         if creds.access_key_id:
             kw.update(access_key_id=creds.access_key_id, secret_access_key=creds.secret_access_key)
+            if not sign_payload:
+                kw["unsigned_payload"] = True
             if creds.session_token:
                 kw["session_token"] = creds.session_token
         else:

@@ -1,6 +1,7 @@
 """A TCP forwarder on 127.0.0.1 that can be taken down and brought back (a server outage),
 slowed to a byte rate (a slow server), or made to answer each request late (a distant server),
-without touching the shared server behind it."""
+without touching the shared server behind it; it can also keep what clients sent (their requests
+as the server saw them)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import threading
 
 
 class Proxy:
-    def __init__(self, target_port: int, host: str = "127.0.0.1", rate: float | None = None):
+    def __init__(self, target_port: int, host: str = "127.0.0.1", rate: float | None = None,
+                 record: bool = False):
         self.target = (host, target_port)
+        self.sent: bytearray | None = bytearray() if record else None  # what clients sent, when recording
         self.rate = rate  # bytes/s from the server, per connection; None: as fast as it comes
         self.delay = 0.0  # seconds each chunk from the client (a request) waits before it goes on
         self.host = host
@@ -79,6 +82,9 @@ class Proxy:
 
         try:
             while data := src.recv(1 << 16):
+                if not slow and self.sent is not None:
+                    with self._lock:
+                        self.sent += data
                 if not slow and self.delay:
                     time.sleep(self.delay)
                 if slow and self.rate:
