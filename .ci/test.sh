@@ -15,4 +15,4 @@ echo "== sglang 0.5.23: the whole suite"
 "$PY23" -m pytest -q -p no:cacheprovider "$@"
 echo "== sglang 0.5.17: everything that touches SGLang, on SGLang with the patch set applied (layer-wise streaming, storage namespaces)"
 "$PY17" -m sglang_objectcache.cli.main patch-sglang
-"$PY17" -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_plugin.py tests/test_layerwise.py tests/test_isolation.py tests/test_tenants.py tests/test_metrics.py tests/test_load_or_recompute.py tests/test_weights.py "$@"
+"$PY17" -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_plugin.py tests/test_layerwise.py tests/test_isolation.py tests/test_tenants.py tests/test_metrics.py tests/test_load_or_recompute.py tests/test_weights.py tests/test_page_hash.py "$@"

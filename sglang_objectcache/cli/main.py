@@ -125,6 +125,10 @@ def _version(_args) -> int:
     print(f"copies and checksums: {native.status()}")
     print(f"https range reads: {native.tls_status()}")
     print(f"transport nixl: {nixl_reader.available() or 'available (nixl-cu12)'}")
+    if v != "-":
+        from ..sglang import page_hash
+
+        print(f"SGLang's page-hash extension: {page_hash.status()}")
     return 0
 
 

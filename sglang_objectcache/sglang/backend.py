@@ -22,7 +22,7 @@ from ..config import parse_config
 from ..errors import ConfigError
 from ..engine.cache import ObjectCache
 from ..format import SegmentFn
-from . import metrics, shutdown, weights
+from . import metrics, page_hash, shutdown, weights
 from .compat import check_isolation, check_version, storage_metrics
 from .pool import describe_pool, flat_segments, host_segments
 
@@ -38,6 +38,7 @@ class ObjectCacheStorage(HiCacheStorage):
         check_isolation(check_version())
         self.storage_config = storage_config
         self.config = parse_config(storage_config.extra_config or {})
+        page_hash.ensure_built()  # before serving: never on SGLang's prefetch thread (page_hash.py)
         if storage_config.is_page_first_layout:
             raise ConfigError(
                 "--hicache-mem-layout page_first is not supported by objectcache: one layer of a "

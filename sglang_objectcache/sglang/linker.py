@@ -42,7 +42,7 @@ from ..engine.cache import ObjectCache
 from ..errors import ConfigError
 from ..format import SegmentTable
 from ..keys import Fingerprint
-from . import metrics, shutdown, weights
+from . import metrics, page_hash, shutdown, weights
 from .compat import check_version
 
 log = logging.getLogger("sglang_objectcache")
@@ -161,6 +161,7 @@ class ObjectCacheLinker(UnifiedCacheLinker):
     def __init__(self, server_args, params, *, components=None, extra_config=None, forward_stream=None):
         check_version()
         self.config, self.options = linker_config(extra_config)
+        page_hash.ensure_built()  # SGLang's page keys: built before serving (page_hash.py)
         self.staging_budget = self.options.staging_bytes
         comps = set(components or ())
         if comps - {ComponentType.FULL}:
