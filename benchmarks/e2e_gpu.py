@@ -221,11 +221,11 @@ def admin(method: str, body: dict | None = None, tries: int = 30) -> None:
             time.sleep(1)
 
 
-def attach(backend: str, extra: dict) -> None:
+def attach(backend: str, extra: dict, write_policy: str = "write_through_selective") -> None:
     admin("DELETE")
     admin("PUT", {
         "hicache_storage_backend": backend, "hicache_storage_backend_extra_config_json": json.dumps(extra),
-        "hicache_storage_prefetch_policy": "wait_complete", "hicache_write_policy": "write_through_selective"})
+        "hicache_storage_prefetch_policy": "wait_complete", "hicache_write_policy": write_policy})
 
 
 class Bucket:

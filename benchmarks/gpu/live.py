@@ -15,6 +15,12 @@ earlier point's storage), after a `/flush_cache`.
 
     python benchmarks/gpu/live.py --backends objectcache,l2 --out $OUT/live
     python benchmarks/gpu/live.py --backends file --out $OUT/live      # next call, same machine
+    python benchmarks/gpu/live.py --interleave --backends objectcache,objectcache-static,l2 --out $OUT/live
+
+`--interleave` launches one server and, at each point, runs every backend in turn on the same
+prompts, attaching each at runtime (l2: the storage backend detached), from empty device, host
+and storage: the backends' rows are then side by side in time on one process, and the sitting
+pays for one server start instead of three.
 
 Needs what `benchmarks/gpu/run_e2e.sh setup` and `s3` install. Each point's JSON lands in
 `--out/<backend>-<len>-c<conc>/live.json` as soon as it is measured, and the table of all points
@@ -38,7 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # testbed: the local SeaweedFS
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from e2e_gpu import PORT, URL, Watchdog, wait_healthy  # noqa: E402  the same server, launched the same way
+from e2e_gpu import ADMIN_KEY, PORT, URL, Watchdog, admin, attach, wait_healthy  # noqa: E402  the same server
 
 
 def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subprocess.Popen:
@@ -48,7 +54,7 @@ def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subp
            "--max-total-tokens", str(args.device_tokens), "--chunked-prefill-size", "8192", "--page-size", "64",
            "--enable-hierarchical-cache", "--hicache-size", str(args.host_gb), "--hicache-mem-layout", "layer_first",
            "--hicache-io-backend", args.io_backend, "--hicache-write-policy", "write_through",
-           "--hicache-storage-prefetch-policy", "wait_complete", "--enable-metrics"]
+           "--hicache-storage-prefetch-policy", "wait_complete", "--enable-metrics", "--admin-api-key", ADMIN_KEY]
     if backend.startswith("objectcache"):
         cmd += ["--hicache-storage-backend", "objectcache", "--hicache-storage-backend-extra-config", f"@{cfg_path}"]
     elif backend == "file":
@@ -92,6 +98,59 @@ def empty_bucket(srv) -> None:
         s3.create_bucket(Bucket=srv.bucket)
     except Exception as e:  # noqa: BLE001  (still there: the delete did not go through)
         print(f"bucket not recreated: {e}", flush=True)
+
+
+def bench(label: str, L: int, g: int, c: int, seed: int, args, watch) -> None:
+    with watch.busy():
+        subprocess.run([sys.executable, "-m", "sglang_objectcache.cli.bench", "live", "--url", URL,
+                        "--label", label, "--num-groups", str(g), "--prompts-per-group", str(args.prompts_per_group),
+                        "--system-prompt-len", str(L), "--question-len", "64", "--output-len", str(args.output_len),
+                        "--concurrency", str(c), "--seed", str(seed),
+                        "--out", os.path.join(args.out, f"{label}-{L}-c{c}")], check=False)
+
+
+def interleaved(args, lengths, groups, concs) -> None:
+    """One server for every backend: at each point, each backend in turn on the same prompts (one
+    seed per point), attached at runtime (`PUT /hicache/storage-backend`; l2: detached), each from
+    empty device, host and storage. Side by side in time, on one process: drift between backends'
+    servers (GPU clocks, a neighbour's load, JIT caches) stays out of their ratios."""
+    from testbed.servers import start_seaweedfs
+
+    srv = start_seaweedfs(memory_limit_mb=None, reader_cache_mb=None)
+    os.environ.update(srv.env())
+    os.environ["OBJECTCACHE_LOG_LEVEL"] = "DEBUG"
+    tier = {"kind": "s3", "endpoint": srv.endpoint, "bucket": srv.bucket, "prefix": "live",
+            "max_write_connections": 32}
+    configs = {"objectcache": {"tiers": [tier], "timeout": 60},
+               "objectcache-static": {"tiers": [tier], "timeout": 60, "load_or_recompute": False}}
+    cfg_path = "/tmp/objectcache-live.json"
+    json.dump(configs["objectcache"], open(cfg_path, "w"))
+    backends = args.backends.split(",")
+    unknown = set(backends) - {*configs, "l2"}
+    if unknown:
+        raise SystemExit(f"--interleave runs {', '.join([*configs, 'l2'])}; not {', '.join(sorted(unknown))}")
+    log_path = os.path.join(args.out, "sglang-interleaved.log")
+    proc = launch(args.model, "objectcache", cfg_path, log_path, args)
+    watch = Watchdog(proc.pid, log_path)
+    try:
+        seed = 1
+        for L, g in zip(lengths, groups):
+            for c in concs:
+                seed += 1
+                for backend in backends:
+                    admin("DELETE")  # nothing reads the bucket while it is emptied
+                    empty_bucket(srv)
+                    if backend != "l2":
+                        attach("objectcache", configs[backend], write_policy="write_through")
+                    flush()
+                    print(f"== {backend} {L} c{c}", flush=True)
+                    bench(backend, L, g, c, seed, args, watch)
+                    if backend != "l2":
+                        scrape(os.path.join(args.out, f"metrics-{backend}-{L}-c{c}.txt"))
+    finally:
+        watch.stop()
+        stop(proc)
+        srv.stop()
 
 
 def scrape(path: str) -> None:
@@ -146,6 +205,8 @@ def main(argv=None) -> int:
                     help="--hicache-io-backend: how host KV is copied to the GPU (SGLang's per-layer copy)")
     ap.add_argument("--host-gb", type=int, default=8, help="--hicache-size (about 65K tokens)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "live-gpu"))
+    ap.add_argument("--interleave", action="store_true", help="one server; at each point every backend in "
+                    "turn (objectcache, objectcache-static, l2), attached at runtime, on the same prompts")
     args = ap.parse_args(argv)
     from testbed.servers import start_seaweedfs
 
@@ -153,6 +214,10 @@ def main(argv=None) -> int:
     groups = [int(x) for x in args.groups.split(",")]
     concs = [int(x) for x in args.concurrency.split(",")]
     os.makedirs(args.out, exist_ok=True)
+    if args.interleave:
+        interleaved(args, lengths, groups, concs)
+        print("\n" + table(args.out), flush=True)
+        return 0
     file_dir = "/tmp/hicache-file"
     for backend in args.backends.split(","):
         srv = None
@@ -180,13 +245,7 @@ def main(argv=None) -> int:
                     flush()
                     if srv is not None and seed > 2:
                         empty_bucket(srv)
-                    with watch.busy():
-                        subprocess.run([sys.executable, "-m", "sglang_objectcache.cli.bench", "live", "--url", URL,
-                                        "--label", backend, "--num-groups", str(g),
-                                        "--prompts-per-group", str(args.prompts_per_group), "--system-prompt-len",
-                                        str(L), "--question-len", "64", "--output-len", str(args.output_len),
-                                        "--concurrency", str(c), "--seed", str(seed),
-                                        "--out", os.path.join(args.out, f"{backend}-{L}-c{c}")], check=False)
+                    bench(backend, L, g, c, seed, args, watch)
             scrape(os.path.join(args.out, f"metrics-{backend}.txt"))
         finally:
             watch.stop()
