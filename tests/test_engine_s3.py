@@ -546,6 +546,24 @@ def test_switch_interval_nests_across_fetches():
     assert sys.getswitchinterval() == was
 
 
+def test_overlapping_holders_get_the_smallest_interval_any_asks_for():
+    """A storage-query window (1 ms) open while a read (0.2 ms) runs must not slow the read."""
+    from sglang_objectcache.engine import switch
+
+    was = sys.getswitchinterval()
+    switch.enter(0.001)
+    assert sys.getswitchinterval() == pytest.approx(0.001)
+    switch.enter(0.0002)
+    assert sys.getswitchinterval() == pytest.approx(0.0002)
+    switch.leave(0.0002)
+    assert sys.getswitchinterval() == pytest.approx(0.001)  # the window still holds
+    switch.enter(0.0002)
+    switch.leave(0.001)
+    assert sys.getswitchinterval() == pytest.approx(0.0002)
+    switch.leave(0.0002)
+    assert sys.getswitchinterval() == was
+
+
 def test_a_fetch_that_cannot_register_fails_at_once_with_a_reason(s3_env, prefix, monkeypatch):
     """The scheduler's registration runs on the loop when the reads start; if it raises, the fetch
     fails (every page a miss, waiters released) instead of hanging until its deadline."""

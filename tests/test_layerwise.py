@@ -634,3 +634,42 @@ def test_a_gpu_mark_that_fails_leaves_the_layer_unmarked(monkeypatch):
         marks.mark(marks.copy_end, layer)
         marks.mark(marks.reached, layer)
     assert marks.copy_begin == [None, None] and marks.summary() is None
+
+
+@seaweedfs_only
+def test_a_storage_query_beside_a_busy_scheduler_lowers_the_switch_interval_until_answered(tree, monkeypatch):
+    """Under wait_complete a miss is admitted only once SGLang's prefetch thread has answered its
+    query, and that thread must take the GIL from the scheduler first. Beside a busy scheduler
+    (turns of BUSY_TURN or more) the interval is QUERY_INTERVAL from queueing to the answer
+    (benchmarks/admission.py), then Python's own again; beside an idle one it is left alone."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from sglang_objectcache.sglang import layerwise
+    from sglang_objectcache.sglang.layerwise import BUSY_TURN, QUERY_INTERVAL
+
+    was = sys.getswitchinterval()
+
+    def request(rid, tokens, turn):
+        m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+        tree.check_hicache_events()
+        time.sleep(turn)  # the scheduler's turn: a forward, or nothing
+        tree.check_hicache_events()
+        tree.prefetch_from_storage(rid, m.last_host_node, tokens)
+        seen = {sys.getswitchinterval()}
+        deadline = time.monotonic() + 15
+        while not tree.check_prefetch_progress(rid):
+            assert time.monotonic() < deadline, "the miss was never admitted"
+            time.sleep(turn)
+            tree.check_hicache_events()
+            seen.add(sys.getswitchinterval())
+        tree.check_hicache_events()  # the next turn: nothing outstanding
+        assert sys.getswitchinterval() == was
+        return seen
+
+    busy = request("busy", list(range(7, 7 + TOKENS)), 2 * BUSY_TURN)  # stored nowhere: misses
+    assert QUERY_INTERVAL in busy
+    monkeypatch.setattr(layerwise, "BUSY_TURN", 0.5)  # no turn of this test's idle scheduler is that long
+    assert request("idle", list(range(9, 9 + TOKENS)), 0.0) == {was}
+    tree.cache_controller.oc_layerwise.close()
+    assert sys.getswitchinterval() == was

@@ -40,6 +40,14 @@ from .thread_watch import ThreadWatch
 
 log = logging.getLogger("sglang_objectcache")
 
+# The switch interval while SGLang's prefetch thread has storage queries to answer and the scheduler
+# is busy (its last turn, poll to poll, took BUSY_TURN or more: a forward's kernels are launched
+# from Python, holding the GIL). On the 2-core VM (benchmarks/admission.py) it cut a miss's wait for
+# admission beside a busy scheduler 2-6x; beside an idle one, which gives the GIL up many times a
+# millisecond anyway, it only made the two threads hand it to and fro (+1 ms), so it stays off there.
+QUERY_INTERVAL = 0.001
+BUSY_TURN = 0.002
+
 ABORT_MESSAGE = "objectcache: KV streamed from storage failed after admission; request aborted"
 
 
@@ -56,12 +64,36 @@ class Layerwise:
         self._loader = GatedLoader()
         # the gated copies hand the GIL to and fro with the forward: as short as the reads' hand-overs
         self.switch_interval = getattr(getattr(backend, "config", None), "switch_interval", 0.0)
+        # and SGLang's prefetch thread's answers to storage queries get QUERY_INTERVAL (`queued`);
+        # `switch_interval: 0` leaves Python's interval alone for both
+        self.query_interval = QUERY_INTERVAL if self.switch_interval else 0.0
+        self._window = 0.0  # the interval `queued` lowered Python's to, while it is lowered
+        self._last_poll = 0.0
+        self._busy = False  # the scheduler's last turn took BUSY_TURN or more
         self.counters = dict(admitted=0, streamed_pages=0, failed=0, aborted=0, dropped_nodes=0)
         self.threads = ThreadWatch(controller)
 
     def close(self) -> None:
         """The backend is being replaced (a runtime re-attach): stop the loader thread."""
         self._loader.stop()
+        self._close_window()
+
+    # ---- scheduler thread: the storage-query window ----------------------------------------
+
+    def queued(self) -> None:
+        """A prefetch was just queued. Under `wait_complete` its request waits until SGLang's
+        prefetch thread has asked the backend and answered, and that thread must first take the
+        GIL from this one, which spins: up to a switch interval per hand-over (Python's 5 ms,
+        `benchmarks/admission.py`). So, while the scheduler is busy, the interval stays at
+        QUERY_INTERVAL until no prefetch is outstanding (`poll`)."""
+        if not self._window and self.query_interval and self._busy:
+            self._window = self.query_interval
+            switch.enter(self._window)
+
+    def _close_window(self) -> None:
+        if self._window:
+            switch.leave(self._window)
+            self._window = 0.0
 
     # ---- prefetch IO thread --------------------------------------------------------------
 
@@ -191,8 +223,15 @@ class Layerwise:
 
     def poll(self, tree) -> None:
         """Retire finished streams, poison failed ones, drop poisoned subtrees nobody holds; say
-        so when one of SGLang's storage threads has died."""
+        so when one of SGLang's storage threads has died; keep the storage-query window open while
+        a prefetch is outstanding (`queued`)."""
         self.threads.check()
+        now = time.monotonic()
+        self._busy, self._last_poll = now - self._last_poll >= BUSY_TURN, now
+        if getattr(tree, "ongoing_prefetch", None) and self._busy:
+            self.queued()
+        else:
+            self._close_window()
         still = []
         for s in self._active:
             if not s.closed:

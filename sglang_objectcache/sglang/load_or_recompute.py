@@ -66,6 +66,10 @@ class LoadOrRecompute:
     # ---- scheduler thread ------------------------------------------------------------------
 
     def note(self, req_id: str, last_host_node) -> None:
+        """A prefetch is about to be queued for `req_id` (its context before the hit)."""
+        lw = getattr(self.cc, "oc_layerwise", None)
+        if lw is not None:
+            lw.queued()  # the prefetch thread's answer should not wait out a switch interval
         n, node = 0, last_host_node
         while node is not None and getattr(node, "parent", None) is not None:
             n += len(node.key)
