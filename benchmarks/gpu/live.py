@@ -138,11 +138,15 @@ def interleaved(args, lengths, groups, concs) -> None:
             for c in concs:
                 seed += 1
                 for backend in backends:
-                    admin("DELETE")  # nothing reads the bucket while it is emptied
-                    empty_bucket(srv)
-                    if backend != "l2":
-                        attach("objectcache", configs[backend], write_policy="write_through")
-                    flush()
+                    try:
+                        admin("DELETE")  # nothing reads the bucket while it is emptied
+                        empty_bucket(srv)
+                        if backend != "l2":
+                            attach("objectcache", configs[backend], write_policy="write_through")
+                        flush()
+                    except Exception as e:  # noqa: BLE001 - one failed point must not lose the sitting
+                        print(f"== {backend} {L} c{c} skipped: {e}", flush=True)
+                        continue
                     print(f"== {backend} {L} c{c}", flush=True)
                     bench(backend, L, g, c, seed, args, watch)
                     if backend != "l2":
