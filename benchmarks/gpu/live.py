@@ -67,7 +67,9 @@ def launch(model: str, backend: str, cfg_path: str, log_path: str, args) -> subp
 def flush() -> None:
     for _ in range(120):
         try:
-            urllib.request.urlopen(urllib.request.Request(URL + "/flush_cache", method="POST"), timeout=30)
+            # an admin endpoint: the server has an admin key (for runtime attach), so it is required
+            urllib.request.urlopen(urllib.request.Request(URL + "/flush_cache", method="POST", headers={
+                "Authorization": f"Bearer {ADMIN_KEY}"}), timeout=30)
             return
         except Exception:  # noqa: BLE001  (refused while requests or writes are pending)
             time.sleep(1)
