@@ -673,3 +673,40 @@ def test_a_storage_query_beside_a_busy_scheduler_lowers_the_switch_interval_unti
     assert request("idle", list(range(9, 9 + TOKENS)), 0.0) == {was}
     tree.cache_controller.oc_layerwise.close()
     assert sys.getswitchinterval() == was
+
+
+@seaweedfs_only
+def test_a_storage_query_left_unanswered_is_named_once(tree, caplog, monkeypatch):
+    """A prefetch thread that is alive but never answers (torch waiting on a dead build's lock, on
+    the GPU machine) holds every wait_complete request that queries storage, silently: the
+    scheduler's poll names the request once the query has waited STUCK_AFTER."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from sglang_objectcache.sglang import thread_watch
+
+    monkeypatch.setattr(thread_watch, "STUCK_AFTER", 0.3)
+    backend = tree.cache_controller.storage_backend
+    release = threading.Event()
+    answer = backend.batch_exists
+    monkeypatch.setattr(backend, "batch_exists", lambda keys, extra_info=None: (release.wait(20), answer(keys))[1])
+    watch = tree.cache_controller.oc_layerwise.threads
+    tokens = list(range(11, 11 + TOKENS))
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+    tree.prefetch_from_storage("stuck1", m.last_host_node, tokens)
+    try:
+        with caplog.at_level(logging.ERROR, logger="sglang_objectcache"):
+            for _ in range(3):
+                time.sleep(0.2)
+                watch._next = 0.0
+                tree.check_hicache_events()
+        named = [r.getMessage() for r in caplog.records if "stuck1" in r.getMessage()]
+        assert len(named) == 1 and "alive, so stuck" in named[0] and "py-spy dump --pid" in named[0]
+        assert not tree.check_prefetch_progress("stuck1")
+    finally:
+        release.set()
+    deadline = time.monotonic() + 15
+    while not tree.check_prefetch_progress("stuck1"):
+        assert time.monotonic() < deadline
+        tree.check_hicache_events()
+        time.sleep(0.01)

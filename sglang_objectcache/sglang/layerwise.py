@@ -225,7 +225,7 @@ class Layerwise:
         """Retire finished streams, poison failed ones, drop poisoned subtrees nobody holds; say
         so when one of SGLang's storage threads has died; keep the storage-query window open while
         a prefetch is outstanding (`queued`)."""
-        self.threads.check()
+        self.threads.check(tree)
         now = time.monotonic()
         self._busy, self._last_poll = now - self._last_poll >= BUSY_TURN, now
         if getattr(tree, "ongoing_prefetch", None) and self._busy:
