@@ -166,9 +166,11 @@ def encode(
     segments: SegmentFn,
     first: int = 0,
     mac_key: bytes | None = None,
+    alloc=None,
 ) -> memoryview:
     """Build one object from pages `first .. first+len(keys)-1` of a call (with `mac_key`, its
-    footer carries the keyed integrity MAC).
+    footer carries the keyed integrity MAC), into `alloc(size)` (a writable buffer of exactly
+    `size` bytes; default `empty_buffer`).
 
     Data comes first, so layer blocks sit at multiples of their size (servers store objects in
     aligned chunks; aligned ranges read faster). One copy: each segment is copied once, all of
@@ -177,7 +179,7 @@ def encode(
     n = len(keys)
     data_bytes = n_layers * n * piece
     footer_len = meta_bytes_for(fp, keys, n_layers, piece, keyed=mac_key is not None) - TRAILER.size
-    out = empty_buffer(data_bytes + footer_len + TRAILER.size)
+    out = (alloc or empty_buffer)(data_bytes + footer_len + TRAILER.size)
     base = buffer_address(out)
     table = getattr(segments, "table", None)
     if table is not None:  # a SegmentTable: the copies in a few numpy operations, not a call per piece

@@ -89,6 +89,37 @@ def test_puts_sign_their_body_only_when_asked(s3_env, prefix, sign):
         proxy.close()
 
 
+def test_encode_buffers_are_reused_only_after_their_writes_succeeded(s3_env, prefix):
+    """obstore sends a buffer without copying it: one whose PUT succeeded is reused (the kernel
+    need not zero fresh pages for every object), one whose PUT failed is never handed out again
+    (a transfer may still read it), and what is read back is what was written either way."""
+    from testbed.proxy import Proxy
+
+    proxy = Proxy(s3_env.port)
+    c = make([s3_tier(s3_env, prefix, endpoint=proxy.endpoint, transport="obstore", max_retries=0,
+                      request_timeout=1, native_reads="off")], pages_per_object=2, timeout=3)
+    try:
+        pool = c.writer.buffers
+        data = [(Pages(6, seed=40 + i), keys(6, f"b{i}")) for i in range(3)]
+        for src, ks in data:
+            assert c.put(ks, src.segments()) == [True] * 6
+        assert pool.reused >= 6, "the second and third puts encode into the first one's buffers"
+        for src, ks in data:  # every object intact, though written from reused buffers
+            dst = Pages.empty_like(src)
+            assert c.get(ks, dst.segments()) == [True] * 6
+            assert np.array_equal(src.data, dst.data)
+        held = list(pool._free)
+        proxy.down()
+        src, ks = Pages(6, seed=50), keys(6, "down")
+        assert not any(c.put(ks, src.segments()))
+        # the failed put took the free buffers and gave none back
+        assert all(not any(b is h for h in pool._free) for b in held)
+        assert pool._free == []
+    finally:
+        c.close()
+        proxy.close()
+
+
 def test_get_stops_at_first_missing_page(s3_env, prefix):
     c = make([s3_tier(s3_env, prefix)])
     try:
