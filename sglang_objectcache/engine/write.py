@@ -13,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
-import threading
 import time
 from typing import Sequence
 
-import numpy as np
-
+from ..buffer_pool import BufferPool
 from ..config import ObjectCacheConfig
 from ..errors import StoreError
-from ..format import SegmentFn, decode_header, empty_buffer, encode
+from ..format import SegmentFn, decode_header, encode
 from ..keys import Fingerprint, Namespace
 from .events import RateLimitedLog, Stats
 from .index import ObjectInfo
@@ -33,41 +31,10 @@ from .write_back import WriteBack
 PUT_INFLIGHT_BYTES = 512 << 20
 # Promotions at most in the background at once (beyond it, an object read from below stays there).
 MAX_BACKGROUND = 64
-# Encoded-object buffers kept for reuse between puts (EncodeBuffers).
+# Encoded-object buffers held between puts (256 MiB at 8 pages of a 32-layer, 8-head model). obstore
+# sends a buffer without copying it, so one goes back to the pool only once every tier has its
+# object; one whose write failed, timed out or was cancelled is dropped (a transfer may still read it).
 KEEP_BUFFERS = 4
-
-
-class EncodeBuffers:
-    """Buffers for encoded objects, reused once every write of theirs has finished.
-
-    Why: a fresh 64 MiB buffer's pages are zeroed by the kernel as the encode first touches them
-    (`clear_page_erms`, about 0.5 CPU s per GiB written on the 2-core VM, on SGLang's backup thread),
-    more than the copy and checksums themselves. obstore sends a buffer without copying it, so one
-    goes back only after its PUTs have succeeded; one whose write failed, timed out or was
-    cancelled is dropped (a transfer may still be reading it). At most `keep` are held between puts."""
-
-    def __init__(self, keep: int = KEEP_BUFFERS):
-        self.keep = keep
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-        self.reused = 0
-
-    def take(self, size: int) -> memoryview:
-        with self._lock:
-            i = next((i for i, b in enumerate(self._free) if b.nbytes >= size), None)
-            buf = self._free.pop(i) if i is not None else None
-            self.reused += buf is not None
-        if buf is None:
-            return empty_buffer(size)
-        return memoryview(buf)[:size]
-
-    def give(self, view: memoryview) -> None:
-        buf = view.obj if isinstance(view, memoryview) else None
-        if not isinstance(buf, np.ndarray):
-            return
-        with self._lock:
-            if len(self._free) < self.keep:
-                self._free.append(buf)
 
 
 def runs_to_write(stored: Sequence[bool], per_object: int) -> list[tuple[int, int]]:
@@ -101,7 +68,7 @@ class Writer:
         self.write_back = (WriteBack(tiers, cfg.write_back_buffer, stats)
                            if cfg.write_policy == "write_back" and len(tiers) > 1 else None)
         # write-back keeps an object's bytes for the copies it owes below: those are never reused
-        self.buffers = EncodeBuffers() if self.write_back is None else None
+        self.buffers = BufferPool(KEEP_BUFFERS) if self.write_back is None else None
 
     def put(self, keys: Sequence[str], segments: SegmentFn) -> list[bool]:
         """Store pages; one bool per key. Keys already stored are not written again."""
@@ -118,7 +85,7 @@ class Writer:
             name = self.ns.data_name(keys[a], b - a)
             try:
                 data = encode(self.fp.digest, keys[a:b], self.fp.n_layers, self.fp.piece_bytes, segments, first=a,
-                              mac_key=self.mac_key, alloc=self.buffers.take if self.buffers else None)
+                              mac_key=self.mac_key, alloc=self._alloc if self.buffers else None)
             except ValueError as e:
                 self._warn.warn("encode", "objectcache: cannot encode pages: %s", e)
                 continue
@@ -143,11 +110,14 @@ class Writer:
                        write_bytes=written * self.fp.piece_bytes * self.fp.n_layers)
         return ok
 
+    def _alloc(self, size: int) -> memoryview:
+        return memoryview(self.buffers.take(size))[:size]
+
     def _reuse(self, bufs: dict, fut: cf.Future) -> None:
         """`fut`'s write succeeded in every tier: nothing reads its buffer any more. Once only."""
-        buf = bufs.pop(fut, None)
-        if buf is not None and self.buffers is not None:
-            self.buffers.give(buf)
+        view = bufs.pop(fut, None)
+        if view is not None and self.buffers is not None:
+            self.buffers.give(view.obj)  # the pool's array under the object's view
 
     def _drain(self, futs: dict[cf.Future, tuple[int, int]], deadline: float) -> list[cf.Future]:
         """Wait for the writes of one put until the deadline; those that succeeded."""

@@ -11,42 +11,27 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
+from ..buffer_pool import BufferPool
 from .base import RangePieces
 from .rawhttp import RawRangeReader
 
 
-class StagingBuffers:
-    """Receive buffers for whole ranges, reused across reads: at most `keep` are held between
-    reads (about max_connections x read_range_bytes), so a steady stream of reads neither
-    allocates nor page-faults, and an idle server holds a bounded amount."""
-
-    def __init__(self, keep: int, min_bytes: int):
-        self.keep = keep
-        self.min_bytes = min_bytes
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
+class StagingBuffers(BufferPool):
+    """Receive buffers for whole ranges: at most `keep` are held between reads (about
+    max_connections x read_range_bytes)."""
 
     @contextlib.contextmanager
     def filled(self, reader: RawRangeReader, key: str, start: int, end: int):
         """A view of exactly the range's bytes, valid inside the block."""
         n = end - start
-        with self._lock:
-            i = next((i for i, b in enumerate(self._free) if b.nbytes >= n), None)
-            buf = self._free.pop(i) if i is not None else None
-        if buf is None:
-            buf = np.empty(max(n, self.min_bytes), dtype=np.uint8)
+        buf = self.take(n)
         try:
             yield memoryview(buf[: reader.read_into(key, start, end, buf[:n])])
         finally:
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(buf)
+            self.give(buf)
 
 
 @dataclass
